@@ -1,0 +1,36 @@
+# ppcr: `make train` runs the default job, `make test` runs the tests; both install first if needed.
+PYTHON     ?= python3
+VENV       ?= .venv
+# A GPU user picks another build, e.g. TORCH_SPEC="torch==2.9.1 torchvision==0.24.1 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+CONFIG     ?= launch/configs/default.yaml
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.ppcr-installed
+SHARDS     := shards/synthetic_unc/manifest.json
+
+.PHONY: install test shards train clean-data
+
+# Reinstalled when the package metadata or this file changes (the stamp is then stale).
+$(STAMP): setup.cfg pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip setuptools wheel
+	$(PY) -m pip install $(TORCH_SPEC)
+	DS_BUILD_OPS=0 $(PY) -m pip install --no-build-isolation deepspeed
+	$(PY) -m pip install --no-build-isolation -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+$(SHARDS): $(STAMP) $(CONFIG)
+	$(VENV)/bin/ppcr-shards synth --config $(CONFIG)
+	$(VENV)/bin/ppcr-shards build --refer-root data/refer --dataset synthetic --split-by unc \
+		--images data/images/synthetic --out shards/synthetic_unc
+	$(VENV)/bin/ppcr-shards verify shards/synthetic_unc
+
+shards: $(SHARDS)
+
+clean-data:
+	rm -rf data/refer/synthetic data/images/synthetic shards/synthetic_unc

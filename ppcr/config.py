@@ -1,0 +1,337 @@
+"""The one typed configuration tree of ppcr.
+
+A run is described by a YAML recipe (``launch/configs/*.yaml``) plus ``key.sub=value`` overrides from
+the command line. Both are checked against the dataclasses below before any heavy work starts: an
+unknown key, a wrong type or a value outside its choices stops with a message that names the key.
+The defaults written here are the only defaults; no other module invents one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config tree; the message names the key."""
+
+
+# --------------------------------------------------------------------------------------------------
+# The tree
+# --------------------------------------------------------------------------------------------------
+
+Split = Literal["train", "val", "test", "testA", "testB"]
+
+
+@dataclass
+class SyntheticConfig:
+    """The embedded RefCOCO-shaped dataset: sizes, scene layout and expression difficulty."""
+
+    seed: int = 0
+    # Images per split; refs per image follow from the objects drawn.
+    num_images: dict[str, int] = field(
+        default_factory=lambda: {"train": 1200, "val": 100, "testA": 100, "testB": 100}
+    )
+    min_objects: int = 3
+    max_objects: int = 6
+    refs_per_image: int = 3
+    sentences_per_ref: int = 2
+    min_image_size: int = 192  # shorter side of the drawn image, pixels
+    max_image_size: int = 320  # longer side of the drawn image, pixels
+    # Weights of the expression difficulty levels: 0 unique attributes ("the red circle"),
+    # 1 size or position ("the small square on the left"), 2 relations ("the square left of the blue
+    # triangle"). A level is only used when its expression identifies the target uniquely.
+    difficulty_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    max_occlusion: float = 0.35  # largest share of an object another may hide
+    jpeg_quality: int = 90
+
+
+@dataclass
+class ShardSetConfig:
+    """One WebDataset shard set (a directory under paths.shards_root) and its split."""
+
+    name: str = "synthetic_unc"
+    split: Split = "train"
+    ratio: float = 1.0  # mixing weight among the training sets; ignored for evaluation
+
+
+@dataclass
+class DataConfig:
+    train_sets: list[ShardSetConfig] = field(default_factory=lambda: [ShardSetConfig()])
+    num_workers: int = 2
+    shuffle_buffer: int = 256
+    flip_prob: float = 0.5
+    shard_max_samples: int = 200  # samples per shard when building
+    shard_max_mb: float = 256.0  # bytes per shard when building, whichever limit comes first
+    max_reject_share: float = 0.05  # a shard build exits non-zero past this share of rejected refs
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    """What the data pipeline needs to know of the model: its two image inputs."""
+
+    mllm_image_size: int = 112  # square side of the image handed to the MLLM's processor
+    sam_image_size: int = 256  # SAM's longest-side input size (1024 for the released SAM models)
+    sam_pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
+    sam_pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    micro_batch_size: int = 4  # samples per rank per forward
+
+
+@dataclass
+class EvalConfig:
+    sets: list[ShardSetConfig] = field(
+        default_factory=lambda: [
+            ShardSetConfig(split="val"),
+            ShardSetConfig(split="testA"),
+            ShardSetConfig(split="testB"),
+        ]
+    )
+    batch_size: int = 4
+
+
+@dataclass
+class PathsConfig:
+    refer_root: str = "data/refer"  # REFER files: <refer_root>/<dataset>/refs(<split_by>).p
+    images_root: str = "data/images"  # images: <images_root>/<dataset>/ for the synthetic set
+    shards_root: str = "shards"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+# --------------------------------------------------------------------------------------------------
+# Semantic checks that types alone cannot express
+# --------------------------------------------------------------------------------------------------
+
+def _check_values(cfg: Config) -> None:
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key '{key}': {msg}")
+
+    syn = cfg.data.synthetic
+    need(set(syn.num_images) <= {"train", "val", "testA", "testB"}, "data.synthetic.num_images",
+         f"splits must be among train, val, testA, testB, got {sorted(syn.num_images)}")
+    need(all(v >= 0 for v in syn.num_images.values()), "data.synthetic.num_images", "counts must be >= 0")
+    need(1 <= syn.min_objects <= syn.max_objects, "data.synthetic.min_objects",
+         f"need 1 <= min_objects <= max_objects, got {syn.min_objects} and {syn.max_objects}")
+    need(len(syn.difficulty_weights) == 3 and all(w >= 0 for w in syn.difficulty_weights)
+         and sum(syn.difficulty_weights) > 0, "data.synthetic.difficulty_weights",
+         f"three non-negative weights with a positive sum, got {syn.difficulty_weights}")
+    need(64 <= syn.min_image_size <= syn.max_image_size, "data.synthetic.min_image_size",
+         f"need 64 <= min_image_size <= max_image_size, got {syn.min_image_size}, {syn.max_image_size}")
+    need(0.0 <= syn.max_occlusion < 1.0, "data.synthetic.max_occlusion", "must lie in [0, 1)")
+    need(1 <= syn.jpeg_quality <= 100, "data.synthetic.jpeg_quality", "must lie in [1, 100]")
+    need(syn.refs_per_image >= 1 and syn.sentences_per_ref >= 1, "data.synthetic.refs_per_image",
+         "refs_per_image and sentences_per_ref must be >= 1")
+
+    need(len(cfg.data.train_sets) > 0, "data.train_sets", "at least one training shard set")
+    for key, sets in (("data.train_sets", cfg.data.train_sets), ("eval.sets", cfg.eval.sets)):
+        for i, s in enumerate(sets):
+            need(s.ratio > 0, f"{key}[{i}].ratio", f"must be > 0, got {s.ratio}")
+            need(bool(s.name), f"{key}[{i}].name", "must name a shard set directory")
+    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+    need(0.0 <= cfg.data.flip_prob <= 1.0, "data.flip_prob", "must lie in [0, 1]")
+    need(cfg.data.shard_max_samples >= 1, "data.shard_max_samples", "must be >= 1")
+    need(cfg.data.shard_max_mb > 0, "data.shard_max_mb", "must be > 0")
+    need(0.0 <= cfg.data.max_reject_share <= 1.0, "data.max_reject_share", "must lie in [0, 1]")
+
+    m = cfg.model
+    need(m.mllm_image_size >= 16, "model.mllm_image_size", "must be >= 16")
+    need(m.sam_image_size >= 16, "model.sam_image_size", "must be >= 16")
+    need(len(m.sam_pixel_mean) == 3, "model.sam_pixel_mean", "three values (R, G, B)")
+    need(len(m.sam_pixel_std) == 3 and all(v > 0 for v in m.sam_pixel_std), "model.sam_pixel_std",
+         "three positive values (R, G, B)")
+    need(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the tree from plain data, with type checks
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is None:
+        return getattr(tp, "__name__", str(tp))
+    args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+    return f"{getattr(origin, '__name__', str(origin))}[{args}]"
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in that type."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expects a mapping of {tp.__name__} fields, "
+                              f"got {value!r} ({type(value).__name__})")
+        return _build(tp, value, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"config key '{key}': must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}': expects {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}': expects a list of {_type_name(item_tp)}, got {value!r}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        k_tp, v_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}': expects a mapping, got {value!r}")
+        return {_convert(k, k_tp, f"{key}.<key>"): _convert(v, v_tp, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expects true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}': expects an integer, got {value!r} ({type(value).__name__})")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"config key '{key}': expects a number, got {value!r} ({type(value).__name__})")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # a YAML scalar such as 2014 given for a name
+        raise ConfigError(f"config key '{key}': expects a string, got {value!r} ({type(value).__name__})")
+    raise TypeError(f"config key '{key}': unsupported annotation {tp!r}")  # a bug in this file
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            where = f"under '{prefix}'" if prefix else "at the top level"
+            raise ConfigError(f"unknown config key '{key}' (valid keys {where}: {', '.join(names)})")
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.get(p)
+        if not isinstance(child, dict):
+            child = {}
+            node[p] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _check_override_path(dotted: str) -> None:
+    """Name the first unknown part of an override key before its value is merged anywhere."""
+    cls: Any = Config
+    walked = []
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(cls):
+            return  # inside a dict or list field: checked when the tree is built
+        names = [f.name for f in dataclasses.fields(cls)]
+        if part not in names:
+            where = f"under '{'.'.join(walked)}'" if walked else "at the top level"
+            raise ConfigError(f"unknown config key '{dotted}' (valid keys {where}: {', '.join(names)})")
+        cls = typing.get_type_hints(cls)[part]
+        walked.append(part)
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["data.num_workers=0", "train.seed=3"]`` -> nested dict; values are parsed as YAML."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if not key:
+            raise ConfigError(f"override '{item}' has an empty key")
+        _check_override_path(key)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from e
+        _set_path(tree, key, value)
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Recipe YAML (optional) + overrides -> validated :class:`Config`."""
+    tree: dict = {}
+    if recipe is not None:
+        path = Path(recipe)
+        if not path.is_file():
+            raise ConfigError(f"recipe file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"recipe {path} is not valid YAML: {e}") from e
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"recipe {path} must hold a mapping at the top level")
+        tree = loaded or {}
+    # Defaults of the tree, then the recipe, then the overrides: lists are replaced, not merged.
+    merged = _merge(to_dict(Config()), tree)
+    merged = _merge(merged, parse_overrides(overrides or []))
+    cfg = _build(Config, merged, "")
+    _check_values(cfg)
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
