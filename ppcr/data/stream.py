@@ -91,7 +91,7 @@ def set_stream(shard_set: ShardSet, set_index: int, seed: int, slot: int, num_sl
     epoch = 0
     while epochs is None or epoch < epochs:
         mine = slot_shards(shard_set.shards, seed, set_index, epoch, slot, num_slots, shuffle)
-        src: Iterator[dict] = wds.DataPipeline(
+        src: Iterator[dict] = iter(()) if not mine else wds.DataPipeline(
             wds.SimpleShardList([s["path"] for s in mine]),
             wds.tarfile_to_samples(handler=errors.tar_handler),
         ).iterator()

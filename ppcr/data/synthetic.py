@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from shapely import affinity
 from shapely.geometry import MultiPolygon, Point, Polygon
 from shapely.ops import unary_union
 from tqdm import tqdm
 
 from ppcr.config import SyntheticConfig
+from ppcr.data.refer import segmentation_to_mask
 
 DATASET = "synthetic"
 SPLIT_BY = "unc"
@@ -180,15 +181,14 @@ def render(scene: Scene, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarr
     base = rng.uniform(90, 200, size=3)
     grad = np.linspace(-25, 25, w)[None, :, None] * rng.choice([-1, 1])
     img = np.clip(base[None, None, :] + grad + rng.normal(0, 6, size=(h, w, 3)), 0, 255).astype(np.uint8)
-    pil = Image.fromarray(img)
-    labels = Image.new("I", (w, h), 0)
-    draw, ldraw = ImageDraw.Draw(pil), ImageDraw.Draw(labels)
+    labels = np.zeros((h, w), dtype=np.int32)
     for i, obj in enumerate(scene.objects):
-        colour = tuple(int(np.clip(c + rng.integers(-15, 16), 0, 255)) for c in COLOURS[obj.colour])
-        pts = [(float(x), float(y)) for x, y in obj.polygon.exterior.coords]
-        draw.polygon(pts, fill=colour)
-        ldraw.polygon(pts, fill=i + 1)
-    return np.asarray(pil), np.asarray(labels, dtype=np.int32)
+        # Rasterised like the annotations (pycocotools), so drawn pixels and masks agree.
+        inside = segmentation_to_mask(coco_polygons(obj.polygon), h, w).astype(bool)
+        colour = np.clip(np.array(COLOURS[obj.colour]) + rng.integers(-15, 16, size=3), 0, 255)
+        img[inside] = colour.astype(np.uint8)
+        labels[inside] = i + 1
+    return img, labels
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,13 +293,27 @@ def coco_polygons(geom) -> list[list[float]]:
     return out
 
 
+def image_plan(cfg: SyntheticConfig) -> list[tuple[str, int, int]]:
+    """(split, index within the split, image_id) of every image, image ids counting from 1."""
+    plan = []
+    for split in SPLITS:
+        for index in range(cfg.num_images.get(split, 0)):
+            plan.append((split, index, len(plan) + 1))
+    return plan
+
+
+def draw_image(cfg: SyntheticConfig, split: str, index: int) -> tuple[Scene, np.ndarray, np.ndarray, np.random.Generator]:
+    """The scene of one image, its pixels and label map, and the generator to go on drawing from."""
+    rng = np.random.default_rng([cfg.seed, SPLITS.index(split), index])
+    scene = make_scene(rng, cfg, {"testA": "round", "testB": "angular"}.get(split))
+    pixels, labels = render(scene, rng)
+    return scene, pixels, labels, rng
+
+
 def _image_job(args) -> dict:
     """Generate, draw and save one image; return its COCO image, annotations and refs (no ids yet)."""
-    cfg, split_idx, index, image_id, image_dir = args
-    split = SPLITS[split_idx]
-    rng = np.random.default_rng([cfg.seed, split_idx, index])
-    scene = make_scene(rng, cfg, {"testA": "round", "testB": "angular"}.get(split))
-    pixels, _ = render(scene, rng)
+    cfg, split, index, image_id, image_dir = args
+    scene, pixels, _, rng = draw_image(cfg, split, index)
     file_name = f"{DATASET}_{image_id:012d}.jpg"
     Image.fromarray(pixels).save(Path(image_dir) / file_name, quality=cfg.jpeg_quality)
     anns, refs = [], []
@@ -338,11 +352,7 @@ def generate(cfg: SyntheticConfig, refer_root: str | Path, images_root: str | Pa
     image_dir = Path(images_root) / DATASET
     ref_dir.mkdir(parents=True, exist_ok=True)
     image_dir.mkdir(parents=True, exist_ok=True)
-    jobs, image_id = [], 1
-    for split_idx, split in enumerate(SPLITS):
-        for index in range(cfg.num_images.get(split, 0)):
-            jobs.append((cfg, split_idx, index, image_id, str(image_dir)))
-            image_id += 1
+    jobs = [(cfg, split, index, image_id, str(image_dir)) for split, index, image_id in image_plan(cfg)]
     images, annotations, refs = [], [], []
     ctx = mp.get_context("spawn") if workers > 1 else None
     pool = ctx.Pool(workers) if ctx else None
@@ -378,11 +388,8 @@ def generate(cfg: SyntheticConfig, refer_root: str | Path, images_root: str | Pa
     with open(ref_dir / f"refs({SPLIT_BY}).p", "wb") as f:
         pickle.dump(refs, f, protocol=4)
     counts: dict[str, dict[str, int]] = {s: {"images": 0, "refs": 0, "sentences": 0} for s in SPLITS}
-    split_of_image = {}
-    for j in jobs:
-        split_of_image[j[3]] = SPLITS[j[1]]
-    for im in images:
-        counts[split_of_image[im["id"]]]["images"] += 1
+    for split, _, _ in image_plan(cfg):
+        counts[split]["images"] += 1
     for r in refs:
         counts[r["split"]]["refs"] += 1
         counts[r["split"]]["sentences"] += len(r["sentences"])

@@ -54,7 +54,7 @@ class Preprocessor:
         """(H, W) {0,1} mask -> (S, S) uint8 in SAM's input frame (nearest resize, same padding)."""
         ih, iw = input_size
         m = Image.fromarray(mask.astype(np.uint8)).resize((iw, ih), Image.NEAREST)
-        m = torch.from_numpy(np.asarray(m))
+        m = torch.from_numpy(np.array(m))
         return F.pad(m, (0, self.sam_image_size - iw, 0, self.sam_image_size - ih))
 
     def __call__(self, image: np.ndarray, mask: np.ndarray | None = None, bbox: list[float] | None = None) -> dict:

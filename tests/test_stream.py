@@ -1,0 +1,153 @@
+import itertools
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_config, train_set
+from ppcr.data.shards import iter_tar_samples, load_manifest
+from ppcr.data.stream import (EvalStream, ResumableLoader, ShardSet, _Errors, build_eval_loader, build_train_loader,
+                              choose_expression, set_stream)
+from ppcr.data.transforms import Preprocessor
+
+
+def split_keys(shards_dir, split):
+    return [raw["__key__"] for s in load_manifest(shards_dir)["splits"][split]["shards"]
+            for raw in iter_tar_samples(shards_dir / s["name"])]
+
+
+def take(loader, n):
+    return list(itertools.islice(iter(loader), n))
+
+
+def test_slots_are_disjoint_and_cover_every_sample_once_per_epoch(tiny_shards):
+    everything = sorted(split_keys(tiny_shards, "train"))
+    ss = ShardSet.open(tiny_shards.parent, train_set(tiny_shards))
+    world, workers = 2, 2
+    per_epoch = {0: [], 1: []}
+    for rank, worker in itertools.product(range(world), range(workers)):
+        slot = rank * workers + worker
+        keys = [(r["__epoch__"], r["__key__"]) for r in set_stream(ss, 0, 5, slot, world * workers, 8, _Errors(), epochs=2)]
+        assert keys, "every slot gets shards"
+        for epoch, key in keys:
+            per_epoch[epoch].append((slot, key))
+    for epoch, pairs in per_epoch.items():
+        assert sorted(k for _, k in pairs) == everything  # every sample once, none twice
+    # Shards move between slots from one epoch to the next.
+    assert {k for s, k in per_epoch[0] if s == 0} != {k for s, k in per_epoch[1] if s == 0}
+
+
+def test_two_ranks_with_two_workers_see_disjoint_batches(tiny_shards):
+    cfg = make_config(tiny_shards, "data.num_workers=2")
+    seen = []
+    for rank in range(2):
+        batches = take(build_train_loader(cfg, rank, 2), 6)  # 3 batches of 3 per worker: inside epoch 0
+        keys = [k for b in batches for k in b["keys"]]
+        assert len(keys) == len(set(keys)) == 18
+        seen.append(set(keys))
+    assert not seen[0] & seen[1]
+
+
+def test_same_seed_same_batches_other_seed_other_order(tiny_shards):
+    cfg = make_config(tiny_shards)
+    a, b = take(build_train_loader(cfg, 0, 1), 5), take(build_train_loader(cfg, 0, 1), 5)
+    for x, y in zip(a, b):
+        assert x["keys"] == y["keys"] and x["expressions"] == y["expressions"]
+        assert torch.equal(x["sam_images"], y["sam_images"]) and torch.equal(x["boxes"], y["boxes"])
+    c = take(build_train_loader(make_config(tiny_shards, "train.seed=1"), 0, 1), 5)
+    assert [x["keys"] for x in a] != [x["keys"] for x in c]
+
+
+@pytest.mark.parametrize("workers,stop", [(0, 4), (2, 5), (2, 6)])
+def test_resume_continues_with_the_batches_an_uninterrupted_run_sees(tiny_shards, workers, stop):
+    cfg = make_config(tiny_shards, f"data.num_workers={workers}")
+    total = 10
+    full = take(build_train_loader(cfg, 1, 2), total)
+
+    first = build_train_loader(cfg, 1, 2)
+    head = take(first, stop)
+    state = first.state_dict()
+    assert state["batches"] == stop
+
+    resumed = build_train_loader(cfg, 1, 2)
+    resumed.load_state_dict(state)
+    tail = take(resumed, total - stop)
+    for x, y in zip(head + tail, full):
+        assert x["keys"] == y["keys"] and x["expressions"] == y["expressions"]
+        assert torch.equal(x["flipped"], y["flipped"]) and torch.equal(x["sam_images"], y["sam_images"])
+    assert resumed.state_dict()["batches"] == total
+
+
+def test_resume_refuses_a_different_layout(tiny_shards):
+    state = build_train_loader(make_config(tiny_shards, "data.num_workers=2"), 0, 2).state_dict()
+    other = build_train_loader(make_config(tiny_shards, "data.num_workers=1"), 0, 2)
+    with pytest.raises(ValueError, match="num_workers"):
+        other.load_state_dict(state)
+
+
+def test_mixing_follows_the_ratios(tiny_shards):
+    cfg = make_config(tiny_shards, f"data.train_sets=[{{name: {tiny_shards.name}, split: train, ratio: 3}}, "
+                                   f"{{name: {tiny_shards.name}, split: val, ratio: 1}}]", "train.micro_batch_size=8")
+    val = set(split_keys(tiny_shards, "val"))
+    keys = [k for b in take(build_train_loader(cfg, 0, 1), 100) for k in b["keys"]]
+    share = sum(k in val for k in keys) / len(keys)
+    assert abs(share - 0.25) < 0.04, share
+
+
+def test_one_expression_per_ref_per_visit_drawn_from_seed_and_epoch(tiny_shards):
+    sents = ["the red circle", "the circle on the left", "the small circle"]
+    picks = {choose_expression(sents, 0, e, "k", 0.5) for e in range(30)}
+    assert {p[0] for p in picks} == set(sents) and {p[1] for p in picks} == {True, False}
+    assert choose_expression(sents, 0, 3, "k", 0.5) == choose_expression(sents, 0, 3, "k", 0.5)
+    cfg = make_config(tiny_shards, "data.flip_prob=0.0")
+    for b in take(build_train_loader(cfg, 0, 1), 3):
+        assert not b["flipped"].any()
+
+
+def test_batches_have_the_documented_shapes(tiny_shards):
+    b = take(build_train_loader(make_config(tiny_shards), 0, 1), 1)[0]
+    assert b["sam_images"].shape == (3, 3, 64, 64) and b["sam_images"].dtype == torch.float32
+    assert b["mllm_images"].shape == (3, 3, 32, 32) and b["mllm_images"].dtype == torch.uint8
+    assert b["sam_masks"].shape == (3, 64, 64) and b["boxes"].shape == (3, 4)
+    assert all(m.shape == tuple(s) for m, s in zip(b["masks"], b["original_sizes"].tolist()))
+    assert ((b["boxes"] >= 0) & (b["boxes"] <= 1)).all()
+    assert len(b["expressions"]) == len(b["categories"]) == 3
+
+
+def test_eval_stream_gives_every_expression_once_over_ranks(tiny_shards):
+    cfg = make_config(tiny_shards, "data.num_workers=2", "eval.batch_size=4")
+    manifest = load_manifest(tiny_shards)
+    spec = train_set(tiny_shards, "val")
+    pairs = []
+    for rank in range(3):  # a rank count that divides nothing here
+        for b in build_eval_loader(cfg, spec, rank, 3):
+            pairs += list(zip(b["keys"], b["expressions"]))
+    assert len(pairs) == len(set(pairs)) == manifest["splits"]["val"]["expressions"]
+
+
+def test_corrupt_data_is_skipped_counted_and_logged(corrupted, caplog):
+    out, shards, keys = corrupted
+    cfg = make_config(out)
+    with caplog.at_level(logging.WARNING, logger="ppcr.data.stream"):
+        loader = build_train_loader(cfg, 0, 1)
+        batches = take(loader, 40)  # more than one epoch of the 24 train refs
+    assert len(batches) == 40
+    assert loader.state_dict()["skipped_samples"] >= 4  # truncated shard + three broken samples
+    text = caplog.text
+    for k in keys.values():
+        assert k in text
+    assert str(shards[0].name) in text
+    seen = {k for b in batches for k in b["keys"]}
+    assert not seen & set(keys.values())
+
+    # The eval stream skips them too, and evaluation goes on.
+    spec = train_set(out, "train")
+    n = sum(len(b["keys"]) for b in EvalStream(ShardSet.open(out.parent, spec), Preprocessor.from_config(cfg.model), 4, 0, 1))
+    assert n > 0
+
+
+def test_too_few_shards_for_the_slots_is_a_clear_error(tiny_shards):
+    cfg = make_config(tiny_shards, "data.num_workers=8")
+    with pytest.raises(ValueError, match="fewer than ranks x workers"):
+        build_train_loader(cfg, 0, 2)

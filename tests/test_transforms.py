@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_config, train_set
+from ppcr.data.shards import decode_sample, iter_tar_samples, load_manifest
+from ppcr.data.stream import EvalStream, ShardSet, prepare
+from ppcr.data.transforms import Preprocessor, hflip, swap_left_right, xywh_to_norm_cxcywh
+
+PRE = Preprocessor(mllm_image_size=32, sam_image_size=64, sam_pixel_mean=(123.675, 116.28, 103.53),
+                   sam_pixel_std=(58.395, 57.12, 57.375))
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("the square left of the red circle", "the square right of the red circle"),
+    ("the leftmost star", "the rightmost star"),
+    ("the oval on the Right", "the oval on the Left"),
+    ("LEFT", "RIGHT"),
+    ("the leftover cake at the top", "the leftover cake at the top"),
+    ("the man's left-hand glove", "the man's right-hand glove"),
+])
+def test_swap_left_right(text, expected):
+    assert swap_left_right(text) == expected
+
+
+def test_hflip_mirrors_image_mask_box_and_words():
+    image = np.zeros((10, 20, 3), np.uint8)
+    mask = np.zeros((10, 20), np.uint8)
+    mask[2:5, 1:4] = 1  # x in [1, 4)
+    image[mask == 1] = 255
+    img2, mask2, box2, text = hflip(image, mask, [1, 2, 3, 3], "the box on the left")
+    ys, xs = np.nonzero(mask2)
+    assert (xs.min(), xs.max() + 1) == (16, 19) and box2 == [16, 2, 3, 3]
+    assert (img2[..., 0] == 255).sum() == mask2.sum() == 9 and text == "the box on the right"
+
+
+def test_preprocess_resizes_longest_side_normalises_and_pads():
+    image = np.full((30, 60, 3), 200, np.uint8)  # wide: longest side 60 -> 64, height 32
+    mask = np.zeros((30, 60), np.uint8)
+    mask[:, 30:] = 1
+    out = PRE(image, mask, [30, 0, 30, 30])
+    assert out["original_size"] == (30, 60) and out["input_size"] == (32, 64)
+    x = out["sam_image"]
+    assert x.shape == (3, 64, 64)
+    expected = (200 - torch.tensor(PRE.sam_pixel_mean)) / torch.tensor(PRE.sam_pixel_std)
+    assert torch.allclose(x[:, 10, 10], expected, atol=1e-5)
+    assert (x[:, 32:, :] == 0).all()  # padding below the image
+    m = out["sam_mask"]
+    assert m.shape == (64, 64) and m[:32, 32:].all() and not m[:32, :32].any() and not m[32:].any()
+    assert torch.equal(out["mask"], torch.from_numpy(mask))
+    assert torch.allclose(out["box"], torch.tensor([0.75, 0.5, 0.5, 1.0]))
+    assert out["mllm_image"].shape == (3, 32, 32) and out["mllm_image"].dtype == torch.uint8
+
+
+def test_box_normalisation_clamps_into_the_unit_square():
+    assert torch.allclose(xywh_to_norm_cxcywh([-1, 0, 12, 10], 10, 10), torch.tensor([0.5, 0.5, 1.0, 1.0]))
+
+
+def test_training_and_evaluation_share_the_preprocessing(tiny_shards):
+    cfg = make_config(tiny_shards)
+    pre = Preprocessor.from_config(cfg.model)
+    shard = load_manifest(tiny_shards)["splits"]["val"]["shards"][0]
+    sample = decode_sample(next(iter_tar_samples(tiny_shards / shard["name"])))
+    direct = pre(sample["image"], sample["mask"], sample["meta"]["bbox"])
+    batch = next(iter(EvalStream(ShardSet.open(tiny_shards.parent, train_set(tiny_shards, "val")), pre, 1, 0, 1)))
+    assert torch.equal(batch["sam_images"][0], direct["sam_image"])
+    assert torch.equal(batch["mllm_images"][0], direct["mllm_image"])
+    assert torch.equal(batch["boxes"][0], direct["box"]) and torch.equal(batch["masks"][0], direct["mask"])
+    flipped = prepare(sample, sample["meta"]["sentences"][0], True, pre)
+    assert torch.equal(flipped["mask"], direct["mask"].flip(-1))
+    assert torch.isclose(flipped["box"][0], 1 - direct["box"][0], atol=1e-5)
