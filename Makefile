@@ -24,7 +24,7 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
-$(SHARDS): $(STAMP) $(CONFIG)
+$(SHARDS): $(CONFIG) | $(STAMP)
 	$(VENV)/bin/ppcr-shards synth --config $(CONFIG)
 	$(VENV)/bin/ppcr-shards build --refer-root data/refer --dataset synthetic --split-by unc \
 		--images data/images/synthetic --out shards/synthetic_unc

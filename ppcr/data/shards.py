@@ -216,7 +216,7 @@ def build_shards(refer_root: str | Path, dataset: str, split_by: str, images_dir
     for rec in records:
         by_split.setdefault(rec.split, []).append(rec)
     manifest_splits = {}
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    pool = mp.get_context().Pool(workers) if workers > 1 else None  # the platform default: fork on Linux
     try:
         for split in sorted(by_split):
             roller = _ShardRoller(partial, split, max_samples, int(max_mb * 2**20))
@@ -255,7 +255,7 @@ def build_shards(refer_root: str | Path, dataset: str, split_by: str, images_dir
     with open(partial / REJECTED, "w") as f:
         for r in rejected:
             f.write(json.dumps(r.to_dict()) + "\n")
-    # Move into place: old shards of the rebuilt splits go, the manifest is written last.
+    # Move into place: the set is replaced as a whole, and the manifest is written last.
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     for old in out.glob("*.tar"):

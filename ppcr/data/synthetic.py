@@ -354,8 +354,7 @@ def generate(cfg: SyntheticConfig, refer_root: str | Path, images_root: str | Pa
     image_dir.mkdir(parents=True, exist_ok=True)
     jobs = [(cfg, split, index, image_id, str(image_dir)) for split, index, image_id in image_plan(cfg)]
     images, annotations, refs = [], [], []
-    ctx = mp.get_context("spawn") if workers > 1 else None
-    pool = ctx.Pool(workers) if ctx else None
+    pool = mp.get_context().Pool(workers) if workers > 1 else None  # the platform default: fork on Linux
     try:
         results = pool.imap(_image_job, jobs, chunksize=8) if pool else map(_image_job, jobs)
         for res in tqdm(results, total=len(jobs), desc="synthetic images", unit="img"):
