@@ -8,7 +8,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.ppcr-installed
 SHARDS     := shards/synthetic_unc/manifest.json
 
-.PHONY: install test shards train clean-data
+.PHONY: install test shards models train clean-data
 
 # Reinstalled when the package metadata or this file changes (the stamp is then stale).
 $(STAMP): setup.cfg pyproject.toml Makefile
@@ -32,12 +32,19 @@ $(SHARDS): $(CONFIG) | $(STAMP)
 
 shards: $(SHARDS)
 
+# The tiny random-initialised MLLM and SAM the default recipe names (written when missing).
+MODELS := checkpoints/tiny-qwen2.5-vl/config.json
+$(MODELS): $(CONFIG) | $(STAMP)
+	$(VENV)/bin/ppcr-tiny --config $(CONFIG)
+
+models: $(MODELS)
+
 clean-data:
 	rm -rf data/refer/synthetic data/images/synthetic shards/synthetic_unc
 
 # The trainer (launch/train.py) lands with the training issue; until then this target prepares
 # everything it will need and says so, rather than pretending to train.
-train: $(SHARDS)
-	@echo "ppcr: environment ready (.venv) and default shards verified (shards/synthetic_unc)."
+train: $(SHARDS) $(MODELS)
+	@echo "ppcr: environment ready (.venv), default shards verified (shards/synthetic_unc), tiny models in checkpoints/."
 	@echo "ppcr: launch/train.py does not exist yet: the trainer is the next milestone." >&2
 	@exit 1

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 import yaml
 
@@ -74,19 +74,93 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    """What the data pipeline needs to know of the model: its two image inputs."""
+class SamArchConfig:
+    """Shape of a SAM built with ``model.sam_type: tiny``; the released vit_b / vit_l / vit_h fix theirs."""
 
+    encoder_dim: int = 64
+    encoder_depth: int = 2
+    encoder_heads: int = 2
+    patch_size: int = 16
+    window_size: int = 4
+    global_attn_indexes: list[int] = field(default_factory=lambda: [1])
+    prompt_dim: int = 32  # 256 in the released SAM models
+    decoder_heads: int = 2
+
+
+@dataclass
+class LoraSettings:
+    """Both LoRA branches (semantic, spatial) share these; they go on the language model only."""
+
+    rank: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+@dataclass
+class TemplateConfig:
+    """The Semantic and Spatial Prompt Templates and their answers, rendered with the model's chat
+    template. Placeholders: {expression}, {category}, {semantic} (the SemSP placeholder token) and
+    {box} (the quantised box text)."""
+
+    semantic_prompt: str = 'Which object does "{expression}" refer to in this image?'
+    semantic_answer: str = "the {category} [SEM]"
+    spatial_prompt: str = 'The target is {semantic}. Where is "{expression}"? Answer with its box.'
+    spatial_answer: str = "{box} [LOC]"
+
+
+@dataclass
+class TrainableConfig:
+    """What trains. LoRA branches, projectors and the box head always do."""
+
+    embeddings: Literal["new_rows", "full"] = "new_rows"  # input embeddings: new token rows or all
+    lm_head: Literal["new_rows", "full"] = "new_rows"
+    sam_mask_decoder: bool = True
+    sam_prompt_encoder: bool = False
+    sam_image_encoder: bool = False
+    vision_tower: bool = False
+    llm_base: bool = False  # the language model's own weights, beside LoRA (tiny from-scratch runs)
+
+
+@dataclass
+class ModelConfig:
+    # The MLLM: a local directory with config, weights, tokenizer and processor (save_pretrained layout).
+    mllm_path: str = "checkpoints/tiny-qwen2.5-vl"
+    # Which tiny model `ppcr-tiny` writes to mllm_path when it is missing; null for a real checkpoint.
+    tiny_family: Optional[Literal["qwen2_5_vl", "llava"]] = "qwen2_5_vl"
     mllm_image_size: int = 112  # square side of the image handed to the MLLM's processor
+    sam_type: Literal["tiny", "vit_b", "vit_l", "vit_h"] = "tiny"
+    sam_checkpoint: str = "checkpoints/tiny-sam.pth"
+    sam_arch: SamArchConfig = field(default_factory=SamArchConfig)
     sam_image_size: int = 256  # SAM's longest-side input size (1024 for the released SAM models)
     sam_pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
     sam_pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    templates: TemplateConfig = field(default_factory=TemplateConfig)
+    trainable: TrainableConfig = field(default_factory=TrainableConfig)
+    box_head_hidden: int = 256
+    gradient_checkpointing: bool = False
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    max_new_tokens: int = 40  # per stage, when generating
+
+
+@dataclass
+class LossWeights:
+    """Total = w_ce_sem*CE_A + w_ce_spa*CE_B + w_l1*L1 + w_giou*GIoU + w_bce*BCE + w_dice*Dice."""
+
+    w_ce_sem: float = 1.0
+    w_ce_spa: float = 1.0
+    w_l1: float = 5.0
+    w_giou: float = 2.0
+    w_bce: float = 2.0
+    w_dice: float = 0.5
 
 
 @dataclass
 class TrainConfig:
     seed: int = 0
     micro_batch_size: int = 4  # samples per rank per forward
+    loss: LossWeights = field(default_factory=LossWeights)
 
 
 @dataclass
@@ -160,6 +234,23 @@ def _check_values(cfg: Config) -> None:
     need(len(m.sam_pixel_mean) == 3, "model.sam_pixel_mean", "three values (R, G, B)")
     need(len(m.sam_pixel_std) == 3 and all(v > 0 for v in m.sam_pixel_std), "model.sam_pixel_std",
          "three positive values (R, G, B)")
+    need(m.sam_image_size % m.sam_arch.patch_size == 0, "model.sam_image_size",
+         f"must be a multiple of model.sam_arch.patch_size ({m.sam_arch.patch_size})")
+    need(m.sam_type == "tiny" or m.sam_image_size == 1024, "model.sam_image_size",
+         f"the released SAM {m.sam_type} takes 1024, got {m.sam_image_size}")
+    need(m.lora.rank >= 1 and m.lora.alpha > 0 and 0.0 <= m.lora.dropout < 1.0, "model.lora",
+         "rank >= 1, alpha > 0, dropout in [0, 1)")
+    need(bool(m.lora.target_modules), "model.lora.target_modules", "name at least one module")
+    t = m.templates
+    need("{expression}" in t.semantic_prompt, "model.templates.semantic_prompt", "must hold {expression}")
+    need("{expression}" in t.spatial_prompt and "{semantic}" in t.spatial_prompt, "model.templates.spatial_prompt",
+         "must hold {expression} and {semantic}")
+    need(t.semantic_answer.rstrip().endswith("[SEM]"), "model.templates.semantic_answer", "must end in [SEM]")
+    need(t.spatial_answer.rstrip().endswith("[LOC]") and "{box}" in t.spatial_answer,
+         "model.templates.spatial_answer", "must hold {box} and end in [LOC]")
+    need(m.max_new_tokens >= 4, "model.max_new_tokens", "must be >= 4")
+    for name in ("w_ce_sem", "w_ce_spa", "w_l1", "w_giou", "w_bce", "w_dice"):
+        need(getattr(cfg.train.loss, name) >= 0, f"train.loss.{name}", "must be >= 0")
     need(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
 

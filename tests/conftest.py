@@ -13,7 +13,7 @@ from ppcr.data import synthetic
 from ppcr.data.shards import build_shards, iter_tar_samples, load_manifest
 
 TINY_SYNTH = dict(seed=7, num_images={"train": 24, "val": 6, "testA": 5, "testB": 5},
-                  min_image_size=96, max_image_size=160)
+                  min_image_size=160, max_image_size=224)
 
 
 @pytest.fixture(scope="session")
@@ -70,3 +70,23 @@ def corrupted(tiny_shards, tmp_path):
         "mask": rewrite_sample(shards[3], 2, lambda s: {k: v for k, v in s.items() if k != "mask.png"}),
     }
     return out, shards, keys
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict:
+    """Tiny random-initialised MLLMs of both families and a tiny SAM, saved like real checkpoints."""
+    from ppcr.model.tiny import build_tiny_mllm, save_tiny_sam
+
+    root = tmp_path_factory.mktemp("models")
+    cfg = load_config(None)
+    paths = {fam: build_tiny_mllm(fam, root / fam) for fam in ("qwen2_5_vl", "llava")}
+    paths["sam"] = save_tiny_sam(cfg.model.sam_arch, 256, root / "sam256.pth")
+    return paths
+
+
+def model_config(shards_dir: Path, models: dict, family: str, *overrides: str) -> Config:
+    """The test data config plus a tiny model of ``family``; deterministic (no dropout, no flips)."""
+    return make_config(shards_dir, f"model.mllm_path={models[family]}", f"model.tiny_family={family}",
+                       f"model.sam_checkpoint={models['sam']}", "model.sam_image_size=256",
+                       "model.mllm_image_size=112", "model.lora.dropout=0.0", "data.flip_prob=0.0",
+                       "train.micro_batch_size=2", *overrides)

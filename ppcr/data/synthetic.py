@@ -120,9 +120,11 @@ def _parts(geom) -> list[Polygon]:
 
 
 def _acceptable_visible(obj: SceneObject, covering, max_occlusion: float) -> Polygon | MultiPolygon | None:
-    """The visible part of ``obj`` under ``covering``, or None if it is too hidden or has holes."""
+    """The visible part of ``obj`` under ``covering``, or None if it is too hidden or has holes.
+
+    Slivers count too: the image shows every uncovered pixel, so the annotation must hold them."""
     vis = obj.polygon if covering is None else obj.polygon.difference(covering)
-    parts = [p for p in _parts(vis) if p.area >= 4.0]
+    parts = [p for p in _parts(vis) if p.area > 0]
     if not parts or any(len(p.interiors) for p in parts):
         return None
     area = sum(p.area for p in parts)

@@ -1,0 +1,40 @@
+"""PPCR's per-stage losses: text cross-entropy, box L1 + GIoU, mask BCE + Dice."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torchvision.ops import box_convert, generalized_box_iou_loss
+
+from ppcr.config import LossWeights
+
+TERMS = ("ce_sem", "ce_spa", "l1", "giou", "bce", "dice")
+
+
+def text_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled (answer) tokens. logits (B, L, V), labels (B, L)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+def box_losses(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 on normalised (cx, cy, w, h) and GIoU on the corner form; both (B, 4), means over B."""
+    l1 = F.l1_loss(pred, target)
+    giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(target, "cxcywh", "xyxy"),
+                                    reduction="mean")
+    return l1, giou
+
+
+def mask_losses(logits: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel BCE and Dice, each averaged per mask and then over masks of possibly different sizes."""
+    bce, dice = [], []
+    for x, t in zip(logits, targets):
+        x, t = x.float().flatten(), t.float().flatten()
+        bce.append(F.binary_cross_entropy_with_logits(x, t))
+        p = x.sigmoid()
+        dice.append(1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1))
+    return torch.stack(bce).mean(), torch.stack(dice).mean()
+
+
+def total_loss(terms: dict[str, torch.Tensor], w: LossWeights) -> torch.Tensor:
+    return (w.w_ce_sem * terms["ce_sem"] + w.w_ce_spa * terms["ce_spa"] + w.w_l1 * terms["l1"]
+            + w.w_giou * terms["giou"] + w.w_bce * terms["bce"] + w.w_dice * terms["dice"])

@@ -1,0 +1,117 @@
+"""The multimodal LLM: loading from a local path and the few family-specific pieces PPCR needs.
+
+PPCR drives the MLLM below its ``forward``: it computes the vision features once, builds each
+stage's input embeddings itself (image features at the image tokens, new-token rows, the SemSP
+placeholder), and runs the language model on them. What differs between families is isolated in
+:class:`Family`: how image features come out, and how positions are numbered (Qwen2-VL's 3-D M-RoPE
+against plain 1-D positions).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
+LLAVA_TYPES = ("llava",)
+
+
+def load_mllm(path: str | Path, dtype: str = "float32") -> tuple[nn.Module, object]:
+    """Model and processor from a local save_pretrained directory; never the network."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.mllm_path: no MLLM checkpoint at {path} (config.json missing); "
+                                f"for the tiny default run 'ppcr-tiny --config <recipe>'")
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    if model.config.model_type not in QWEN_TYPES + LLAVA_TYPES:
+        raise ValueError(f"model.mllm_path {path}: model_type '{model.config.model_type}' is not supported "
+                         f"(supported: {', '.join(QWEN_TYPES + LLAVA_TYPES)})")
+    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+    return model, processor
+
+
+class Family:
+    """Vision features and positions of one MLLM family. ``core`` is the model's ``.model``."""
+
+    def __init__(self, core: nn.Module, config) -> None:
+        self.core, self.config = core, config
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.core.language_model
+
+    @property
+    def vision_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def image_features(self, vision: dict) -> torch.Tensor:
+        """Processor image outputs -> (total image tokens, H), in the order of the image tokens."""
+        raise NotImplementedError
+
+    def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: dict,
+                  text: dict) -> torch.Tensor:
+        """Position ids of a right-padded prompt batch: (B, L), or (3, B, L) for M-RoPE."""
+        raise NotImplementedError
+
+    @staticmethod
+    def next_position(positions: torch.Tensor) -> torch.Tensor:
+        """The position after the last one of a single unpadded sequence (decoding)."""
+        return positions[..., -1:] + 1
+
+    @staticmethod
+    def text_keys() -> tuple[str, ...]:
+        """Extra per-token tensors of the processor's text output that positions need."""
+        return ()
+
+
+class QwenVLFamily(Family):
+    @property
+    def vision_modules(self) -> list[nn.Module]:
+        return [self.core.visual]
+
+    def image_features(self, vision: dict) -> torch.Tensor:
+        out = self.core.get_image_features(vision["pixel_values"], vision["image_grid_thw"])
+        return torch.cat(list(out.pooler_output), dim=0)
+
+    def positions(self, input_ids, attention_mask, vision, text):
+        pos, _ = self.core.get_rope_index(input_ids, text["mm_token_type_ids"], image_grid_thw=vision["image_grid_thw"],
+                                          attention_mask=attention_mask)
+        return pos  # (3, B, L)
+
+    @staticmethod
+    def text_keys() -> tuple[str, ...]:
+        return ("mm_token_type_ids",)
+
+
+class LlavaFamily(Family):
+    @property
+    def vision_modules(self) -> list[nn.Module]:
+        return [self.core.vision_tower, self.core.multi_modal_projector]
+
+    def image_features(self, vision: dict) -> torch.Tensor:
+        out = self.core.get_image_features(vision["pixel_values"],
+                                           vision_feature_layer=self.config.vision_feature_layer,
+                                           vision_feature_select_strategy=self.config.vision_feature_select_strategy)
+        return torch.cat([f.reshape(-1, f.shape[-1]) for f in out.pooler_output], dim=0)
+
+    def positions(self, input_ids, attention_mask, vision, text):
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)
+
+
+def family_of(model: nn.Module) -> Family:
+    """The :class:`Family` of a transformers ``...ForConditionalGeneration`` model."""
+    config = model.config
+    if config.model_type in QWEN_TYPES:
+        return QwenVLFamily(model.model, config)
+    if config.model_type in LLAVA_TYPES:
+        return LlavaFamily(model.model, config)
+    raise ValueError(f"unsupported model_type '{config.model_type}'")
+
+
+def image_token_id(model: nn.Module) -> int:
+    config = model.config
+    return int(config.image_token_id if config.model_type in QWEN_TYPES else config.image_token_index)

@@ -1,0 +1,274 @@
+"""PPCR: Semantic Understanding -> Spatial Grounding -> Instance Segmentation.
+
+One MLLM with two LoRA branches on its language model, a box head, SemSP projectors and SAM:
+
+1. branch "semantic" answers the Semantic Prompt Template, ending in [SEM]; the last-layer hidden
+   state there is the Semantic Segmentation Prompt (SemSP);
+2. branch "spatial" answers the Spatial Prompt Template, whose placeholder token [SEMP] carries a
+   projection of SemSP (so stage 2's losses reach branch A), with the box as text and [LOC]; the
+   hidden state at [LOC] (SpaSP) goes through the box head;
+3. SAM's mask decoder takes the box and a projection of SemSP as sparse prompts.
+
+Training is teacher-forced (:meth:`PPCRModel.forward`); prediction generates (:meth:`PPCRModel.predict`)
+and never sees the ground truth. The image's vision features are computed once and serve both stages.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torchvision.ops import box_convert, box_iou
+
+from ppcr.config import LossWeights, ModelConfig
+from ppcr.data.transforms import Preprocessor
+from ppcr.model.heads import MLP, BoxHead
+from ppcr.model.lora import add_branches, use_branch
+from ppcr.model.losses import box_losses, mask_losses, text_ce, total_loss
+from ppcr.model.mllm import family_of, image_token_id, load_mllm
+from ppcr.model.params import apply_policy
+from ppcr.model.sam import SamSegmenter, load_sam
+from ppcr.model.tokens import TokenRows, add_ppcr_tokens, parse_box_text, render_prompts
+
+
+@dataclass
+class StageInputs:
+    """One stage's token batch, right-padded; ``labels`` is -100 outside the answers."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    positions: torch.Tensor  # (B, L) or (3, B, L)
+    labels: torch.Tensor | None = None
+
+
+@dataclass
+class Prediction:
+    semantic_answer: str
+    spatial_answer: str
+    box: torch.Tensor  # (4,) normalised (cx, cy, w, h) from the box head
+    text_box: torch.Tensor | None  # (4,) parsed from the spatial answer, None if it holds no box
+    box_agreement: float | None  # IoU of the two boxes
+    mask_logits: torch.Tensor  # (H, W) at the image's original resolution
+    stopped: dict[str, bool]  # whether each stage produced its [SEM] / [LOC] token
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return self.mask_logits > 0
+
+
+class PPCRModel(nn.Module):
+    def __init__(self, mllm: nn.Module, processor, sam: SamSegmenter, cfg: ModelConfig, loss: LossWeights) -> None:
+        super().__init__()
+        self.cfg, self.loss_weights, self.processor = cfg, loss, processor
+        self.tokenizer = processor.tokenizer
+        self.ids = add_ppcr_tokens(self.tokenizer, mllm)
+        self.image_token_id = image_token_id(mllm)
+        if cfg.gradient_checkpointing:
+            mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.mllm = add_branches(mllm, cfg.lora)
+        base = self.mllm.base_model.model
+        self.family = family_of(base)
+        hidden = base.config.get_text_config().hidden_size
+        self.token_rows = TokenRows(base.get_input_embeddings(), base.get_output_embeddings(), self.ids.new,
+                                    own_in=cfg.trainable.embeddings == "new_rows",
+                                    own_out=cfg.trainable.lm_head == "new_rows")
+        self.sem_to_llm = MLP([hidden, hidden, hidden])
+        self.sem_to_sam = MLP([hidden, hidden, sam.prompt_dim])
+        self.box_head = BoxHead(hidden, cfg.box_head_hidden)
+        self.sam = sam
+        self.preprocess = Preprocessor.from_config(cfg)
+        apply_policy(self, cfg.trainable)
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig, loss: LossWeights) -> "PPCRModel":
+        mllm, processor = load_mllm(cfg.mllm_path, cfg.dtype)
+        return cls(mllm, processor, SamSegmenter(load_sam(cfg)), cfg, loss)
+
+    @property
+    def device(self) -> torch.device:
+        return self.box_head.mlp.net[0].weight.device
+
+    # ------------------------------------------------------------------ inputs
+
+    def encode(self, prompts: list[str], answers: list[str] | None, images: list[torch.Tensor]) -> tuple[StageInputs, dict]:
+        """Chat-template the prompts, expand the image tokens (the processor's job), append the answer
+        tokens with labels, pad right. Returns the stage inputs and the processor's image inputs."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        rows, vision_parts, extras = [], [], []
+        for i, (prompt, image) in enumerate(zip(prompts, images)):
+            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+            enc = self.processor(text=[text], images=[image], return_tensors="pt")
+            ids = enc["input_ids"][0]
+            answer = (self.tokenizer(answers[i], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+                      if answers is not None else ids[:0])
+            rows.append((ids, answer))
+            extras.append({k: enc[k][0] for k in self.family.text_keys()})
+            vision_parts.append({k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")
+                                 and k not in self.family.text_keys()})
+        length = max(len(a) + len(b) for a, b in rows)
+        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        attention = torch.zeros((len(rows), length), dtype=torch.long)
+        labels = torch.full((len(rows), length), -100, dtype=torch.long)
+        text_extra = {k: torch.zeros((len(rows), length), dtype=torch.long) for k in self.family.text_keys()}
+        for i, (ids, answer) in enumerate(rows):
+            n, m = len(ids), len(answer)
+            input_ids[i, : n + m] = torch.cat([ids, answer])
+            attention[i, : n + m] = 1
+            labels[i, n : n + m] = answer
+            for k in text_extra:
+                text_extra[k][i, :n] = extras[i][k]
+        vision = {k: torch.cat([p[k] for p in vision_parts], dim=0) for k in vision_parts[0]}
+        dev = self.device
+        vision = {k: v.to(dev) for k, v in vision.items()}
+        input_ids, attention = input_ids.to(dev), attention.to(dev)
+        positions = self.family.positions(input_ids, attention, vision, {k: v.to(dev) for k, v in text_extra.items()})
+        return StageInputs(input_ids, attention, positions, labels.to(dev) if answers is not None else None), vision
+
+    def vision_features(self, vision: dict) -> torch.Tensor:
+        """Image features of every image token, computed once per step for both stages."""
+        trainable = any(p.requires_grad for m in self.family.vision_modules for p in m.parameters())
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            return self.family.image_features(vision)
+
+    def embed(self, stage: StageInputs, features: torch.Tensor, semsp_embed: torch.Tensor | None) -> torch.Tensor:
+        """(B, L, H) input embeddings: token rows, image features at image tokens, SemSP at [SEMP]."""
+        e = self.token_rows(stage.input_ids)
+        image_mask = stage.input_ids == self.image_token_id
+        if int(image_mask.sum()) != features.shape[0]:
+            raise ValueError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features")
+        e = e.masked_scatter(image_mask.unsqueeze(-1).expand_as(e), features.to(e.dtype))
+        if semsp_embed is not None:
+            e = torch.where((stage.input_ids == self.ids.semp).unsqueeze(-1), semsp_embed[:, None, :].to(e.dtype), e)
+        return e
+
+    def hidden_at(self, hidden: torch.Tensor, ids: torch.Tensor, token: int, name: str) -> torch.Tensor:
+        """(B, H): the hidden state at the one occurrence of ``token`` in each row."""
+        where = ids == token
+        if not bool((where.sum(-1) == 1).all()):
+            raise ValueError(f"every answer must hold exactly one {name}; counts {where.sum(-1).tolist()}")
+        return hidden[where]
+
+    # ------------------------------------------------------------------ training
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """Teacher-forced pass over a loader batch; returns every loss term, the weighted total and the
+        predicted boxes and low-resolution mask logits."""
+        dev = self.device
+        texts = [render_prompts(self.cfg.templates, e, c, b)
+                 for e, c, b in zip(batch["expressions"], batch["categories"], batch["boxes"])]
+        images = list(batch["mllm_images"])
+        s1, vision = self.encode([t["semantic_prompt"] for t in texts], [t["semantic_answer"] for t in texts], images)
+        s2, _ = self.encode([t["spatial_prompt"] for t in texts], [t["spatial_answer"] for t in texts], images)
+        features = self.vision_features(vision)
+
+        use_branch(self.mllm, "semantic")
+        h1 = self.run_language_model(self.embed(s1, features, None), s1)
+        ce_sem = text_ce(self.token_rows.logits(h1), s1.labels)
+        semsp = self.hidden_at(h1, s1.input_ids, self.ids.sem, "[SEM]")
+
+        use_branch(self.mllm, "spatial")
+        h2 = self.run_language_model(self.embed(s2, features, self.sem_to_llm(semsp)), s2)
+        ce_spa = text_ce(self.token_rows.logits(h2), s2.labels)
+        boxes = self.box_head(self.hidden_at(h2, s2.input_ids, self.ids.loc, "[LOC]"))
+        target_boxes = batch["boxes"].to(dev, boxes.dtype)
+        l1, giou = box_losses(boxes.float(), target_boxes.float())
+
+        low = self.segment(batch["sam_images"].to(dev), boxes.detach(), semsp, batch["input_sizes"])
+        sizes = batch["input_sizes"].tolist()
+        logits = [self.sam.to_input_frame(low[i], sizes[i]) for i in range(len(sizes))]
+        targets = [batch["sam_masks"][i, : h, : w].to(dev) for i, (h, w) in enumerate(sizes)]
+        bce, dice = mask_losses(logits, targets)
+        terms = {"ce_sem": ce_sem, "ce_spa": ce_spa, "l1": l1, "giou": giou, "bce": bce, "dice": dice}
+        return {"loss": total_loss(terms, self.loss_weights), **terms, "boxes": boxes, "mask_logits": low}
+
+    def run_language_model(self, embeds: torch.Tensor, stage: StageInputs) -> torch.Tensor:
+        out = self.family.language_model(inputs_embeds=embeds, attention_mask=stage.attention_mask,
+                                         position_ids=stage.positions, use_cache=False)
+        return out.last_hidden_state
+
+    def segment(self, sam_images: torch.Tensor, boxes: torch.Tensor | None, semsp: torch.Tensor | None,
+                input_sizes: torch.Tensor) -> torch.Tensor:
+        """SAM on (B, 3, S, S) images with boxes (B, 4 normalised cx, cy, w, h) and SemSP (B, H);
+        returns (B, S/4, S/4) mask logits."""
+        embeddings = self.sam.encode(sam_images)
+        sam_boxes = None
+        if boxes is not None:
+            hw = input_sizes.to(boxes.device, boxes.dtype)
+            scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)
+            sam_boxes = box_convert(boxes, "cxcywh", "xyxy") * scale  # pixels of SAM's input frame
+        sem = self.sem_to_sam(semsp) if semsp is not None else None
+        return self.sam.decode(embeddings, sam_boxes, sem)
+
+    # ------------------------------------------------------------------ prediction
+
+    @torch.no_grad()
+    def generate(self, stage: StageInputs, features: torch.Tensor, semsp_embed: torch.Tensor | None,
+                 stop: int) -> tuple[list[int], torch.Tensor, bool]:
+        """Greedy decoding of one sequence until ``stop``; returns the generated ids, the last-layer
+        hidden state at ``stop`` (fed back once, as in training) or at the last token, and whether
+        ``stop`` came."""
+        lm = self.family.language_model
+        out = lm(inputs_embeds=self.embed(stage, features, semsp_embed), attention_mask=stage.attention_mask,
+                 position_ids=stage.positions, use_cache=True)
+        cache, hidden, pos = out.past_key_values, out.last_hidden_state[:, -1], stage.positions
+        generated: list[int] = []
+        for _ in range(self.cfg.max_new_tokens):
+            token = self.token_rows.logits(hidden).argmax(-1)  # (1,)
+            generated.append(int(token))
+            pos = self.family.next_position(pos)
+            out = lm(inputs_embeds=self.token_rows(token[:, None]), position_ids=pos, past_key_values=cache,
+                     use_cache=True)
+            cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
+            if generated[-1] == stop:
+                return generated, hidden, True
+        return generated, hidden, False
+
+    @torch.no_grad()
+    def predict(self, images: list[np.ndarray], expressions: list[str]) -> list[Prediction]:
+        """Segment what each expression refers to in its (H, W, 3) uint8 RGB image, by generation only."""
+        if len(images) != len(expressions):
+            raise ValueError(f"{len(images)} images but {len(expressions)} expressions")
+        results = []
+        for image, expression in zip(images, expressions):
+            timings: dict[str, float] = {}
+            clock = time.perf_counter()
+
+            def lap(name: str) -> None:
+                nonlocal clock
+                now = time.perf_counter()
+                timings[name] = now - clock
+                clock = now
+
+            item = self.preprocess(image)
+            texts = render_prompts(self.cfg.templates, expression)
+            s1, vision = self.encode([texts["semantic_prompt"]], None, [item["mllm_image"]])
+            features = self.vision_features(vision)
+            lap("vision")
+            use_branch(self.mllm, "semantic")
+            ids1, semsp, stop1 = self.generate(s1, features, None, self.ids.sem)
+            lap("semantic")
+            s2, _ = self.encode([texts["spatial_prompt"]], None, [item["mllm_image"]])
+            use_branch(self.mllm, "spatial")
+            ids2, spasp, stop2 = self.generate(s2, features, self.sem_to_llm(semsp), self.ids.loc)
+            box = self.box_head(spasp)[0]
+            lap("spatial")
+            low = self.segment(item["sam_image"][None].to(self.device), box[None], semsp,
+                               torch.tensor([item["input_size"]]))
+            mask_logits = self.sam.to_original(low[0], item["input_size"], item["original_size"])
+            lap("sam")
+            answer2 = self.tokenizer.decode(ids2, skip_special_tokens=False)
+            text_box = parse_box_text(answer2)
+            agreement = None
+            if text_box is not None:
+                pair = box_convert(torch.stack([box.float().cpu(), text_box]), "cxcywh", "xyxy")
+                agreement = float(box_iou(pair[:1], pair[1:])[0, 0])
+            results.append(Prediction(
+                semantic_answer=self.tokenizer.decode(ids1, skip_special_tokens=False), spatial_answer=answer2,
+                box=box.float().cpu(), text_box=text_box, box_agreement=agreement,
+                mask_logits=mask_logits.float().cpu(), stopped={"semantic": stop1, "spatial": stop2}, timings=timings))
+        return results

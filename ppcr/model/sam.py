@@ -1,0 +1,91 @@
+"""SAM for PPCR: segment_anything's model, loaded from a local checkpoint, prompted by a box and SemSP.
+
+The released vit_b / vit_l / vit_h checkpoints load through segment_anything's registry; the tiny
+one is built from the same classes and loaded the same way (a plain state_dict). Image
+preprocessing is :class:`ppcr.data.transforms.Preprocessor`, checked here against SAM's own
+pixel mean and std so that the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from segment_anything import sam_model_registry
+from segment_anything.modeling import Sam
+from torch import nn
+
+from ppcr.config import ModelConfig
+from ppcr.model.tiny import build_tiny_sam
+
+
+def load_sam(cfg: ModelConfig) -> Sam:
+    path = Path(cfg.sam_checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.sam_checkpoint: no SAM checkpoint at {path}")
+    try:
+        if cfg.sam_type == "tiny":
+            sam = build_tiny_sam(cfg.sam_arch, cfg.sam_image_size)
+            with open(path, "rb") as f:  # as segment_anything's _build_sam does
+                state = torch.load(f, map_location="cpu", weights_only=True)
+            sam.load_state_dict(state)
+        else:
+            sam = sam_model_registry[cfg.sam_type](checkpoint=str(path))
+    except RuntimeError as e:  # load_state_dict: missing / unexpected keys, shape mismatches
+        first = str(e).strip().splitlines()[:4]
+        raise ValueError(f"SAM checkpoint {path} does not fit model.sam_type '{cfg.sam_type}'"
+                         f"{' and model.sam_arch' if cfg.sam_type == 'tiny' else ''}: {' '.join(first)}") from e
+    mean, std = sam.pixel_mean.flatten().tolist(), sam.pixel_std.flatten().tolist()
+    if not (torch.allclose(torch.tensor(mean), torch.tensor(cfg.sam_pixel_mean))
+            and torch.allclose(torch.tensor(std), torch.tensor(cfg.sam_pixel_std))):
+        raise ValueError(f"model.sam_pixel_mean/std {cfg.sam_pixel_mean}/{cfg.sam_pixel_std} differ from the SAM "
+                         f"checkpoint's {mean}/{std}")
+    if sam.image_encoder.img_size != cfg.sam_image_size:
+        raise ValueError(f"model.sam_image_size {cfg.sam_image_size} differs from the SAM encoder's "
+                         f"{sam.image_encoder.img_size}")
+    return sam
+
+
+class SamSegmenter(nn.Module):
+    """SAM's encoder, prompt encoder and mask decoder, with SemSP as one more sparse prompt token."""
+
+    def __init__(self, sam: Sam) -> None:
+        super().__init__()
+        self.sam = sam
+
+    @property
+    def prompt_dim(self) -> int:
+        return self.sam.prompt_encoder.embed_dim
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) preprocessed images -> (B, C, S/16, S/16); no graph when the encoder is frozen."""
+        trainable = any(p.requires_grad for p in self.sam.image_encoder.parameters())
+        with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
+            return self.sam.image_encoder(images)
+
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, sem: torch.Tensor | None) -> torch.Tensor:
+        """Low-resolution mask logits (B, S/4, S/4) for boxes (B, 4) in SAM's input frame (x1, y1, x2, y2
+        pixels) and/or SemSP tokens (B, C); SAM's decoder takes one image at a time."""
+        out = []
+        for i in range(embeddings.shape[0]):
+            sparse, dense = self.sam.prompt_encoder(points=None, boxes=None if boxes is None else boxes[i:i + 1],
+                                                    masks=None)
+            if sem is not None:
+                sparse = torch.cat([sparse, sem[i:i + 1, None].to(sparse.dtype)], dim=1)
+            low, _ = self.sam.mask_decoder(image_embeddings=embeddings[i:i + 1],
+                                           image_pe=self.sam.prompt_encoder.get_dense_pe(),
+                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                           multimask_output=False)
+            out.append(low[:, 0])
+        return torch.cat(out, dim=0)
+
+    def to_input_frame(self, low: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+        """(S/4, S/4) logits -> (h, w) logits over the resized image, before SAM's padding."""
+        size = self.sam.image_encoder.img_size
+        up = F.interpolate(low[None, None], (size, size), mode="bilinear", align_corners=False)
+        return up[0, 0, : input_size[0], : input_size[1]]
+
+    def to_original(self, low: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
+        """(S/4, S/4) logits -> (H, W) logits at the image's original resolution (SAM's postprocessing)."""
+        return self.sam.postprocess_masks(low[None, None], tuple(input_size), tuple(original_size))[0, 0]

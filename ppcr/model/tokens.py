@@ -1,0 +1,105 @@
+"""PPCR's special tokens, the box text, the two prompt templates, and the embedding rows of new tokens.
+
+Token ids come from ``convert_tokens_to_ids`` and are checked to be single tokens (a peer took
+``tokenizer("[SEG]").input_ids[0]``, which is the BOS token on some tokenizers).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AddedToken
+
+from ppcr.config import TemplateConfig
+
+SEM, LOC, SEMP, BOX_OPEN, BOX_CLOSE = "[SEM]", "[LOC]", "[SEMP]", "<box>", "</box>"
+NEW_TOKENS = (SEM, LOC, SEMP, BOX_OPEN, BOX_CLOSE)
+BOX_BINS = 1000
+_BOX_TEXT = re.compile(r"<box>\((\d+),(\d+)\),\((\d+),(\d+)\)</box>")
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    sem: int
+    loc: int
+    semp: int
+    new: tuple[int, ...]  # every PPCR token, in NEW_TOKENS order
+
+
+def add_ppcr_tokens(tokenizer, model: nn.Module) -> TokenIds:
+    """Add the tokens (once), grow the embeddings if the vocabulary outgrew them, return the ids."""
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in NEW_TOKENS])
+    ids = {}
+    for t in NEW_TOKENS:
+        i = tokenizer.convert_tokens_to_ids(t)
+        pieces = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if i is None or i == tokenizer.unk_token_id or pieces != [i]:
+            raise ValueError(f"token {t} is not a single token of this tokenizer (got ids {pieces}, id {i})")
+        ids[t] = i
+    rows = model.get_input_embeddings().weight.shape[0]
+    if max(ids.values()) >= rows:
+        model.resize_token_embeddings(max(len(tokenizer), max(ids.values()) + 1), mean_resizing=True)
+    return TokenIds(sem=ids[SEM], loc=ids[LOC], semp=ids[SEMP], new=tuple(ids[t] for t in NEW_TOKENS))
+
+
+def box_text(box_cxcywh: torch.Tensor | list[float]) -> str:
+    """Normalised (cx, cy, w, h) -> '<box>(x1,y1),(x2,y2)</box>' with integers in [0, 1000)."""
+    cx, cy, w, h = (float(v) for v in box_cxcywh)
+    # Rounding first keeps float32 noise (0.5 - 0.1 = 0.39999998) out of the bin choice.
+    q = [min(max(math.floor(round(v * BOX_BINS, 3)), 0), BOX_BINS - 1)
+         for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)]
+    return f"{BOX_OPEN}({q[0]},{q[1]}),({q[2]},{q[3]}){BOX_CLOSE}"
+
+
+def parse_box_text(text: str) -> torch.Tensor | None:
+    """The first '<box>(x1,y1),(x2,y2)</box>' of a generated answer as normalised (cx, cy, w, h)."""
+    m = _BOX_TEXT.search(text.replace(" ", ""))
+    if not m:
+        return None
+    x1, y1, x2, y2 = ((int(v) + 0.5) / BOX_BINS for v in m.groups())
+    return torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, abs(x2 - x1), abs(y2 - y1)])
+
+
+def render_prompts(t: TemplateConfig, expression: str, category: str | None = None,
+                   box: torch.Tensor | None = None) -> dict[str, str]:
+    """The user text of both stages, and their answers when the ground truth is given (training)."""
+    out = {"semantic_prompt": t.semantic_prompt.format(expression=expression),
+           "spatial_prompt": t.spatial_prompt.format(expression=expression, semantic=SEMP)}
+    if category is not None:
+        out["semantic_answer"] = t.semantic_answer.format(category=category)
+    if box is not None:
+        out["spatial_answer"] = t.spatial_answer.format(box=box_text(box))
+    return out
+
+
+class TokenRows(nn.Module):
+    """Input embeddings and LM head of the MLLM, where the rows of PPCR's new tokens can be separate
+    trainable parameters while the rest stays frozen (ZeRO-3 cannot freeze part of one tensor)."""
+
+    def __init__(self, embed: nn.Embedding, head: nn.Linear, new_ids: tuple[int, ...], own_in: bool,
+                 own_out: bool) -> None:
+        super().__init__()
+        self.embed, self.head = [embed], [head]  # held, not registered: they belong to the MLLM
+        self.register_buffer("new_ids", torch.tensor(new_ids, dtype=torch.long), persistent=False)
+        self.new_in = nn.Parameter(embed.weight[list(new_ids)].detach().clone()) if own_in else None
+        self.new_out = nn.Parameter(head.weight[list(new_ids)].detach().clone()) if own_out else None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B, L) token ids -> (B, L, H) input embeddings."""
+        e = self.embed[0](ids)
+        if self.new_in is None:
+            return e
+        match = ids.unsqueeze(-1) == self.new_ids  # (B, L, N)
+        rows = match.to(e.dtype) @ self.new_in.to(e.dtype)  # (B, L, H): the matching new row, or 0
+        return torch.where(match.any(-1, keepdim=True), rows, e)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., H) hidden states -> (..., V) logits."""
+        out = self.head[0](h)
+        if self.new_out is None:
+            return out
+        return out.index_copy(-1, self.new_ids, h @ self.new_out.to(h.dtype).t())

@@ -1,0 +1,49 @@
+from dataclasses import replace
+
+import pytest
+import torch
+from segment_anything import sam_model_registry
+
+from ppcr.config import ModelConfig, SamArchConfig
+from ppcr.model.sam import SamSegmenter, load_sam
+from ppcr.model.tiny import save_tiny_sam
+
+
+def test_tiny_checkpoint_loads_through_the_same_path(tmp_path):
+    cfg = ModelConfig(sam_type="tiny", sam_checkpoint=str(tmp_path / "sam.pth"), sam_image_size=128)
+    save_tiny_sam(cfg.sam_arch, 128, cfg.sam_checkpoint, seed=3)
+    saved = torch.load(cfg.sam_checkpoint, weights_only=True)
+    sam = load_sam(cfg)
+    for k, v in sam.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+    seg = SamSegmenter(sam)
+    emb = seg.encode(torch.zeros(2, 3, 128, 128))
+    assert emb.shape == (2, cfg.sam_arch.prompt_dim, 8, 8)
+    low = seg.decode(emb, torch.tensor([[10.0, 10, 60, 50], [0, 0, 127, 127]]), torch.randn(2, cfg.sam_arch.prompt_dim))
+    assert low.shape == (2, 32, 32)
+    assert seg.to_original(low[0], (96, 128), (150, 200)).shape == (150, 200)
+    assert seg.to_input_frame(low[0], (96, 128)).shape == (96, 128)
+
+
+def test_released_sam_layout_loads_through_segment_anything_registry(tmp_path):
+    path = tmp_path / "sam_vit_b.pth"
+    torch.manual_seed(0)
+    reference = sam_model_registry["vit_b"]()
+    torch.save(reference.state_dict(), path)
+    sam = load_sam(ModelConfig(sam_type="vit_b", sam_checkpoint=str(path), sam_image_size=1024))
+    name = "mask_decoder.iou_token.weight"
+    assert torch.equal(sam.state_dict()[name], reference.state_dict()[name])
+    assert sam.image_encoder.img_size == 1024
+
+
+def test_missing_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"model.sam_checkpoint: no SAM checkpoint at .*nope.pth"):
+        load_sam(ModelConfig(sam_checkpoint=str(tmp_path / "nope.pth")))
+    path = save_tiny_sam(SamArchConfig(encoder_dim=32), 128, tmp_path / "small.pth")
+    with pytest.raises(ValueError, match=r"does not fit model.sam_type 'tiny' and model.sam_arch"):
+        load_sam(ModelConfig(sam_checkpoint=str(path), sam_image_size=128))
+    with pytest.raises(ValueError, match=r"does not fit model.sam_type 'vit_b'"):
+        load_sam(ModelConfig(sam_type="vit_b", sam_checkpoint=str(path), sam_image_size=1024))
+    ok = save_tiny_sam(SamArchConfig(), 128, tmp_path / "ok.pth")
+    with pytest.raises(ValueError, match=r"sam_pixel_mean/std"):
+        load_sam(replace(ModelConfig(sam_checkpoint=str(ok), sam_image_size=128), sam_pixel_mean=[0.0, 0.0, 0.0]))
