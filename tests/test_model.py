@@ -37,9 +37,11 @@ def grads_by_component(model):
     return out
 
 
+@pytest.mark.parametrize("rows", ["new_rows", "full"])
 @pytest.mark.parametrize("family", FAMILIES)
-def test_forward_backward_reaches_every_trainable_group(tiny_shards, tiny_models, family):
-    model, batch, cfg = build(tiny_shards, tiny_models, family)
+def test_forward_backward_reaches_every_trainable_group(tiny_shards, tiny_models, family, rows):
+    model, batch, cfg = build(tiny_shards, tiny_models, family, f"model.trainable.embeddings={rows}",
+                              f"model.trainable.lm_head={rows}")
     out = model(batch)
     assert set(TERMS) <= set(out) and all(torch.isfinite(out[t]) for t in TERMS)
     assert torch.allclose(out["loss"], total_loss({t: out[t] for t in TERMS}, cfg.train.loss))
@@ -47,11 +49,13 @@ def test_forward_backward_reaches_every_trainable_group(tiny_shards, tiny_models
     out["loss"].backward()
     groups = grads_by_component(model)
     trained = {c for c, (tr, _) in groups.items() if tr}
-    assert trained == {"lora_semantic", "lora_spatial", "new_token_rows", "projectors", "box_head", "sam_mask_decoder"}
+    rows_groups = {"new_token_rows"} if rows == "new_rows" else {"embeddings", "lm_head"}
+    assert trained == {"lora_semantic", "lora_spatial", "projectors", "box_head", "sam_mask_decoder"} | rows_groups
     for c in trained:
         assert groups[c][1], f"trainable group {c} got no gradient"
     frozen = {c for c, (tr, _) in groups.items() if not tr}
-    assert {"vision_tower", "llm_base", "sam_image_encoder", "embeddings", "lm_head"} <= frozen
+    assert {"vision_tower", "llm_base", "sam_image_encoder", "sam_prompt_encoder", "sam_decoder_unused"} <= frozen
+    assert rows == "full" or {"embeddings", "lm_head"} <= frozen
 
 
 @pytest.mark.parametrize("family", FAMILIES)
