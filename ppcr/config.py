@@ -160,6 +160,25 @@ class LossWeights:
 class TrainConfig:
     seed: int = 0
     micro_batch_size: int = 4  # samples per rank per forward
+    grad_accum: int = 1  # micro batches per optimizer step
+    max_steps: int = 2000  # optimizer steps
+    lr: float = 2e-4  # LoRA branches, and the vision tower / LLM base when they train
+    head_lr: float = 1e-3  # SemSP projectors, box head, new token rows or full embeddings and LM head
+    sam_lr: float = 1e-4  # SAM's mask decoder, and its other parts when they train
+    weight_decay: float = 0.0  # never applied to norms and biases
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decay ends at this share of each group's lr
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    ds_config: str = "ds_configs/zero3.json"  # ZeRO settings; batch, clipping and precision come from here
+    run_name: str = "default"  # the run directory is <paths.runs_root>/<run_name>
+    save_every: int = 500  # steps between checkpoints (and one at the end)
+    keep_last: int = 2  # checkpoints kept
+    log_every: int = 10
+    val_every: int = 500  # steps between validations on a slice of the first eval set
+    val_samples: int = 64  # expressions in that slice, over all ranks
+    image_every: int = 500  # steps between mask grids in TensorBoard
+    halt_at_step: Optional[int] = None  # checkpoint and stop after this step (time-boxed jobs, tests)
     loss: LossWeights = field(default_factory=LossWeights)
 
 
@@ -180,6 +199,7 @@ class PathsConfig:
     refer_root: str = "data/refer"  # REFER files: <refer_root>/<dataset>/refs(<split_by>).p
     images_root: str = "data/images"  # images: <images_root>/<dataset>/ for the synthetic set
     shards_root: str = "shards"
+    runs_root: str = "runs"  # run directories: checkpoints, TensorBoard logs, metrics
 
 
 @dataclass
@@ -251,7 +271,24 @@ def _check_values(cfg: Config) -> None:
     need(m.max_new_tokens >= 4, "model.max_new_tokens", "must be >= 4")
     for name in ("w_ce_sem", "w_ce_spa", "w_l1", "w_giou", "w_bce", "w_dice"):
         need(getattr(cfg.train.loss, name) >= 0, f"train.loss.{name}", "must be >= 0")
-    need(cfg.train.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    tr = cfg.train
+    need(tr.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
+    need(tr.grad_accum >= 1, "train.grad_accum", "must be >= 1")
+    need(tr.max_steps >= 1, "train.max_steps", "must be >= 1")
+    for name in ("lr", "head_lr", "sam_lr"):
+        need(getattr(tr, name) > 0, f"train.{name}", "must be > 0")
+    need(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+    need(0 <= tr.warmup_steps < tr.max_steps, "train.warmup_steps", "must lie in [0, train.max_steps)")
+    need(0.0 <= tr.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must lie in [0, 1]")
+    need(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
+    for name in ("save_every", "keep_last", "log_every", "val_every", "image_every"):
+        need(getattr(tr, name) >= 1, f"train.{name}", "must be >= 1")
+    need(tr.val_samples >= 0, "train.val_samples", "must be >= 0")
+    need(tr.halt_at_step is None or 1 <= tr.halt_at_step <= tr.max_steps, "train.halt_at_step",
+         "must lie in [1, train.max_steps]")
+    need(bool(tr.run_name) and "/" not in tr.run_name, "train.run_name", "a non-empty name without '/'")
+    need((tr.precision == "bf16") == (m.dtype == "bfloat16"), "train.precision",
+         f"'{tr.precision}' must match model.dtype '{m.dtype}' (bf16 with bfloat16, fp32 with float32)")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
 
 

@@ -284,9 +284,11 @@ class ResumableLoader:
         nw = max(self.num_workers, 1)
         self.stream.skip_groups = list(self.worker_groups)
         self.stream.worker_offset = self.batches % nw
+        # Its own generator: worker seeding must not draw from the global RNG, which a resumed
+        # run restores for dropout.
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
-                            persistent_workers=False)
+                            persistent_workers=False, generator=torch.Generator().manual_seed(self.stream.seed))
         for batch in loader:
             self.batches += 1
             self.worker_groups[batch.pop("worker")] = batch.pop("worker_groups")

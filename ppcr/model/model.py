@@ -208,33 +208,44 @@ class PPCRModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, stage: StageInputs, features: torch.Tensor, semsp_embed: torch.Tensor | None,
-                 stop: int) -> tuple[list[int], torch.Tensor, bool]:
+                 stop: int, all_steps: bool = False) -> tuple[list[int], torch.Tensor, bool]:
         """Greedy decoding of one sequence until ``stop``; returns the generated ids, the last-layer
         hidden state at ``stop`` (fed back once, as in training) or at the last token, and whether
-        ``stop`` came."""
+        ``stop`` came. ``all_steps`` decodes max_new_tokens steps whatever comes, so that ZeRO-3 ranks,
+        which gather parameters together, run the same number of forwards."""
         lm = self.family.language_model
         out = lm(inputs_embeds=self.embed(stage, features, semsp_embed), attention_mask=stage.attention_mask,
                  position_ids=stage.positions, use_cache=True)
         cache, hidden, pos = out.past_key_values, out.last_hidden_state[:, -1], stage.positions
         generated: list[int] = []
+        result: tuple[list[int], torch.Tensor, bool] | None = None
         for _ in range(self.cfg.max_new_tokens):
             token = self.token_rows.logits(hidden).argmax(-1)  # (1,)
-            generated.append(int(token))
+            if result is None:
+                generated.append(int(token))
             pos = self.family.next_position(pos)
             out = lm(inputs_embeds=self.token_rows(token[:, None]), position_ids=pos, past_key_values=cache,
                      use_cache=True)
             cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
-            if generated[-1] == stop:
-                return generated, hidden, True
-        return generated, hidden, False
+            if result is None and generated[-1] == stop:
+                result = (generated, hidden, True)
+                if not all_steps:
+                    break
+        return result if result is not None else (generated, hidden, False)
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray], expressions: list[str]) -> list[Prediction]:
         """Segment what each expression refers to in its (H, W, 3) uint8 RGB image, by generation only."""
         if len(images) != len(expressions):
             raise ValueError(f"{len(images)} images but {len(expressions)} expressions")
+        items = [self.preprocess(image) for image in images]
+        return self.predict_prepared(items, expressions)
+
+    @torch.no_grad()
+    def predict_prepared(self, items: list[dict], expressions: list[str], all_steps: bool = False) -> list[Prediction]:
+        """:meth:`predict` on images already through the :class:`Preprocessor` (e.g. loader items)."""
         results = []
-        for image, expression in zip(images, expressions):
+        for item, expression in zip(items, expressions):
             timings: dict[str, float] = {}
             clock = time.perf_counter()
 
@@ -244,22 +255,21 @@ class PPCRModel(nn.Module):
                 timings[name] = now - clock
                 clock = now
 
-            item = self.preprocess(image)
             texts = render_prompts(self.cfg.templates, expression)
             s1, vision = self.encode([texts["semantic_prompt"]], None, [item["mllm_image"]])
             features = self.vision_features(vision)
             lap("vision")
             use_branch(self.mllm, "semantic")
-            ids1, semsp, stop1 = self.generate(s1, features, None, self.ids.sem)
+            ids1, semsp, stop1 = self.generate(s1, features, None, self.ids.sem, all_steps)
             lap("semantic")
             s2, _ = self.encode([texts["spatial_prompt"]], None, [item["mllm_image"]])
             use_branch(self.mllm, "spatial")
-            ids2, spasp, stop2 = self.generate(s2, features, self.sem_to_llm(semsp), self.ids.loc)
+            ids2, spasp, stop2 = self.generate(s2, features, self.sem_to_llm(semsp), self.ids.loc, all_steps)
             box = self.box_head(spasp)[0]
             lap("spatial")
-            low = self.segment(item["sam_image"][None].to(self.device), box[None], semsp,
-                               torch.tensor([item["input_size"]]))
-            mask_logits = self.sam.to_original(low[0], item["input_size"], item["original_size"])
+            input_size, original_size = tuple(item["input_size"]), tuple(item["original_size"])
+            low = self.segment(item["sam_image"][None].to(self.device), box[None], semsp, torch.tensor([input_size]))
+            mask_logits = self.sam.to_original(low[0], input_size, original_size)
             lap("sam")
             answer2 = self.tokenizer.decode(ids2, skip_special_tokens=False)
             text_box = parse_box_text(answer2)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -40,7 +41,8 @@ def add_ppcr_tokens(tokenizer, model: nn.Module) -> TokenIds:
         if i is None or i == tokenizer.unk_token_id or pieces != [i]:
             raise ValueError(f"token {t} is not a single token of this tokenizer (got ids {pieces}, id {i})")
         ids[t] = i
-    rows = model.get_input_embeddings().weight.shape[0]
+    weight = model.get_input_embeddings().weight
+    rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions hold size-0 tensors
     if max(ids.values()) >= rows:
         model.resize_token_embeddings(max(len(tokenizer), max(ids.values()) + 1), mean_resizing=True)
     return TokenIds(sem=ids[SEM], loc=ids[LOC], semp=ids[SEMP], new=tuple(ids[t] for t in NEW_TOKENS))
@@ -76,6 +78,15 @@ def render_prompts(t: TemplateConfig, expression: str, category: str | None = No
     return out
 
 
+def gathered(params: list[nn.Parameter]):
+    """Whole tensors inside the block, also when ZeRO-3 has partitioned them (a no-op otherwise)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params)
+    return nullcontext()
+
+
 class TokenRows(nn.Module):
     """Input embeddings and LM head of the MLLM, where the rows of PPCR's new tokens can be separate
     trainable parameters while the rest stays frozen (ZeRO-3 cannot freeze part of one tensor)."""
@@ -85,8 +96,14 @@ class TokenRows(nn.Module):
         super().__init__()
         self.embed, self.head = [embed], [head]  # held, not registered: they belong to the MLLM
         self.register_buffer("new_ids", torch.tensor(new_ids, dtype=torch.long), persistent=False)
-        self.new_in = nn.Parameter(embed.weight[list(new_ids)].detach().clone()) if own_in else None
-        self.new_out = nn.Parameter(head.weight[list(new_ids)].detach().clone()) if own_out else None
+        with gathered([embed.weight, head.weight]):
+            self.new_in = nn.Parameter(embed.weight[list(new_ids)].detach().clone()) if own_in else None
+            rows_out = head.weight[list(new_ids)].detach().clone() if own_out else None
+        self.head_rows = _HeadRows(head, self.new_ids, rows_out)
+
+    @property
+    def new_out(self) -> nn.Parameter | None:
+        return self.head_rows.new_out
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(B, L) token ids -> (B, L, H) input embeddings."""
@@ -99,7 +116,22 @@ class TokenRows(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., H) hidden states -> (..., V) logits."""
+        return self.head_rows(h)
+
+
+class _HeadRows(nn.Module):
+    """The LM head with its new-token rows replaced; a module of its own so that ZeRO-3 gathers
+    ``new_out`` when it runs."""
+
+    def __init__(self, head: nn.Linear, new_ids: torch.Tensor, rows: torch.Tensor | None) -> None:
+        super().__init__()
+        self.head = [head]
+        self.new_ids = new_ids
+        self.new_out = nn.Parameter(rows) if rows is not None else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
         out = self.head[0](h)
         if self.new_out is None:
             return out
-        return out.index_copy(-1, self.new_ids, h @ self.new_out.to(h.dtype).t())
+        ids = self.new_ids.to(out.device)
+        return out.index_copy(-1, ids, h @ self.new_out.to(h.dtype).t())

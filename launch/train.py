@@ -1,0 +1,91 @@
+"""Train PPCR.
+
+    deepspeed [--num_gpus G | --hostfile H] launch/train.py --config RECIPE.yaml [key.sub=value ...]
+    torchrun --nproc_per_node G launch/train.py --config RECIPE.yaml [...]
+    srun python launch/train.py --config RECIPE.yaml [...]        (ranks from SLURM variables)
+    python launch/train.py --config RECIPE.yaml [...]             (one process)
+
+Re-running the same command resumes from the run's latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import deepspeed
+import torch
+from transformers.integrations import HfDeepSpeedConfig
+
+from ppcr.config import ConfigError, dump_config, load_config
+from ppcr.data.stream import build_train_loader
+from ppcr.model.model import PPCRModel
+from ppcr.model.params import parameter_table
+from ppcr.train import checkpoint
+from ppcr.train.distributed import init_distributed
+from ppcr.train.ds_config import build_ds_config, zero_stage
+from ppcr.train.logger import RunLogger
+from ppcr.train.loop import train
+from ppcr.train.optim import build_optimizer, build_scheduler
+from ppcr.train.validate import Validator
+
+RECIPES = Path(__file__).parent / "configs"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    recipes = "\n".join(f"  {p}" for p in sorted(RECIPES.glob("*.yaml")))
+    p = argparse.ArgumentParser(
+        prog="launch/train.py", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__,
+        epilog=f"recipes:\n{recipes}\n\noverrides: key.sub=value, values in YAML, e.g.\n"
+               "  train.max_steps=200 data.num_workers=0 'data.train_sets=[{name: refcoco_unc, split: train}]'\n"
+               "every key is listed with its default in ppcr/config.py")
+    p.add_argument("--config", required=True, help="recipe YAML")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
+    p.add_argument("overrides", nargs="*", help="key.sub=value")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dist = init_distributed()
+    print(f"rank {dist.rank}/{dist.world_size} node {dist.node_rank} local rank {dist.local_rank}", flush=True)
+    ds = build_ds_config(cfg, dist.world_size)
+    torch.manual_seed(cfg.train.seed)
+    run_dir = Path(cfg.paths.runs_root) / cfg.train.run_name
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        print(f"run directory: {run_dir.resolve()}  (world size {dist.world_size}, ZeRO-{zero_stage(ds)})", flush=True)
+    # Under ZeRO-3 the MLLM is built partitioned (zero.Init): no rank holds the whole model.
+    hf_ds = HfDeepSpeedConfig(ds) if zero_stage(ds) == 3 else None  # noqa: F841 (kept alive on purpose)
+    model = PPCRModel.from_config(cfg.model, cfg.train.loss)
+    if dist.is_main:
+        print(parameter_table(model), flush=True)
+    optimizer = build_optimizer(model, cfg.train)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds)
+    loader = build_train_loader(cfg, dist.rank, dist.world_size)
+    start = checkpoint.resume(engine, run_dir / "checkpoints", loader, dist)
+    if dist.is_main and start:
+        print(f"resumed from step {start}", flush=True)
+    # Generation runs a varying number of forwards; ranks must keep in step only where ZeRO-3 gathers
+    # parameters (those above its persistence threshold).
+    synced = any(hasattr(p, "ds_id") and not getattr(p, "ds_persist", False) for p in engine.module.parameters())
+    validator = Validator(cfg, dist, synced=synced) if cfg.train.val_samples and cfg.eval.sets else None
+    log = RunLogger(run_dir, dist)
+    status, step = train(cfg, dist, engine, loader, run_dir, start, log, validator)
+    log.close()
+    if dist.is_main:
+        print(f"{status} at step {step}; skipped samples: {loader.skipped_samples}; run directory: "
+              f"{run_dir.resolve()}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Checkpoints in DeepSpeed's own format, with what DeepSpeed does not keep: data position and RNG.
+
+    <run>/checkpoints/step_00000500/   DeepSpeed's files (model, optimizer shards, scheduler, client
+                                       state) plus ppcr_rank<R>.json and ppcr_rank<R>_rng.pt per rank
+    <run>/checkpoints/latest           the tag of the newest *complete* checkpoint
+
+Every rank writes its own shard files; only global rank 0 writes ``latest``, after a barrier that
+every rank reaches only once its files are written, and by an atomic rename; so ``latest`` never
+names a checkpoint that a crash left half written. Older checkpoints beyond ``keep_last`` go.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from ppcr.train.distributed import DistInfo, barrier
+
+LATEST = "latest"
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    path = ckpt_dir / LATEST
+    if not path.is_file():
+        return None
+    tag = path.read_text().strip()
+    if not (ckpt_dir / tag).is_dir():
+        raise FileNotFoundError(f"{path} names {tag}, which is not in {ckpt_dir}")
+    return tag
+
+
+def save(engine, ckpt_dir: Path, step: int, loader, dist: DistInfo, keep_last: int) -> Path:
+    tag = tag_of(step)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    out = ckpt_dir / tag
+    state = {"step": step, "loader": loader.state_dict(), "python_random": _py_state()}
+    (out / f"ppcr_rank{dist.rank}.json").write_text(json.dumps(state))
+    torch.save({"torch": torch.get_rng_state()}, out / f"ppcr_rank{dist.rank}_rng.pt")
+    barrier()  # every rank's files are on disk
+    if dist.is_main:
+        tmp = ckpt_dir / f".{LATEST}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / LATEST)
+        tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
+        for old in tags[:-keep_last]:
+            shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    barrier()
+    return out
+
+
+def resume(engine, ckpt_dir: Path, loader, dist: DistInfo) -> int:
+    """Load the latest complete checkpoint if there is one; returns the step to continue from."""
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        return 0
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    mine = ckpt_dir / tag / f"ppcr_rank{dist.rank}.json"
+    if not mine.is_file():
+        raise FileNotFoundError(f"{mine} missing: checkpoint {tag} was written by a different world size")
+    state = json.loads(mine.read_text())
+    loader.load_state_dict(state["loader"])
+    random.setstate(_py_unstate(state["python_random"]))
+    rng = torch.load(ckpt_dir / tag / f"ppcr_rank{dist.rank}_rng.pt", weights_only=True)
+    torch.set_rng_state(rng["torch"])
+    if client["step"] != state["step"]:
+        raise RuntimeError(f"checkpoint {tag}: DeepSpeed state at step {client['step']}, ppcr state at {state['step']}")
+    return int(state["step"])
+
+
+def _py_state() -> list:
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _py_unstate(s: list) -> tuple:
+    return (s[0], tuple(s[1]), s[2])

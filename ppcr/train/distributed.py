@@ -1,0 +1,83 @@
+"""Process-group setup for `deepspeed`, `torchrun` and `srun` launches, and the rank facts after it.
+
+World size and ranks always come from the process group, never from device counts (wrong on
+multi-node). Under SLURM without a launcher (`srun python launch/train.py`), the SLURM task
+variables are turned into the env:// variables torch expects.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    node_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the only process that writes shared files."""
+        return self.rank == 0
+
+
+def _slurm_env() -> None:
+    """Map SLURM task variables to RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT."""
+    if "RANK" in os.environ or "SLURM_PROCID" not in os.environ:
+        return
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in os.environ:
+        nodes = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        try:
+            first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
+                                   check=True).stdout.split()[0]
+        except (OSError, subprocess.CalledProcessError, IndexError):
+            first = nodes.split(",")[0]
+        os.environ["MASTER_ADDR"] = first
+    os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+
+
+def init_distributed() -> DistInfo:
+    """Join (or create) the process group; a single process without a launcher is a world of one."""
+    _slurm_env()
+    if "RANK" not in os.environ:  # plain `python launch/train.py`
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+    backend = get_accelerator().communication_backend_name()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if get_accelerator().device_name() == "cuda":
+        torch.cuda.set_device(local_rank)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "0")) or 0)
+    node_rank = int(os.environ.get("SLURM_NODEID", os.environ.get("GROUP_RANK", rank // local_world if local_world else 0)))
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank, node_rank=node_rank)
+
+
+def device() -> torch.device:
+    name = get_accelerator().device_name()
+    return torch.device(name, int(os.environ.get("LOCAL_RANK", "0"))) if name == "cuda" else torch.device(name)
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    out = values.clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out)
+    return out
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

@@ -1,0 +1,105 @@
+"""The training loop: micro-batches through the DeepSpeed engine, logging, checkpoints, validation,
+preemption. Everything else (setup, saving, logging sinks) lives in its own module."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from ppcr.config import Config
+from ppcr.model.losses import TERMS
+from ppcr.train import checkpoint
+from ppcr.train.distributed import DistInfo, all_reduce_sum, device
+from ppcr.train.logger import RunLogger
+from ppcr.train.preempt import Preemption
+from ppcr.train.validate import Validator
+
+
+@dataclass
+class Window:
+    """Sums between two log lines, reduced over ranks when logged."""
+
+    terms: torch.Tensor
+    samples: int = 0
+    data_s: float = 0.0
+    step_s: float = 0.0
+    micro: int = 0
+
+    @classmethod
+    def empty(cls) -> "Window":
+        return cls(torch.zeros(len(TERMS) + 1, dtype=torch.float64))
+
+    def add(self, out: dict, samples: int, data_s: float, step_s: float) -> None:
+        vals = [out["loss"]] + [out[t] for t in TERMS]
+        self.terms += torch.tensor([float(v.detach()) for v in vals], dtype=torch.float64)
+        self.samples, self.data_s, self.step_s, self.micro = (self.samples + samples, self.data_s + data_s,
+                                                              self.step_s + step_s, self.micro + 1)
+
+    def report(self, world: int) -> dict[str, float]:
+        sums = all_reduce_sum(torch.cat([self.terms, torch.tensor([self.samples, self.data_s, self.step_s],
+                                                                 dtype=torch.float64)]).to(device())).cpu()
+        n = self.micro * world
+        out = {name: float(sums[i]) / n for i, name in enumerate(("loss",) + TERMS)}
+        samples, data_s, step_s = (float(v) for v in sums[len(TERMS) + 1:])
+        out["samples_per_s"] = samples / (step_s / world) if step_s else 0.0
+        out["data_wait_share"] = data_s / step_s if step_s else 0.0
+        return out
+
+
+def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step: int, log: RunLogger,
+          validator: Validator | None) -> tuple[str, int]:
+    """Run from ``start_step`` to train.max_steps; returns ("done" | "halted" | "preempted", last step)."""
+    t = cfg.train
+    ckpt_dir = run_dir / "checkpoints"
+    preempt = Preemption()
+    bar = tqdm(total=t.max_steps, initial=start_step, disable=not dist.is_main, desc="train", unit="step",
+               dynamic_ncols=True)
+    batches = iter(loader)
+    window = Window.empty()
+    step = start_step
+    status = "done"
+    while step < t.max_steps:
+        for _ in range(t.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(batches)
+            t1 = time.perf_counter()
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            window.add(out, len(batch["keys"]), t1 - t0, time.perf_counter() - t0)
+        step += 1
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.max_steps:
+            values = window.report(dist.world_size)
+            window = Window.empty()
+            for group in engine.optimizer.param_groups:
+                values[f"lr/{group.get('name', 'group')}"] = group["lr"]
+            norm = engine.get_global_grad_norm()
+            if norm is not None:
+                values["grad_norm"] = float(norm)
+            values["skipped_samples"] = loader.skipped_samples
+            values["memory_gb"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
+                                   else psutil.Process().memory_info().rss) / 2**30
+            log.scalars(step, values)
+            bar.set_postfix(loss=f"{values['loss']:.3f}")
+        stop = preempt.requested()
+        if stop or step % t.save_every == 0 or step == t.max_steps or step == t.halt_at_step:
+            checkpoint.save(engine, ckpt_dir, step, loader, dist, t.keep_last)
+        if stop:
+            status = "preempted"
+            break
+        if validator is not None and (step % t.val_every == 0 or step == t.max_steps):
+            result, image = validator.run(engine.module)
+            log.scalars(step, result, prefix=f"val/{validator.name}")
+            if image is not None and (step % t.image_every == 0 or step == t.max_steps):
+                log.image(step, f"val/{validator.name}/masks", image)
+        if step == t.halt_at_step:
+            status = "halted"
+            break
+    bar.close()
+    return status, step

@@ -1,0 +1,51 @@
+"""AdamW with parameter groups and a warmup-then-cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ppcr.config import TrainConfig
+from ppcr.model.params import component
+
+# Which learning rate each trained component uses.
+_LR_OF = {
+    "lora_semantic": "lr", "lora_spatial": "lr", "vision_tower": "lr", "llm_base": "lr",
+    "new_token_rows": "head_lr", "projectors": "head_lr", "box_head": "head_lr", "embeddings": "head_lr",
+    "lm_head": "head_lr",
+    "sam_mask_decoder": "sam_lr", "sam_prompt_encoder": "sam_lr", "sam_image_encoder": "sam_lr",
+}
+
+
+def param_groups(model: nn.Module, t: TrainConfig) -> list[dict]:
+    """One group per (learning rate, decay) pair; norms, biases and other 1-D tensors never decay."""
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        which = _LR_OF[component(name)]
+        decay = p.ndim > 1 and t.weight_decay > 0
+        key = (which, decay)
+        if key not in groups:
+            groups[key] = {"params": [], "lr": getattr(t, which), "weight_decay": t.weight_decay if decay else 0.0,
+                           "name": f"{which}{'' if decay else '_no_decay'}"}
+        groups[key]["params"].append(p)
+    return list(groups.values())
+
+
+def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(param_groups(model, t), betas=(0.9, 0.95), eps=1e-8)
+
+
+def lr_factor(step: int, t: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine down to min_lr_ratio at max_steps."""
+    if step < t.warmup_steps:
+        return (step + 1) / t.warmup_steps
+    progress = min(1.0, (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps))
+    return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, t: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, t))

@@ -1,0 +1,99 @@
+"""Validation during training: generation-based prediction (never teacher-forced) on a fixed slice of
+the first eval set, with the paper's metrics, and a grid of predicted masks for TensorBoard."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ppcr.config import Config
+from ppcr.data.stream import EvalStream, ShardSet
+from ppcr.data.transforms import Preprocessor
+from ppcr.eval.metrics import SegmentationMetrics
+from ppcr.train.distributed import DistInfo, all_reduce_sum, device
+
+
+def _items(stream: EvalStream, limit: int) -> list[dict]:
+    out = []
+    for b in stream:
+        for i in range(len(b["expressions"])):
+            out.append({"sam_image": b["sam_images"][i], "mllm_image": b["mllm_images"][i],
+                        "input_size": tuple(b["input_sizes"][i].tolist()),
+                        "original_size": tuple(b["original_sizes"][i].tolist()), "mask": b["masks"][i],
+                        "box": b["boxes"][i], "expression": b["expressions"][i]})
+            if len(out) >= limit:
+                return out
+    return out
+
+
+class Validator:
+    def __init__(self, cfg: Config, dist: DistInfo, synced: bool) -> None:
+        spec = cfg.eval.sets[0]
+        self.name = f"{spec.name}/{spec.split}"
+        pre = Preprocessor.from_config(cfg.model)
+        per_rank = math.ceil(cfg.train.val_samples / dist.world_size)
+        self.items = _items(EvalStream(ShardSet.open(cfg.paths.shards_root, spec), pre, 1, dist.rank, dist.world_size),
+                            per_rank)
+        self.real = len(self.items)
+        # Under ZeRO-3 every rank must run as many forwards as the others: pad with repeats whose
+        # results are dropped (they are never counted).
+        counts = torch.zeros(dist.world_size, dtype=torch.long, device=device())
+        counts[dist.rank] = self.real
+        most = int(all_reduce_sum(counts).max())
+        if self.real < most:
+            filler = self.items or _items(EvalStream(ShardSet.open(cfg.paths.shards_root, spec), pre, 1, 0, 1), 1)
+            self.items += [filler[0]] * (most - self.real)
+        self.synced, self.pre = synced, pre
+
+    @torch.no_grad()
+    def run(self, model) -> tuple[dict[str, float], np.ndarray | None]:
+        was_training = model.training
+        model.eval()
+        metrics = SegmentationMetrics()
+        shown = []
+        for i, item in enumerate(self.items):
+            pred = model.predict_prepared([item], [item["expression"]], all_steps=self.synced)[0]
+            if i < self.real:
+                metrics.update(pred.mask, item["mask"] > 0, pred.box, item["box"])
+                if len(shown) < 4:
+                    shown.append((item, pred))
+        model.train(was_training)
+        return metrics.reduce().result(), grid(shown, self.pre) if shown else None
+
+
+def grid(pairs: list, pre: Preprocessor) -> np.ndarray:
+    """Image, ground truth (green) and prediction (red) side by side, with the expression and answers."""
+    tiles = []
+    for item, pred in pairs:
+        image = _image_of(item, pre)
+        gt = item["mask"].numpy() > 0
+        pm = pred.mask.numpy()
+        panels = []
+        for m, colour in ((None, None), (gt, (0, 200, 0)), (pm, (220, 30, 30))):
+            p = image.copy()
+            if m is not None:
+                p[m] = (0.5 * p[m] + 0.5 * np.array(colour)).astype(np.uint8)
+            panels.append(p)
+        tile = Image.fromarray(np.concatenate(panels, axis=1))
+        canvas = Image.new("RGB", (tile.width, tile.height + 36), (255, 255, 255))
+        canvas.paste(tile, (0, 36))
+        d = ImageDraw.Draw(canvas)
+        d.text((2, 0), item["expression"][:90], fill=(0, 0, 0))
+        d.text((2, 12), pred.semantic_answer[:90], fill=(0, 0, 120))
+        d.text((2, 24), pred.spatial_answer[:90], fill=(120, 0, 0))
+        tiles.append(np.asarray(canvas.resize((3 * 160, int(canvas.height * 3 * 160 / canvas.width)))))
+    width = max(t.shape[1] for t in tiles)
+    return np.concatenate([np.pad(t, ((0, 4), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles])
+
+
+def _image_of(item: dict, pre: Preprocessor) -> np.ndarray:
+    """The original image back from SAM's input (undo mean/std, crop the padding, resize)."""
+    ih, iw = item["input_size"]
+    h, w = item["original_size"]
+    mean = torch.tensor(pre.sam_pixel_mean).view(3, 1, 1)
+    std = torch.tensor(pre.sam_pixel_std).view(3, 1, 1)
+    x = (item["sam_image"][:, :ih, :iw] * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    return np.asarray(Image.fromarray(x).resize((w, h), Image.BILINEAR))
