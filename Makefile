@@ -42,9 +42,9 @@ models: $(MODELS)
 clean-data:
 	rm -rf data/refer/synthetic data/images/synthetic shards/synthetic_unc
 
-# The trainer (launch/train.py) lands with the training issue; until then this target prepares
-# everything it will need and says so, rather than pretending to train.
+# The default job: the tiny model on the synthetic set, ZeRO-3 over NPROC ranks (CPU ranks without a GPU).
+# Re-running resumes from the run's latest checkpoint; ARGS adds overrides (ARGS="train.max_steps=100").
+NPROC ?= 2
+ARGS  ?=
 train: $(SHARDS) $(MODELS)
-	@echo "ppcr: environment ready (.venv), default shards verified (shards/synthetic_unc), tiny models in checkpoints/."
-	@echo "ppcr: launch/train.py does not exist yet: the trainer is the next milestone." >&2
-	@exit 1
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/train.py --config $(CONFIG) $(ARGS)

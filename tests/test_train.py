@@ -1,0 +1,189 @@
+"""The real launcher on 2 CPU ranks with ZeRO-3 (integration), and the training parts on their own."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from conftest import model_config
+from ppcr.config import ConfigError, load_config
+from ppcr.train.ds_config import build_ds_config
+from ppcr.train.optim import lr_factor, param_groups
+
+ROOT = Path(__file__).parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(tiny_shards, tiny_models, runs, *extra):
+    return [f"paths.shards_root={tiny_shards.parent}", f"data.train_sets=[{{name: {tiny_shards.name}, split: train}}]",
+            f"eval.sets=[{{name: {tiny_shards.name}, split: val}}]", f"paths.runs_root={runs}",
+            f"model.mllm_path={tiny_models['qwen2_5_vl']}", "model.tiny_family=qwen2_5_vl",
+            f"model.sam_checkpoint={tiny_models['sam']}", "model.sam_image_size=256", "data.num_workers=2",
+            "train.micro_batch_size=2", "train.warmup_steps=2", "train.log_every=1", "train.val_samples=0", *extra]
+
+
+def deepspeed_cmd(args):
+    return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+            str(ROOT / "launch/train.py"), "--config", str(ROOT / "launch/configs/default.yaml"), *args]
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+def losses(run_dir):
+    return {d["step"]: d for d in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if d["kind"] == "train"}
+
+
+def test_resume_on_two_ranks_matches_an_uninterrupted_run(tiny_shards, tiny_models, tmp_path):
+    base = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=6", "train.save_every=100")
+    full = run(deepspeed_cmd(base + ["train.run_name=full"]))
+    assert full.returncode == 0, full.stdout[-3000:] + full.stderr[-3000:]
+    first = run(deepspeed_cmd(base + ["train.run_name=split", "train.halt_at_step=3"]))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "halted at step 3" in first.stdout
+    second = run(deepspeed_cmd(base + ["train.run_name=split"]))
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step 3" in second.stdout and "done at step 6" in second.stdout
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        for term in ("loss", "ce_sem", "ce_spa", "l1", "giou", "bce", "dice"):
+            assert a[step][term] == pytest.approx(b[step][term], rel=1e-6, abs=1e-7), (step, term)
+    # Same data position at the end: the same batches were consumed, none twice, none skipped.
+    for rank in (0, 1):
+        sa = json.loads((tmp_path / "full/checkpoints/step_00000006" / f"ppcr_rank{rank}.json").read_text())
+        sb = json.loads((tmp_path / "split/checkpoints/step_00000006" / f"ppcr_rank{rank}.json").read_text())
+        assert sa["loader"] == sb["loader"] and sa["loader"]["batches"] == 6
+    assert (tmp_path / "split/checkpoints/latest").read_text() == "step_00000006"
+    events = list((tmp_path / "full/tensorboard").glob("events.*"))
+    assert len(events) == 1
+
+
+def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tiny_shards, tiny_models, tmp_path):
+    args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=500", "train.save_every=1000",
+                     "train.run_name=pre")
+    proc = subprocess.Popen(deepspeed_cmd(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "pre/metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.5)
+    ours = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=" in " ".join(p.cmdline())]
+    ranks = [p for p in ours if p.ppid() not in {q.pid for q in ours}]  # not their data-loader workers
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGTERM)  # one rank is enough: the others follow at the step boundary
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preempted at step" in out
+    tag = (tmp_path / "pre/checkpoints/latest").read_text()
+    step = int(tag.split("_")[1])
+    assert 2 <= step < 500
+    ckpt = tmp_path / "pre/checkpoints" / tag
+    assert (ckpt / "ppcr_rank0.json").is_file() and (ckpt / "ppcr_rank1.json").is_file()
+    again = run(deepspeed_cmd(args[:-3] + [f"train.max_steps={step + 1}", "train.save_every=1000", "train.run_name=pre"]))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from step {step}" in again.stdout and f"done at step {step + 1}" in again.stdout
+
+
+def test_two_slurm_tasks_on_two_nodes_keep_their_ranks_and_one_writer(tiny_shards, tiny_models, tmp_path):
+    port = free_port()
+    procs = []
+    for task in (0, 1):
+        env = dict(os.environ, SLURM_PROCID=str(task), SLURM_NTASKS="2", SLURM_NODEID=str(task), SLURM_LOCALID="0",
+                   SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID="4242",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            env.pop(k, None)
+        args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=3", "train.save_every=2",
+                         "train.run_name=slurm", "data.num_workers=0")
+        procs.append(subprocess.Popen([sys.executable, "launch/train.py", "--config", "launch/configs/default.yaml",
+                                       *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "rank 0/2 node 0 local rank 0" in outs[0][0] and "rank 1/2 node 1 local rank 0" in outs[1][0]
+    assert "run directory" in outs[0][0] and "run directory" not in outs[1][0]
+    run_dir = tmp_path / "slurm"
+    steps = [d["step"] for d in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert steps == [1, 2, 3]  # one writer: every step logged once
+    assert len(list((run_dir / "tensorboard").glob("events.*"))) == 1
+    assert (run_dir / "checkpoints/latest").read_text() == "step_00000003"
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")) == \
+        ["step_00000002", "step_00000003"]
+
+
+def test_zero3_builds_the_mllm_partitioned(tiny_models, tiny_shards, tmp_path):
+    script = f"""
+import os, deepspeed, torch
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}")
+deepspeed.init_distributed(dist_backend="gloo")
+from transformers.integrations import HfDeepSpeedConfig
+from ppcr.config import load_config
+from ppcr.model.model import PPCRModel
+ds = {{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3, "stage3_param_persistence_threshold": 0}}}}
+keep = HfDeepSpeedConfig(ds)
+cfg = load_config({str(ROOT / 'launch/configs/default.yaml')!r}, {overrides(tiny_shards, tiny_models, tmp_path)!r})
+model = PPCRModel.from_config(cfg.model, cfg.train.loss)
+layer = model.mllm.base_model.model.model.language_model.layers[0].mlp.up_proj.weight
+vision = next(model.family.vision_modules[0].parameters())
+print("PARTITIONED", hasattr(layer, "ds_id"), layer.numel(), tuple(layer.ds_shape), hasattr(vision, "ds_id"))
+"""
+    out = run([sys.executable, "-c", script])
+    assert out.returncode == 0, out.stderr[-3000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("PARTITIONED"))
+    assert line == "PARTITIONED True 0 (256, 128) True"
+
+
+def test_help_lists_recipes_and_override_syntax():
+    out = run([sys.executable, "launch/train.py", "--help"])
+    assert out.returncode == 0
+    assert "default.yaml" in out.stdout and "key.sub=value" in out.stdout
+
+
+def test_ds_config_takes_recipe_values_and_refuses_contradictions(tmp_path):
+    cfg = load_config(ROOT / "launch/configs/default.yaml", ["train.micro_batch_size=3", "train.grad_accum=2"])
+    ds = build_ds_config(cfg, world_size=4)
+    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == cfg.train.grad_clip
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": False}
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 8}))
+    cfg = load_config(ROOT / "launch/configs/default.yaml", [f"train.ds_config={bad}"])
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu = 8.*train.micro_batch_size"):
+        build_ds_config(cfg, 2)
+    with pytest.raises(ConfigError, match="no DeepSpeed config"):
+        build_ds_config(load_config(ROOT / "launch/configs/default.yaml", ["train.ds_config=nope.json"]), 2)
+
+
+def test_schedule_warms_up_then_decays_and_groups_skip_decay_on_1d(tiny_shards, tiny_models):
+    t = load_config(ROOT / "launch/configs/default.yaml", ["train.max_steps=100", "train.warmup_steps=10",
+                                                           "train.min_lr_ratio=0.1"]).train
+    assert lr_factor(0, t) == pytest.approx(0.1) and lr_factor(9, t) == pytest.approx(1.0)
+    assert lr_factor(10, t) == pytest.approx(1.0) and lr_factor(100, t) == pytest.approx(0.1)
+    assert lr_factor(55, t) == pytest.approx(0.55)
+    from ppcr.model.model import PPCRModel
+
+    cfg = model_config(tiny_shards, tiny_models, "llava", "train.weight_decay=0.1")
+    model = PPCRModel.from_config(cfg.model, cfg.train.loss)
+    groups = {g["name"]: g for g in param_groups(model, cfg.train)}
+    assert {"lr", "head_lr", "head_lr_no_decay", "sam_lr", "sam_lr_no_decay"} == set(groups)  # LoRA is all 2-D
+    assert all(p.ndim <= 1 for n, g in groups.items() if n.endswith("no_decay") for p in g["params"])
+    assert groups["head_lr"]["lr"] == cfg.train.head_lr and groups["lr"]["weight_decay"] == 0.1
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in groups.values() for p in g["params"]) == trained
