@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     start = checkpoint.resume(engine, run_dir / "checkpoints", loader, dist)
     if dist.is_main and start:
         print(f"resumed from step {start}", flush=True)
-    # Generation runs a varying number of forwards; ranks must keep in step only where ZeRO-3 gathers
-    # parameters (those above its persistence threshold).
-    synced = any(hasattr(p, "ds_id") and not getattr(p, "ds_persist", False) for p in engine.module.parameters())
+    # Generation runs a varying number of forwards; under ZeRO-3, whose forwards gather parameters
+    # collectively, every rank decodes the same number of steps.
+    synced = zero_stage(ds) == 3 and dist.world_size > 1
     validator = Validator(cfg, dist, synced=synced) if cfg.train.val_samples and cfg.eval.sets else None
     log = RunLogger(run_dir, dist)
     status, step = train(cfg, dist, engine, loader, run_dir, start, log, validator)

@@ -110,7 +110,8 @@ def test_two_slurm_tasks_on_two_nodes_keep_their_ranks_and_one_writer(tiny_shard
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(k, None)
         args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=3", "train.save_every=2",
-                         "train.run_name=slurm", "data.num_workers=0")
+                         "train.run_name=slurm", "data.num_workers=0", "train.val_every=2", "train.val_samples=3",
+                         "model.max_new_tokens=6")
         procs.append(subprocess.Popen([sys.executable, "launch/train.py", "--config", "launch/configs/default.yaml",
                                        *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
@@ -120,8 +121,10 @@ def test_two_slurm_tasks_on_two_nodes_keep_their_ranks_and_one_writer(tiny_shard
     assert "rank 0/2 node 0 local rank 0" in outs[0][0] and "rank 1/2 node 1 local rank 0" in outs[1][0]
     assert "run directory" in outs[0][0] and "run directory" not in outs[1][0]
     run_dir = tmp_path / "slurm"
-    steps = [d["step"] for d in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())]
-    assert steps == [1, 2, 3]  # one writer: every step logged once
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [d["step"] for d in lines if d["kind"] == "train"] == [1, 2, 3]  # one writer: every step logged once
+    val = [d for d in lines if d["kind"].startswith("val/")]
+    assert [d["step"] for d in val] == [2, 3] and all(d["count"] == 3 for d in val)  # 2 + 1: uneven ranks
     assert len(list((run_dir / "tensorboard").glob("events.*"))) == 1
     assert (run_dir / "checkpoints/latest").read_text() == "step_00000003"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")) == \

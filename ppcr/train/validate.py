@@ -3,8 +3,6 @@ the first eval set, with the paper's metrics, and a grid of predicted masks for 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
@@ -34,7 +32,8 @@ class Validator:
         spec = cfg.eval.sets[0]
         self.name = f"{spec.name}/{spec.split}"
         pre = Preprocessor.from_config(cfg.model)
-        per_rank = math.ceil(cfg.train.val_samples / dist.world_size)
+        n, world = cfg.train.val_samples, dist.world_size
+        per_rank = n // world + (1 if dist.rank < n % world else 0)
         self.items = _items(EvalStream(ShardSet.open(cfg.paths.shards_root, spec), pre, 1, dist.rank, dist.world_size),
                             per_rank)
         self.real = len(self.items)
