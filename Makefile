@@ -8,7 +8,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.ppcr-installed
 SHARDS     := shards/synthetic_unc/manifest.json
 
-.PHONY: install test shards models train clean-data
+.PHONY: install test shards models train eval clean-data
 
 # Reinstalled when the package metadata or this file changes (the stamp is then stale).
 $(STAMP): setup.cfg pyproject.toml Makefile
@@ -48,3 +48,9 @@ NPROC ?= 2
 ARGS  ?=
 train: $(SHARDS) $(MODELS)
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/train.py --config $(CONFIG) $(ARGS)
+
+# Evaluate by generation on every eval split: CKPT is a run directory (its latest checkpoint), a
+# checkpoint directory or a saved model; ABLATIONS=1 adds the ablation rows.
+CKPT ?= runs/default
+eval: $(SHARDS) | $(STAMP)
+	$(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/eval.py --checkpoint $(CKPT) $(if $(ABLATIONS),--ablations) $(ARGS)

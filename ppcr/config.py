@@ -192,6 +192,7 @@ class EvalConfig:
         ]
     )
     batch_size: int = 4
+    max_expressions: Optional[int] = None  # per split, over all ranks; None evaluates every expression
 
 
 @dataclass
@@ -290,6 +291,8 @@ def _check_values(cfg: Config) -> None:
     need((tr.precision == "bf16") == (m.dtype == "bfloat16"), "train.precision",
          f"'{tr.precision}' must match model.dtype '{m.dtype}' (bf16 with bfloat16, fp32 with float32)")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
+    need(cfg.eval.max_expressions is None or cfg.eval.max_expressions >= 1, "eval.max_expressions",
+         "must be >= 1 or null")
 
 
 # --------------------------------------------------------------------------------------------------

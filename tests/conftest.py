@@ -89,4 +89,5 @@ def model_config(shards_dir: Path, models: dict, family: str, *overrides: str) -
     return make_config(shards_dir, f"model.mllm_path={models[family]}", f"model.tiny_family={family}",
                        f"model.sam_checkpoint={models['sam']}", "model.sam_image_size=256",
                        "model.mllm_image_size=112", "model.lora.dropout=0.0", "data.flip_prob=0.0",
-                       "train.micro_batch_size=2", *overrides)
+                       "train.micro_batch_size=2", "model.trainable.vision_tower=false",
+                       "model.trainable.llm_base=false", "model.trainable.sam_image_encoder=false", *overrides)

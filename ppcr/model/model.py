@@ -242,8 +242,17 @@ class PPCRModel(nn.Module):
         return self.predict_prepared(items, expressions)
 
     @torch.no_grad()
-    def predict_prepared(self, items: list[dict], expressions: list[str], all_steps: bool = False) -> list[Prediction]:
-        """:meth:`predict` on images already through the :class:`Preprocessor` (e.g. loader items)."""
+    def predict_prepared(self, items: list[dict], expressions: list[str], all_steps: bool = False,
+                         box_source: str = "head", prompts: str = "box+semsp",
+                         gt_box: torch.Tensor | None = None) -> list[Prediction]:
+        """:meth:`predict` on images already through the :class:`Preprocessor` (e.g. loader items).
+
+        Ablations: SAM's box from the box head, from the answer text, or ``gt_box`` (an oracle, for
+        analysis only); SAM prompted by box and SemSP, the box alone, or SemSP alone."""
+        if box_source not in ("head", "text", "gt") or prompts not in ("box+semsp", "box", "semsp"):
+            raise ValueError(f"unknown ablation box_source={box_source!r} prompts={prompts!r}")
+        if box_source == "gt" and gt_box is None:
+            raise ValueError("box_source 'gt' needs gt_box")
         results = []
         for item, expression in zip(items, expressions):
             timings: dict[str, float] = {}
@@ -267,12 +276,17 @@ class PPCRModel(nn.Module):
             ids2, spasp, stop2 = self.generate(s2, features, self.sem_to_llm(semsp), self.ids.loc, all_steps)
             box = self.box_head(spasp)[0]
             lap("spatial")
-            input_size, original_size = tuple(item["input_size"]), tuple(item["original_size"])
-            low = self.segment(item["sam_image"][None].to(self.device), box[None], semsp, torch.tensor([input_size]))
-            mask_logits = self.sam.to_original(low[0], input_size, original_size)
-            lap("sam")
             answer2 = self.tokenizer.decode(ids2, skip_special_tokens=False)
             text_box = parse_box_text(answer2)
+            # An answer without a parsable box falls back to the head's box: the same SAM call on every
+            # rank keeps ZeRO-3's gathers in step.
+            sam_box = {"head": box, "text": text_box if text_box is not None else box, "gt": gt_box}[box_source]
+            sam_box = sam_box.to(box.device, box.dtype)[None]
+            input_size, original_size = tuple(item["input_size"]), tuple(item["original_size"])
+            low = self.segment(item["sam_image"][None].to(self.device), None if prompts == "semsp" else sam_box,
+                               None if prompts == "box" else semsp, torch.tensor([input_size]))
+            mask_logits = self.sam.to_original(low[0], input_size, original_size)
+            lap("sam")
             agreement = None
             if text_box is not None:
                 pair = box_convert(torch.stack([box.float().cpu(), text_box]), "cxcywh", "xyxy")

@@ -8,59 +8,24 @@ import torch
 from PIL import Image, ImageDraw
 
 from ppcr.config import Config
-from ppcr.data.stream import EvalStream, ShardSet
 from ppcr.data.transforms import Preprocessor
-from ppcr.eval.metrics import SegmentationMetrics
-from ppcr.train.distributed import DistInfo, all_reduce_sum, device
-
-
-def _items(stream: EvalStream, limit: int) -> list[dict]:
-    out = []
-    for b in stream:
-        for i in range(len(b["expressions"])):
-            out.append({"sam_image": b["sam_images"][i], "mllm_image": b["mllm_images"][i],
-                        "input_size": tuple(b["input_sizes"][i].tolist()),
-                        "original_size": tuple(b["original_sizes"][i].tolist()), "mask": b["masks"][i],
-                        "box": b["boxes"][i], "expression": b["expressions"][i]})
-            if len(out) >= limit:
-                return out
-    return out
+from ppcr.eval.evaluate import evaluate_items, filler_item, split_items
+from ppcr.train.distributed import DistInfo
 
 
 class Validator:
+    """A fixed slice of the first eval set, evaluated by generation every train.val_every steps."""
+
     def __init__(self, cfg: Config, dist: DistInfo, synced: bool) -> None:
         spec = cfg.eval.sets[0]
         self.name = f"{spec.name}/{spec.split}"
-        pre = Preprocessor.from_config(cfg.model)
-        n, world = cfg.train.val_samples, dist.world_size
-        per_rank = n // world + (1 if dist.rank < n % world else 0)
-        self.items = _items(EvalStream(ShardSet.open(cfg.paths.shards_root, spec), pre, 1, dist.rank, dist.world_size),
-                            per_rank)
-        self.real = len(self.items)
-        # Under ZeRO-3 every rank must run as many forwards as the others: pad with repeats whose
-        # results are dropped (they are never counted).
-        counts = torch.zeros(dist.world_size, dtype=torch.long, device=device())
-        counts[dist.rank] = self.real
-        most = int(all_reduce_sum(counts).max())
-        if self.real < most:
-            filler = self.items or _items(EvalStream(ShardSet.open(cfg.paths.shards_root, spec), pre, 1, 0, 1), 1)
-            self.items += [filler[0]] * (most - self.real)
-        self.synced, self.pre = synced, pre
+        self.items = split_items(cfg, spec, dist, limit=cfg.train.val_samples)
+        self.filler = filler_item(cfg, spec)
+        self.dist, self.synced, self.pre = dist, synced, Preprocessor.from_config(cfg.model)
 
-    @torch.no_grad()
     def run(self, model) -> tuple[dict[str, float], np.ndarray | None]:
-        was_training = model.training
-        model.eval()
-        metrics = SegmentationMetrics()
-        shown = []
-        for i, item in enumerate(self.items):
-            pred = model.predict_prepared([item], [item["expression"]], all_steps=self.synced)[0]
-            if i < self.real:
-                metrics.update(pred.mask, item["mask"] > 0, pred.box, item["box"])
-                if len(shown) < 4:
-                    shown.append((item, pred))
-        model.train(was_training)
-        return metrics.reduce().result(), grid(shown, self.pre) if shown else None
+        result, shown = evaluate_items(model, self.items, self.filler, self.dist, self.synced, keep=4)
+        return result, grid(shown, self.pre) if shown else None
 
 
 def grid(pairs: list, pre: Preprocessor) -> np.ndarray:

@@ -1,0 +1,33 @@
+"""Evaluation by generation: the launcher on 1 process and on 2 CPU ranks agrees, and counts each
+expression of the split exactly once."""
+
+import json
+import subprocess
+import sys
+
+from test_train import ROOT, deepspeed_cmd, overrides, run
+from ppcr.data.shards import load_manifest
+
+
+def test_eval_on_two_ranks_equals_one_process_and_counts_every_expression(tiny_shards, tiny_models, tmp_path):
+    args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=3", "train.run_name=ev",
+                     "model.max_new_tokens=6", "data.num_workers=0")
+    trained = run([sys.executable, "launch/train.py", "--config", "launch/configs/default.yaml", *args])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_dir = tmp_path / "ev"
+    sets = f"eval.sets=[{{name: {tiny_shards.name}, split: val}}, {{name: {tiny_shards.name}, split: testB}}]"
+    one = run([sys.executable, "launch/eval.py", "--checkpoint", str(run_dir), sets])
+    assert one.returncode == 0, one.stderr[-3000:]
+    rows_one = json.loads((run_dir / "eval/step_00000003/results.json").read_text())["rows"]
+    cmd = deepspeed_cmd([])
+    cmd[cmd.index(str(ROOT / "launch/train.py"))] = str(ROOT / "launch/eval.py")
+    cmd = cmd[:cmd.index("--config")] + ["--checkpoint", str(run_dir), sets]
+    two = run(cmd)
+    assert two.returncode == 0, two.stderr[-3000:]
+    rows_two = json.loads((run_dir / "eval/step_00000003/results.json").read_text())["rows"]
+    assert rows_one == rows_two
+    manifest = load_manifest(tiny_shards)
+    assert [r["count"] for r in rows_one] == [manifest["splits"]["val"]["expressions"],
+                                              manifest["splits"]["testB"]["expressions"]]
+    assert "| synthetic_unc/val" in one.stdout and "cIoU" in one.stdout
+    assert (run_dir / "eval/step_00000003/masks.png").is_file()
