@@ -17,50 +17,17 @@ import json
 import sys
 from pathlib import Path
 
-from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 from PIL import Image
 
-from ppcr.config import Config, ConfigError, load_config
+from ppcr.config import ConfigError
 from ppcr.eval.evaluate import ABLATIONS, Ablation, evaluate_items, filler_item, split_items
 from ppcr.eval.metrics import THRESHOLDS
-from ppcr.model.model import PPCRModel
-from ppcr.model.saving import load_pretrained
-from ppcr.train.checkpoint import latest_tag
+from ppcr.model.saving import load_checkpoint, resolve_checkpoint
 from ppcr.train.distributed import device, init_distributed
 from ppcr.train.logger import RunLogger
 from ppcr.train.validate import grid
 
 COLUMNS = ["cIoU", "gIoU", *[f"Prec@{t}" for t in THRESHOLDS], "BoxAcc@0.5", "count"]
-
-
-def resolve(path: Path) -> tuple[str, Path, Path | None, str | None]:
-    """(kind, config file, run dir, checkpoint tag) of what --checkpoint names."""
-    if (path / "heads.safetensors").is_file():
-        return "saved", path / "config.yaml", None, None
-    if (path / "checkpoints").is_dir():
-        tag = latest_tag(path / "checkpoints")
-        if tag is None:
-            raise FileNotFoundError(f"{path}/checkpoints has no complete checkpoint yet (no 'latest')")
-        return "run", path / "config.yaml", path, tag
-    if path.name.startswith("step_") and (path.parent.parent / "config.yaml").is_file():
-        return "run", path.parent.parent / "config.yaml", path.parent.parent, path.name
-    raise FileNotFoundError(f"--checkpoint {path}: neither a run directory, a checkpoint directory nor a saved model")
-
-
-def load_model(kind: str, path: Path, cfg: Config, run_dir: Path | None, tag: str | None) -> PPCRModel:
-    """The model in eval mode on this rank's device. A DeepSpeed checkpoint is consolidated with
-    DeepSpeed's own zero_to_fp32 (any number of saving ranks, ZeRO-2 or 3), so evaluation needs
-    neither the training world size nor DeepSpeed's engine, and ranks never wait on each other."""
-    if kind == "saved":
-        model, _ = load_pretrained(path)
-    else:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
-        model = PPCRModel.from_config(cfg.model, cfg.train.loss)
-        result = model.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise RuntimeError(f"checkpoint {run_dir}/checkpoints/{tag} does not fit the model: missing "
-                               f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
-    return model.to(device()).eval()
 
 
 def table(rows: list[dict]) -> str:
@@ -83,13 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key.sub=value (eval.sets=[...], paths.shards_root=...)")
     args = p.parse_args(argv)
     try:
-        kind, config_file, run_dir, tag = resolve(args.checkpoint)
-        cfg = load_config(config_file, args.overrides)
+        kind, _, run_dir, _ = resolve_checkpoint(args.checkpoint)
+        model, cfg, tag = load_checkpoint(args.checkpoint, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dist = init_distributed()
-    model = load_model(kind, args.checkpoint, cfg, run_dir, tag)
+    model = model.to(device())
     synced = False  # every rank holds the whole model: no collective inside a forward
     ablations = ABLATIONS if args.ablations else [Ablation()]
     rows, shown = [], []

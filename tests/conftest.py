@@ -91,3 +91,16 @@ def model_config(shards_dir: Path, models: dict, family: str, *overrides: str) -
                        "model.mllm_image_size=112", "model.lora.dropout=0.0", "data.flip_prob=0.0",
                        "train.micro_batch_size=2", "model.trainable.vision_tower=false",
                        "model.trainable.llm_base=false", "model.trainable.sam_image_encoder=false", *overrides)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_shards, tiny_models, tmp_path_factory) -> Path:
+    """A run of 3 steps on 2 ZeRO-3 CPU ranks with the real launcher: a sharded checkpoint to read."""
+    from test_train import deepspeed_cmd, overrides, run
+
+    runs = tmp_path_factory.mktemp("runs")
+    args = overrides(tiny_shards, tiny_models, runs, "train.max_steps=3", "train.run_name=trained",
+                     "model.max_new_tokens=6", "train.lr=1e-2", "train.head_lr=1e-2")
+    done = run(deepspeed_cmd(args))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return runs / "trained"

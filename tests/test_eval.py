@@ -2,19 +2,14 @@
 expression of the split exactly once."""
 
 import json
-import subprocess
 import sys
 
-from test_train import ROOT, deepspeed_cmd, overrides, run
+from test_train import ROOT, deepspeed_cmd, run
 from ppcr.data.shards import load_manifest
 
 
-def test_eval_on_two_ranks_equals_one_process_and_counts_every_expression(tiny_shards, tiny_models, tmp_path):
-    args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=3", "train.run_name=ev",
-                     "model.max_new_tokens=6", "data.num_workers=0")
-    trained = run([sys.executable, "launch/train.py", "--config", "launch/configs/default.yaml", *args])
-    assert trained.returncode == 0, trained.stderr[-3000:]
-    run_dir = tmp_path / "ev"
+def test_eval_on_two_ranks_equals_one_process_and_counts_every_expression(tiny_shards, trained_run):
+    run_dir = trained_run
     sets = f"eval.sets=[{{name: {tiny_shards.name}, split: val}}, {{name: {tiny_shards.name}, split: testB}}]"
     one = run([sys.executable, "launch/eval.py", "--checkpoint", str(run_dir), sets])
     assert one.returncode == 0, one.stderr[-3000:]

@@ -20,13 +20,14 @@ QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 LLAVA_TYPES = ("llava",)
 
 
-def load_mllm(path: str | Path, dtype: str = "float32") -> tuple[nn.Module, object]:
+def load_mllm(path: str | Path, dtype: str = "float32", device_map: str | None = None) -> tuple[nn.Module, object]:
     """Model and processor from a local save_pretrained directory; never the network."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.mllm_path: no MLLM checkpoint at {path} (config.json missing); "
                                 f"for the tiny default run 'ppcr-tiny --config <recipe>'")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True,
+                                                        device_map=device_map)
     if model.config.model_type not in QWEN_TYPES + LLAVA_TYPES:
         raise ValueError(f"model.mllm_path {path}: model_type '{model.config.model_type}' is not supported "
                          f"(supported: {', '.join(QWEN_TYPES + LLAVA_TYPES)})")

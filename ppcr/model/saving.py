@@ -18,6 +18,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from ppcr.config import Config, dump_config, load_config
+from ppcr.train.checkpoint import latest_tag
 from ppcr.model.lora import BRANCHES
 from ppcr.model.model import PPCRModel
 from ppcr.model.sam import SamSegmenter, load_sam
@@ -27,22 +28,16 @@ HEADS = ("sem_to_llm", "sem_to_sam", "box_head")
 
 
 def _base_state_dict(model: PPCRModel) -> dict[str, torch.Tensor]:
-    """The MLLM's own weights without LoRA, under the names transformers expects."""
+    """The MLLM's own weights without LoRA, under the names transformers expects, with the trained
+    rows of PPCR's new tokens written in."""
     base = model.mllm.base_model.model
-    state = {}
-    for k, v in base.state_dict().items():
-        if "lora_" in k:
-            continue
-        state[k.replace(".base_layer.", ".")] = v
-    embed_key = next(k for k in state if k.endswith("embed_tokens.weight"))
-    head_key = next(k for k in state if k.endswith("lm_head.weight"))
+    state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
     ids = model.token_rows.new_ids
-    if model.token_rows.new_in is not None:
-        state[embed_key] = state[embed_key].clone()
-        state[embed_key][ids] = model.token_rows.new_in.detach().to(state[embed_key].dtype)
-    if model.token_rows.new_out is not None:
-        state[head_key] = state[head_key].clone()
-        state[head_key][ids] = model.token_rows.new_out.detach().to(state[head_key].dtype)
+    for suffix, rows in (("embed_tokens.weight", model.token_rows.new_in), ("lm_head.weight", model.token_rows.new_out)):
+        if rows is not None:
+            key = next(k for k in state if k.endswith(suffix))
+            state[key] = state[key].clone()
+            state[key][ids] = rows.detach().to(state[key].dtype)
     return state
 
 
@@ -62,8 +57,10 @@ def save_pretrained(model: PPCRModel, cfg: Config, out: str | Path) -> Path:
     return out
 
 
-def load_pretrained(path: str | Path, dtype: str | None = None) -> tuple[PPCRModel, Config]:
-    """A saved directory -> (model in eval mode, its config with paths resolved)."""
+def load_pretrained(path: str | Path, dtype: str | None = None,
+                    device_map: str | None = None) -> tuple[PPCRModel, Config]:
+    """A saved directory -> (model in eval mode, its config with paths resolved). ``device_map``
+    ("auto") lets transformers/accelerate place a large MLLM over the visible GPUs."""
     path = Path(path)
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a saved PPCR model (config.yaml missing)")
@@ -71,7 +68,7 @@ def load_pretrained(path: str | Path, dtype: str | None = None) -> tuple[PPCRMod
     m = replace(cfg.model, mllm_path=str(path / cfg.model.mllm_path), sam_checkpoint=str(path / cfg.model.sam_checkpoint),
                 dtype=dtype or cfg.model.dtype)
     cfg = replace(cfg, model=m)
-    mllm, processor = load_mllm(m.mllm_path, m.dtype)
+    mllm, processor = load_mllm(m.mllm_path, m.dtype, device_map=device_map)
     model = PPCRModel(mllm, processor, SamSegmenter(load_sam(m)), m, cfg.train.loss)
     for branch in BRANCHES:
         weights = load_file(path / "adapters" / branch / "adapter_model.safetensors")
@@ -83,3 +80,41 @@ def load_pretrained(path: str | Path, dtype: str | None = None) -> tuple[PPCRMod
         prefix = f"{name}."
         getattr(model, name).load_state_dict({k[len(prefix):]: v for k, v in heads.items() if k.startswith(prefix)})
     return model.eval(), cfg
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[str, Path, Path | None, str | None]:
+    """What a user's --checkpoint names: ("saved", config, None, None) for a saved model, or
+    ("run", config, run_dir, tag) for a run directory (its latest checkpoint) or a checkpoint dir."""
+    path = Path(path)
+    if (path / "heads.safetensors").is_file():
+        return "saved", path / "config.yaml", None, None
+    if (path / "checkpoints").is_dir():
+        tag = latest_tag(path / "checkpoints")
+        if tag is None:
+            raise FileNotFoundError(f"{path}/checkpoints has no complete checkpoint yet (no 'latest')")
+        return "run", path / "config.yaml", path, tag
+    if path.name.startswith("step_") and (path.parent.parent / "config.yaml").is_file():
+        return "run", path.parent.parent / "config.yaml", path.parent.parent, path.name
+    raise FileNotFoundError(f"checkpoint {path}: neither a run directory, a checkpoint directory nor a saved model")
+
+
+def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
+                    device_map: str | None = None) -> tuple[PPCRModel, Config, str | None]:
+    """A model in eval mode from a saved model or a DeepSpeed checkpoint, its config (with
+    ``overrides``), and the checkpoint tag. A DeepSpeed checkpoint is consolidated with DeepSpeed's own
+    zero_to_fp32, which reads ZeRO-2 and ZeRO-3 shards of any number of ranks, size-0 partitions
+    included; no engine and no process group are needed."""
+    kind, config_file, run_dir, tag = resolve_checkpoint(path)
+    cfg = load_config(config_file, overrides)
+    if kind == "saved":
+        model, _ = load_pretrained(path, device_map=device_map)
+        return model, cfg, None
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
+    model = PPCRModel.from_config(cfg.model, cfg.train.loss)
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise RuntimeError(f"checkpoint {run_dir}/checkpoints/{tag} does not fit the model: missing "
+                           f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+    return model.eval(), cfg, tag

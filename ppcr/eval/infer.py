@@ -1,0 +1,131 @@
+"""``ppcr-infer``: segment what an expression refers to in your own image.
+
+    ppcr-infer --checkpoint exports/default --image photo.jpg --expression "the red circle" --out out/
+    ppcr-infer --checkpoint runs/default --jsonl requests.jsonl --out out/
+        (one {"image": "path", "expression": "...", "id": "optional name"} per line)
+
+For each request it writes <id>.mask.png (the mask at the image's resolution), <id>.overlay.png
+(mask and box over the image) and <id>.json (both generated answers, the box from the box head and
+the one parsed from the answer, their agreement, per-stage timings). A bad request (missing file,
+unreadable image, empty expression) is reported with its line and skipped; the others still run,
+and the exit code is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ppcr.config import ConfigError
+from ppcr.model.saving import load_checkpoint
+
+
+class RequestError(ValueError):
+    pass
+
+
+def read_requests(args: argparse.Namespace) -> list[tuple[str, dict | None, str | None]]:
+    """(where, request, error) per request; ``where`` names the line of a JSONL file."""
+    if args.jsonl is None:
+        return [("--image/--expression", {"image": args.image, "expression": args.expression, "id": args.id}, None)]
+    path = Path(args.jsonl)
+    if not path.is_file():
+        raise RequestError(f"requests file not found: {path}")
+    out = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError("not a JSON object")
+            out.append((where, req, None))
+        except ValueError as e:
+            out.append((where, None, f"line is not a request object ({e})"))
+    return out
+
+
+def check(req: dict) -> tuple[np.ndarray, str]:
+    expression = str(req.get("expression") or "").strip()
+    if not expression:
+        raise RequestError("empty expression")
+    image_path = Path(str(req.get("image") or ""))
+    if not image_path.is_file():
+        raise RequestError(f"image not found: {image_path}")
+    try:
+        with Image.open(image_path) as im:
+            image = np.array(im.convert("RGB"))
+    except Exception as e:  # PIL raises many types for broken files
+        raise RequestError(f"cannot read image {image_path} ({e})") from e
+    return image, expression
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, box: torch.Tensor) -> Image.Image:
+    out = image.copy()
+    out[mask] = (0.5 * out[mask] + 0.5 * np.array([230, 40, 40])).astype(np.uint8)
+    pil = Image.fromarray(out)
+    h, w = image.shape[:2]
+    cx, cy, bw, bh = box.tolist()
+    ImageDraw.Draw(pil).rectangle([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h],
+                                  outline=(255, 255, 0), width=2)
+    return pil
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ppcr-infer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="saved model, run directory or checkpoint directory")
+    p.add_argument("--image")
+    p.add_argument("--expression")
+    p.add_argument("--id", help="output name for --image (default: the image's file name)")
+    p.add_argument("--jsonl", help="many requests, one JSON object per line")
+    p.add_argument("--out", required=True)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device-map", help="'auto' spreads a large MLLM over the visible GPUs (saved models)")
+    args = p.parse_args(argv)
+    if (args.jsonl is None) == (args.image is None):
+        p.error("give either --image with --expression, or --jsonl")
+    try:
+        requests = read_requests(args)
+        model, _, _ = load_checkpoint(args.checkpoint, device_map=args.device_map)
+    except (RequestError, ConfigError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.device_map is None:
+        model = model.to(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for i, (where, req, error) in enumerate(requests):
+        try:
+            if error:
+                raise RequestError(error)
+            image, expression = check(req)
+        except RequestError as e:
+            failed += 1
+            print(f"error: {where}: {e}", file=sys.stderr)
+            continue
+        pred = model.predict([image], [expression])[0]
+        name = req.get("id") or f"{Path(req['image']).stem}" + (f"_{i}" if args.jsonl else "")
+        mask = pred.mask.numpy()
+        Image.fromarray(mask).save(out / f"{name}.mask.png")
+        overlay(image, mask, pred.box).save(out / f"{name}.overlay.png")
+        (out / f"{name}.json").write_text(json.dumps({
+            "image": str(req["image"]), "expression": expression, "semantic_answer": pred.semantic_answer,
+            "spatial_answer": pred.spatial_answer, "box_cxcywh": pred.box.tolist(),
+            "text_box_cxcywh": None if pred.text_box is None else pred.text_box.tolist(),
+            "box_agreement_iou": pred.box_agreement, "mask_area": int(mask.sum()), "timings_s": pred.timings,
+            "stopped": pred.stopped}, indent=1))
+        print(f"{name}: {expression!r} -> mask of {int(mask.sum())} px, box {[round(v, 3) for v in pred.box.tolist()]}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
