@@ -1,13 +1,12 @@
 import itertools
 import logging
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import make_config, train_set
 from ppcr.data.shards import iter_tar_samples, load_manifest
-from ppcr.data.stream import (EvalStream, ResumableLoader, ShardSet, _Errors, build_eval_loader, build_train_loader,
+from ppcr.data.stream import (EvalStream, ShardSet, _Errors, build_eval_loader, build_train_loader,
                               choose_expression, set_stream)
 from ppcr.data.transforms import Preprocessor
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import torch
 
 from conftest import model_config
 from ppcr.config import ConfigError, load_config
