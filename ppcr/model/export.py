@@ -12,23 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-from torch import nn
-
 from ppcr.config import ConfigError
 from ppcr.model.lora import BRANCHES, use_branch
 from ppcr.model.model import PPCRModel
-from ppcr.model.saving import load_checkpoint, save_pretrained
-
-
-def write_token_rows(model: PPCRModel, mllm: nn.Module) -> None:
-    """Copy the trained rows of PPCR's new tokens into ``mllm``'s embedding and LM head."""
-    ids = model.token_rows.new_ids
-    with torch.no_grad():
-        if model.token_rows.new_in is not None:
-            mllm.get_input_embeddings().weight[ids] = model.token_rows.new_in.detach()
-        if model.token_rows.new_out is not None:
-            mllm.get_output_embeddings().weight[ids] = model.token_rows.new_out.detach()
+from ppcr.model.saving import load_checkpoint, save_pretrained, token_rows_into
 
 
 def merge_branch(model: PPCRModel, branch: str, out: str | Path) -> Path:
@@ -36,7 +23,7 @@ def merge_branch(model: PPCRModel, branch: str, out: str | Path) -> Path:
     in-memory model's adapters: call it last."""
     use_branch(model.mllm, branch)
     merged = model.mllm.merge_and_unload(adapter_names=[branch])
-    write_token_rows(model, merged)
+    merged.load_state_dict(token_rows_into(merged.state_dict(), model))
     out = Path(out)
     merged.save_pretrained(out)
     model.processor.save_pretrained(out)

@@ -27,11 +27,9 @@ from ppcr.model.mllm import load_mllm
 HEADS = ("sem_to_llm", "sem_to_sam", "box_head")
 
 
-def _base_state_dict(model: PPCRModel) -> dict[str, torch.Tensor]:
-    """The MLLM's own weights without LoRA, under the names transformers expects, with the trained
-    rows of PPCR's new tokens written in."""
-    base = model.mllm.base_model.model
-    state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+def token_rows_into(state: dict[str, torch.Tensor], model: PPCRModel) -> dict[str, torch.Tensor]:
+    """``state`` (an MLLM state dict) with the trained rows of PPCR's new tokens written into its
+    embedding and LM head."""
     ids = model.token_rows.new_ids
     for suffix, rows in (("embed_tokens.weight", model.token_rows.new_in), ("lm_head.weight", model.token_rows.new_out)):
         if rows is not None:
@@ -39,6 +37,13 @@ def _base_state_dict(model: PPCRModel) -> dict[str, torch.Tensor]:
             state[key] = state[key].clone()
             state[key][ids] = rows.detach().to(state[key].dtype)
     return state
+
+
+def _base_state_dict(model: PPCRModel) -> dict[str, torch.Tensor]:
+    """The MLLM's own weights without LoRA, under the names transformers expects, token rows written in."""
+    base = model.mllm.base_model.model
+    state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+    return token_rows_into(state, model)
 
 
 def save_pretrained(model: PPCRModel, cfg: Config, out: str | Path) -> Path:
