@@ -22,10 +22,10 @@ from PIL import Image
 from ppcr.config import ConfigError
 from ppcr.eval.evaluate import ABLATIONS, Ablation, evaluate_items, filler_item, split_items
 from ppcr.eval.metrics import THRESHOLDS
+from ppcr.eval.visualize import grid
 from ppcr.model.saving import load_checkpoint, resolve_checkpoint
 from ppcr.train.distributed import device, init_distributed
 from ppcr.train.logger import RunLogger
-from ppcr.train.validate import grid
 
 COLUMNS = ["cIoU", "gIoU", *[f"Prec@{t}" for t in THRESHOLDS], "BoxAcc@0.5", "count"]
 

@@ -4,12 +4,11 @@ the first eval set, with the paper's metrics, and a grid of predicted masks for 
 from __future__ import annotations
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw
 
 from ppcr.config import Config
 from ppcr.data.transforms import Preprocessor
 from ppcr.eval.evaluate import evaluate_items, filler_item, split_items
+from ppcr.eval.visualize import grid
 from ppcr.train.distributed import DistInfo
 
 
@@ -26,38 +25,3 @@ class Validator:
     def run(self, model) -> tuple[dict[str, float], np.ndarray | None]:
         result, shown = evaluate_items(model, self.items, self.filler, self.dist, self.synced, keep=4)
         return result, grid(shown, self.pre) if shown else None
-
-
-def grid(pairs: list, pre: Preprocessor) -> np.ndarray:
-    """Image, ground truth (green) and prediction (red) side by side, with the expression and answers."""
-    tiles = []
-    for item, pred in pairs:
-        image = _image_of(item, pre)
-        gt = item["mask"].numpy() > 0
-        pm = pred.mask.numpy()
-        panels = []
-        for m, colour in ((None, None), (gt, (0, 200, 0)), (pm, (220, 30, 30))):
-            p = image.copy()
-            if m is not None:
-                p[m] = (0.5 * p[m] + 0.5 * np.array(colour)).astype(np.uint8)
-            panels.append(p)
-        tile = Image.fromarray(np.concatenate(panels, axis=1))
-        canvas = Image.new("RGB", (tile.width, tile.height + 36), (255, 255, 255))
-        canvas.paste(tile, (0, 36))
-        d = ImageDraw.Draw(canvas)
-        d.text((2, 0), item["expression"][:90], fill=(0, 0, 0))
-        d.text((2, 12), pred.semantic_answer[:90], fill=(0, 0, 120))
-        d.text((2, 24), pred.spatial_answer[:90], fill=(120, 0, 0))
-        tiles.append(np.asarray(canvas.resize((3 * 160, int(canvas.height * 3 * 160 / canvas.width)))))
-    width = max(t.shape[1] for t in tiles)
-    return np.concatenate([np.pad(t, ((0, 4), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles])
-
-
-def _image_of(item: dict, pre: Preprocessor) -> np.ndarray:
-    """The original image back from SAM's input (undo mean/std, crop the padding, resize)."""
-    ih, iw = item["input_size"]
-    h, w = item["original_size"]
-    mean = torch.tensor(pre.sam_pixel_mean).view(3, 1, 1)
-    std = torch.tensor(pre.sam_pixel_std).view(3, 1, 1)
-    x = (item["sam_image"][:, :ih, :iw] * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()
-    return np.asarray(Image.fromarray(x).resize((w, h), Image.BILINEAR))
