@@ -23,7 +23,7 @@ from ppcr.config import ConfigError
 from ppcr.eval.evaluate import ABLATIONS, Ablation, evaluate_items, filler_item, split_items
 from ppcr.eval.metrics import THRESHOLDS
 from ppcr.eval.visualize import grid
-from ppcr.model.saving import load_checkpoint, resolve_checkpoint
+from ppcr.model.saving import load_checkpoint
 from ppcr.train.distributed import device, init_distributed
 from ppcr.train.logger import RunLogger
 
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("overrides", nargs="*", help="key.sub=value (eval.sets=[...], paths.shards_root=...)")
     args = p.parse_args(argv)
     try:
-        kind, _, run_dir, _ = resolve_checkpoint(args.checkpoint)
-        model, cfg, tag = load_checkpoint(args.checkpoint, args.overrides)
+        model, cfg, run_dir, tag = load_checkpoint(args.checkpoint, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({"split": f"{spec.name}/{spec.split}", "ablation": ab.name, **result})
             shown += kept
     if dist.is_main:
-        out = (args.checkpoint if kind == "saved" else run_dir) / "eval" / (tag or "saved")
+        out = (run_dir or args.checkpoint) / "eval" / (tag or "saved")
         out.mkdir(parents=True, exist_ok=True)
         text = table(rows)
         print(f"evaluated {args.checkpoint} ({tag or 'saved model'}) by generation on {dist.world_size} rank(s)")

@@ -29,7 +29,8 @@ def val_samples(tiny_shards, n):
 
 
 def test_export_predicts_the_checkpoints_masks(trained_run, exported, tiny_shards):
-    from_ckpt, _, tag = load_checkpoint(trained_run)
+    from_ckpt, _, run_dir, tag = load_checkpoint(trained_run)
+    assert run_dir == trained_run
     assert tag == "step_00000003"
     from_export, _ = load_pretrained(exported / "model")
     samples = val_samples(tiny_shards, 3)

@@ -50,10 +50,6 @@ class ShardSet:
     shards: list[dict]  # manifest entries with "path"
     ratio: float = 1.0
 
-    @property
-    def samples(self) -> int:
-        return sum(s["samples"] for s in self.shards)
-
     @classmethod
     def open(cls, shards_root: str | Path, spec: ShardSetConfig) -> "ShardSet":
         return cls(f"{spec.name}/{spec.split}", split_shards(Path(shards_root) / spec.name, spec.split), spec.ratio)

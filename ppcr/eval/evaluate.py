@@ -15,9 +15,6 @@ from ppcr.data.transforms import Preprocessor
 from ppcr.eval.metrics import SegmentationMetrics
 from ppcr.train.distributed import DistInfo, all_reduce_sum, device
 
-BOX_SOURCES = ("head", "text", "gt")
-SAM_PROMPTS = ("box+semsp", "box", "semsp")
-
 
 @dataclass(frozen=True)
 class Ablation:

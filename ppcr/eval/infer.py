@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give either --image with --expression, or --jsonl")
     try:
         requests = read_requests(args)
-        model, _, _ = load_checkpoint(args.checkpoint, device_map=args.device_map)
+        model, _, _, _ = load_checkpoint(args.checkpoint, device_map=args.device_map)
     except (RequestError, ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--branch", choices=BRANCHES, default="semantic")
     args = p.parse_args(argv)
     try:
-        model, cfg, tag = load_checkpoint(args.checkpoint)
+        model, cfg, _, tag = load_checkpoint(args.checkpoint)
     except (ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -34,6 +34,10 @@ from ppcr.model.sam import SamSegmenter, load_sam
 from ppcr.model.tokens import TokenRows, add_ppcr_tokens, parse_box_text, render_prompts
 
 
+BOX_SOURCES = ("head", "text", "gt")  # where SAM's box comes from when predicting
+SAM_PROMPTS = ("box+semsp", "box", "semsp")  # which prompts SAM gets when predicting
+
+
 @dataclass
 class StageInputs:
     """One stage's token batch, right-padded; ``labels`` is -100 outside the answers."""
@@ -249,7 +253,7 @@ class PPCRModel(nn.Module):
 
         Ablations: SAM's box from the box head, from the answer text, or ``gt_box`` (an oracle, for
         analysis only); SAM prompted by box and SemSP, the box alone, or SemSP alone."""
-        if box_source not in ("head", "text", "gt") or prompts not in ("box+semsp", "box", "semsp"):
+        if box_source not in BOX_SOURCES or prompts not in SAM_PROMPTS:
             raise ValueError(f"unknown ablation box_source={box_source!r} prompts={prompts!r}")
         if box_source == "gt" and gt_box is None:
             raise ValueError("box_source 'gt' needs gt_box")

@@ -104,16 +104,16 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path, Path | None, str | 
 
 
 def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
-                    device_map: str | None = None) -> tuple[PPCRModel, Config, str | None]:
+                    device_map: str | None = None) -> tuple[PPCRModel, Config, Path | None, str | None]:
     """A model in eval mode from a saved model or a DeepSpeed checkpoint, its config (with
-    ``overrides``), and the checkpoint tag. A DeepSpeed checkpoint is consolidated with DeepSpeed's own
+    ``overrides``), and the run directory and checkpoint tag (None for a saved model). A DeepSpeed checkpoint is consolidated with DeepSpeed's own
     zero_to_fp32, which reads ZeRO-2 and ZeRO-3 shards of any number of ranks, size-0 partitions
     included; no engine and no process group are needed."""
     kind, config_file, run_dir, tag = resolve_checkpoint(path)
     cfg = load_config(config_file, overrides)
     if kind == "saved":
         model, _ = load_pretrained(path, device_map=device_map)
-        return model, cfg, None
+        return model, cfg, None, None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
@@ -122,4 +122,4 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
     if result.missing_keys or result.unexpected_keys:
         raise RuntimeError(f"checkpoint {run_dir}/checkpoints/{tag} does not fit the model: missing "
                            f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
-    return model.eval(), cfg, tag
+    return model.eval(), cfg, run_dir, tag
