@@ -8,7 +8,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.ppcr-installed
 SHARDS     := shards/synthetic_unc/manifest.json
 
-.PHONY: install test shards models train eval clean-data
+.PHONY: install test shards models train eval bench clean-data
 
 # Reinstalled when the package metadata or this file changes (the stamp is then stale).
 $(STAMP): setup.cfg pyproject.toml Makefile
@@ -54,3 +54,8 @@ train: $(SHARDS) $(MODELS)
 CKPT ?= runs/default
 eval: $(SHARDS) | $(STAMP)
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/eval.py --checkpoint $(CKPT) $(if $(ABLATIONS),--ablations) $(ARGS)
+
+# The benchmark suite (not timed tests): data pipeline, training step against a plain loop, profile,
+# memory, scaling; writes runs/bench/results.md and results.json.
+bench: $(SHARDS) $(MODELS)
+	$(PY) launch/bench.py --config $(CONFIG) $(ARGS)

@@ -179,6 +179,10 @@ class TrainConfig:
     val_samples: int = 64  # expressions in that slice, over all ranks
     image_every: int = 500  # steps between mask grids in TensorBoard
     halt_at_step: Optional[int] = None  # checkpoint and stop after this step (time-boxed jobs, tests)
+    # Profile steps profile_at_step .. profile_at_step + profile_steps - 1: a trace and the split of step
+    # time by stage, in <run>/profile/ (ppcr.train.profiling); null profiles nothing.
+    profile_at_step: Optional[int] = None
+    profile_steps: int = 2
     loss: LossWeights = field(default_factory=LossWeights)
 
 
@@ -287,6 +291,9 @@ def _check_values(cfg: Config) -> None:
     need(tr.val_samples >= 0, "train.val_samples", "must be >= 0")
     need(tr.halt_at_step is None or 1 <= tr.halt_at_step <= tr.max_steps, "train.halt_at_step",
          "must lie in [1, train.max_steps]")
+    need(tr.profile_at_step is None or 1 <= tr.profile_at_step <= tr.max_steps, "train.profile_at_step",
+         "must lie in [1, train.max_steps] or be null")
+    need(tr.profile_steps >= 1, "train.profile_steps", "must be >= 1")
     need(bool(tr.run_name) and "/" not in tr.run_name, "train.run_name", "a non-empty name without '/'")
     need((tr.precision == "bf16") == (m.dtype == "bfloat16"), "train.precision",
          f"'{tr.precision}' must match model.dtype '{m.dtype}' (bf16 with bfloat16, fp32 with float32)")

@@ -32,6 +32,7 @@ from ppcr.model.mllm import family_of, image_token_id, load_mllm
 from ppcr.model.params import apply_policy
 from ppcr.model.sam import SamSegmenter, load_sam
 from ppcr.model.tokens import TokenRows, add_ppcr_tokens, parse_box_text, render_prompts
+from ppcr.profiling import mark
 
 
 BOX_SOURCES = ("head", "text", "gt")  # where SAM's box comes from when predicting
@@ -163,30 +164,36 @@ class PPCRModel(nn.Module):
         """Teacher-forced pass over a loader batch; returns every loss term, the weighted total and the
         predicted boxes and low-resolution mask logits."""
         dev = self.device
-        texts = [render_prompts(self.cfg.templates, e, c, b)
-                 for e, c, b in zip(batch["expressions"], batch["categories"], batch["boxes"])]
-        images = list(batch["mllm_images"])
-        s1, vision = self.encode([t["semantic_prompt"] for t in texts], [t["semantic_answer"] for t in texts], images)
-        s2, _ = self.encode([t["spatial_prompt"] for t in texts], [t["spatial_answer"] for t in texts], images)
-        features = self.vision_features(vision)
+        with mark("encode"):
+            texts = [render_prompts(self.cfg.templates, e, c, b)
+                     for e, c, b in zip(batch["expressions"], batch["categories"], batch["boxes"])]
+            images = list(batch["mllm_images"])
+            s1, vision = self.encode([t["semantic_prompt"] for t in texts], [t["semantic_answer"] for t in texts],
+                                     images)
+            s2, _ = self.encode([t["spatial_prompt"] for t in texts], [t["spatial_answer"] for t in texts], images)
+        with mark("vision"):
+            features = self.vision_features(vision)
 
-        use_branch(self.mllm, "semantic")
-        h1 = self.run_language_model(self.embed(s1, features, None), s1)
-        ce_sem = text_ce(self.token_rows.logits(h1), s1.labels)
-        semsp = self.hidden_at(h1, s1.input_ids, self.ids.sem, "[SEM]")
+        with mark("stage1"):
+            use_branch(self.mllm, "semantic")
+            h1 = self.run_language_model(self.embed(s1, features, None), s1)
+            ce_sem = text_ce(self.token_rows.logits(h1), s1.labels)
+            semsp = self.hidden_at(h1, s1.input_ids, self.ids.sem, "[SEM]")
 
-        use_branch(self.mllm, "spatial")
-        h2 = self.run_language_model(self.embed(s2, features, self.sem_to_llm(semsp)), s2)
-        ce_spa = text_ce(self.token_rows.logits(h2), s2.labels)
-        boxes = self.box_head(self.hidden_at(h2, s2.input_ids, self.ids.loc, "[LOC]"))
-        target_boxes = batch["boxes"].to(dev, boxes.dtype)
-        l1, giou = box_losses(boxes.float(), target_boxes.float())
+        with mark("stage2"):
+            use_branch(self.mllm, "spatial")
+            h2 = self.run_language_model(self.embed(s2, features, self.sem_to_llm(semsp)), s2)
+            ce_spa = text_ce(self.token_rows.logits(h2), s2.labels)
+            boxes = self.box_head(self.hidden_at(h2, s2.input_ids, self.ids.loc, "[LOC]"))
+            target_boxes = batch["boxes"].to(dev, boxes.dtype)
+            l1, giou = box_losses(boxes.float(), target_boxes.float())
 
         low = self.segment(batch["sam_images"].to(dev), boxes.detach(), semsp, batch["input_sizes"])
-        sizes = batch["input_sizes"].tolist()
-        logits = [self.sam.to_input_frame(low[i], sizes[i]) for i in range(len(sizes))]
-        targets = [batch["sam_masks"][i, : h, : w].to(dev) for i, (h, w) in enumerate(sizes)]
-        bce, dice = mask_losses(logits, targets)
+        with mark("mask_losses"):
+            sizes = batch["input_sizes"].tolist()
+            logits = [self.sam.to_input_frame(low[i], sizes[i]) for i in range(len(sizes))]
+            targets = [batch["sam_masks"][i, : h, : w].to(dev) for i, (h, w) in enumerate(sizes)]
+            bce, dice = mask_losses(logits, targets)
         terms = {"ce_sem": ce_sem, "ce_spa": ce_spa, "l1": l1, "giou": giou, "bce": bce, "dice": dice}
         return {"loss": total_loss(terms, self.loss_weights), **terms, "boxes": boxes, "mask_logits": low}
 
@@ -199,14 +206,16 @@ class PPCRModel(nn.Module):
                 input_sizes: torch.Tensor) -> torch.Tensor:
         """SAM on (B, 3, S, S) images with boxes (B, 4 normalised cx, cy, w, h) and SemSP (B, H);
         returns (B, S/4, S/4) mask logits."""
-        embeddings = self.sam.encode(sam_images)
-        sam_boxes = None
-        if boxes is not None:
-            hw = input_sizes.to(boxes.device, boxes.dtype)
-            scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)
-            sam_boxes = box_convert(boxes, "cxcywh", "xyxy") * scale  # pixels of SAM's input frame
-        sem = self.sem_to_sam(semsp) if semsp is not None else None
-        return self.sam.decode(embeddings, sam_boxes, sem)
+        with mark("sam_encoder"):
+            embeddings = self.sam.encode(sam_images)
+        with mark("sam_decoder"):
+            sam_boxes = None
+            if boxes is not None:
+                hw = input_sizes.to(boxes.device, boxes.dtype)
+                scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)
+                sam_boxes = box_convert(boxes, "cxcywh", "xyxy") * scale  # pixels of SAM's input frame
+            sem = self.sem_to_sam(semsp) if semsp is not None else None
+            return self.sam.decode(embeddings, sam_boxes, sem)
 
     # ------------------------------------------------------------------ prediction
 

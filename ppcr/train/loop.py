@@ -17,6 +17,7 @@ from ppcr.train import checkpoint
 from ppcr.train.distributed import DistInfo, all_reduce_sum, device
 from ppcr.train.logger import RunLogger
 from ppcr.train.preempt import Preemption
+from ppcr.profiling import StepProfiler, mark
 from ppcr.train.validate import Validator
 
 
@@ -57,6 +58,7 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
     preempt = Preemption()
+    profiler = StepProfiler(t.profile_at_step, t.profile_steps, run_dir / "profile", dist.rank)
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not dist.is_main, desc="train", unit="step",
                dynamic_ncols=True)
     batches = iter(loader)
@@ -64,14 +66,19 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
     step = start_step
     status = "done"
     while step < t.max_steps:
-        for _ in range(t.grad_accum):
-            t0 = time.perf_counter()
-            batch = next(batches)
-            t1 = time.perf_counter()
-            out = engine(batch)
-            engine.backward(out["loss"])
-            engine.step()
-            window.add(out, len(batch["keys"]), t1 - t0, time.perf_counter() - t0)
+        profiler.begin(step + 1)
+        with mark("step"):
+            for _ in range(t.grad_accum):
+                t0 = time.perf_counter()
+                with mark("data"):
+                    batch = next(batches)
+                t1 = time.perf_counter()
+                out = engine(batch)
+                with mark("backward"):
+                    engine.backward(out["loss"])
+                with mark("optimizer"):
+                    engine.step()
+                window.add(out, len(batch["keys"]), t1 - t0, time.perf_counter() - t0)
         step += 1
         bar.update(1)
         if step % t.log_every == 0 or step == t.max_steps:
@@ -87,6 +94,7 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
                                    else psutil.Process().memory_info().rss) / 2**30
             log.scalars(step, values)
             bar.set_postfix(loss=f"{values['loss']:.3f}")
+        profiler.end(step)
         stop = preempt.requested()
         if stop or step % t.save_every == 0 or step == t.max_steps or step == t.halt_at_step:
             checkpoint.save(engine, ckpt_dir, step, loader, dist, t.keep_last)

@@ -1,0 +1,116 @@
+"""`make bench`: every benchmark of the framework beside its baseline, in one run, and the page of
+tables it writes (results.md) with the same figures and the machine description in results.json."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ppcr.bench import data, machine, training
+from ppcr.bench.report import Figure, table
+from ppcr.config import load_config
+from ppcr.profiling import STAGES
+
+
+@dataclass(frozen=True)
+class Plan:
+    reps: int = 5  # repetitions of every timed figure
+    steps_per_rep: int = 10  # training steps per repetition (one logged window)
+    profile_steps: int = 2
+    data_batches: int = 100  # batches per repetition of the data benchmark
+
+
+def run(recipe: str, overrides: list[str], out: Path, plan: Plan = Plan()) -> dict:
+    cfg = load_config(recipe, overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    results: dict = {"recipe": recipe, "overrides": overrides, "plan": plan.__dict__, "machine": machine.describe()}
+    results["matmul_fp32"] = machine.matmul_flops()
+    results["data"] = data.run(cfg, plan.reps, plan.data_batches)
+    results["plain"] = training.plain_loop(cfg, plan.reps, plan.steps_per_rep, plan.profile_steps)
+    runs = {"zero3_2": (2, "ds_configs/zero3.json"), "zero2_2": (2, "ds_configs/zero2.json"),
+            "zero3_1": (1, "ds_configs/zero3.json")}
+    for name, (nproc, ds) in runs.items():
+        results[name] = training.launcher_run(name, recipe, overrides, cfg, nproc, ds, out / "runs", plan.reps,
+                                              plan.steps_per_rep, plan.profile_steps)
+    results["seconds"] = time.perf_counter() - t0
+    return results
+
+
+def _jsonable(x):
+    if isinstance(x, Figure):
+        return x.to_dict()
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write(results: dict, out: Path) -> str:
+    page = render(results)
+    (out / "results.md").write_text(page + "\n")
+    (out / "results.json").write_text(json.dumps(_jsonable(results), indent=1))
+    return page
+
+
+def _utilisation(flops_per_sample: float, rate: Figure, peak: Figure) -> str:
+    achieved = flops_per_sample * rate.median
+    return f"{achieved / 1e9:.2f} GFLOP/s, {100 * achieved / peak.median:.1f} %"
+
+
+def render(r: dict) -> str:
+    m, peak, d, plain = r["machine"], r["matmul_fp32"], r["data"], r["plain"]
+    z3, z2, z31 = r["zero3_2"], r["zero2_2"], r["zero3_1"]
+    v = m["versions"]
+    out = [f"# ppcr benchmark\n\nrecipe `{r['recipe']}` {' '.join(r['overrides'])}; every figure is the median of "
+           f"{r['plan']['reps']} repetitions, (min-max) beside it; the suite took {r['seconds'] / 60:.1f} min.\n",
+           "## Machine\n",
+           table(["cpu", "cores (usable)", "memory", "GPUs", "fp32 matmul, measured", "versions"],
+                 [[m["cpu"], f"{m['logical_cores']} ({m['usable_cores']})", f"{m['memory_gb']} GB",
+                   ", ".join(g["name"] for g in m["gpus"]) or "none",
+                   f"{peak.fmt(1, 1e-9)} GFLOP/s ({m['torch_threads']} threads)",
+                   f"torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}"]])]
+
+    out += [f"\n## 1. Data pipeline, per loader worker (one thread, batches of {d['batch_size']}, "
+            f"{d['batches_per_rep']} batches per repetition)\n",
+            table(["loader", "samples/s"],
+                  [["ppcr shard reader (tar stream, decode, preprocess, collate)", d["shard_reader"].fmt()],
+                   ["random-access REFER loader, peer style (image file + pycocotools mask per sample)",
+                    d["refer_loader"].fmt()],
+                   ["**speed-up** (paired per repetition)", d["speedup"].fmt(2) + " x"],
+                   ["data wait, share of step time in the default run (ZeRO-3, 2 ranks)",
+                    z3["data_wait_share"].fmt(2, 100) + " %"]])]
+
+    fps = plain["flops_per_sample"]
+    rows = []
+    for name, x in (("plain PyTorch loop, 1 process", plain), ("ZeRO-3, 2 ranks", z3), ("ZeRO-2, 2 ranks", z2),
+                    ("ZeRO-3, 1 rank", z31)):
+        per_sample = plain["samples_per_s"].median / x["samples_per_s"].median
+        rows.append([name, x["samples_per_s"].fmt(), x["step_ms"].fmt(0), f"{per_sample:.2f}",
+                     _utilisation(fps, x["samples_per_s"], peak)])
+    out += [f"\n## 2. Training step (tiny default; model FLOPs per sample {fps / 1e9:.3f} GFLOP, "
+            f"forward + backward, torch.utils.flop_counter)\n",
+            table(["run", "samples/s", "step ms", "time per sample / plain loop", "model FLOP/s, share of matmul peak"],
+                  rows)]
+
+    cols = [("plain", plain), ("ZeRO-2 x2", z2), ("ZeRO-3 x2", z3)]
+    prow = [[s] + [f"{c['profile']['stages_ms'][s]:.1f}" for _, c in cols] for s in STAGES]
+    prow.append(["other (Python between stages)"] + [f"{c['profile']['other_ms']:.1f}" for _, c in cols])
+    prow.append(["**step**"] + [f"**{c['profile']['step_ms']:.1f}**" for _, c in cols])
+    prow.append(["communication (collectives executing; overlaps the stages above)"]
+                + [f"{c['profile']['communication_ms']:.1f} ({c['profile']['collectives_per_step']:.0f} ops)"
+                   for _, c in cols])
+    out += [f"\n## 3. Where time goes: ms per step on rank 0, mean of {r['plan']['profile_steps']} profiled steps\n",
+            table(["stage"] + [n for n, _ in cols], prow)]
+
+    speedup = z3["samples_per_s"].median / z31["samples_per_s"].median
+    out += ["\n## 5. Scaling (ZeRO-3)\n",
+            table(["ranks", "step ms", "samples/s", "speed-up over 1 rank"],
+                  [["1", z31["step_ms"].fmt(0), z31["samples_per_s"].fmt(), "1.00"],
+                   ["2", z3["step_ms"].fmt(0), z3["samples_per_s"].fmt(), f"{speedup:.2f}"]])]
+    if not m["gpus"]:
+        out.append("\n## 6. GPU\n\nNo GPU on this machine: the bf16 GPU runs were not made.")
+    return "\n".join(out)
