@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 PREFIX = "ppcr/"
 STEP = PREFIX + "step"
@@ -56,22 +56,29 @@ def stage_split(events) -> dict:
 
 class StepProfiler:
     """Profiles steps ``start .. start + steps - 1`` (1-based, as logged) and writes
-    ``<out>/rank<R>.trace.json`` and ``<out>/rank<R>.stages.json``; does nothing when ``start`` is None."""
+    ``<out>/rank<R>.trace.json`` and ``<out>/rank<R>.stages.json``; does nothing when ``start`` is None.
+    The step before ``start`` runs under the profiler unrecorded (warm-up): starting the profiler
+    costs time, on every rank differently, which would otherwise land in the first recorded step."""
 
     def __init__(self, start: int | None, steps: int, out: Path, rank: int) -> None:
-        self.first, self.last = (start, start + steps - 1) if start is not None else (None, None)
-        self.out, self.rank = out, rank
+        self.first, self.last = (max(start - 1, 1), start + steps - 1) if start is not None else (None, None)
+        self.warmup = 0 if start is None else start - self.first
+        self.steps, self.out, self.rank = steps, out, rank
         self.prof: profile | None = None
 
     def begin(self, step: int) -> None:
         """Before step ``step`` runs."""
         if step == self.first:
-            self.prof = profile(activities=[ProfilerActivity.CPU])
+            self.prof = profile(activities=[ProfilerActivity.CPU],
+                                schedule=schedule(wait=0, warmup=self.warmup, active=self.steps, repeat=1))
             self.prof.__enter__()
 
     def end(self, step: int) -> None:
         """After step ``step`` ran (and after its logging)."""
-        if self.prof is None or step != self.last:
+        if self.prof is None:
+            return
+        self.prof.step()
+        if step != self.last:
             return
         self.prof.__exit__(None, None, None)
         self.out.mkdir(parents=True, exist_ok=True)

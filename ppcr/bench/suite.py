@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ppcr.bench import data, machine, training
+from ppcr.bench import data, machine, memory, training
 from ppcr.bench.report import Figure, table
 from ppcr.config import load_config
 from ppcr.profiling import STAGES
@@ -19,7 +19,10 @@ class Plan:
     reps: int = 5  # repetitions of every timed figure
     steps_per_rep: int = 10  # training steps per repetition (one logged window)
     profile_steps: int = 2
-    data_batches: int = 100  # batches per repetition of the data benchmark
+    data_batches: int = 100  # batches per repetition of the data benchmark (a quarter of it at real sizes)
+
+# The input sizes of the 7B recipes, for the data benchmark on the same synthetic images.
+REAL_SIZES = ["model.sam_image_size=1024", "model.mllm_image_size=448"]
 
 
 def run(recipe: str, overrides: list[str], out: Path, plan: Plan = Plan()) -> dict:
@@ -29,12 +32,22 @@ def run(recipe: str, overrides: list[str], out: Path, plan: Plan = Plan()) -> di
     results: dict = {"recipe": recipe, "overrides": overrides, "plan": plan.__dict__, "machine": machine.describe()}
     results["matmul_fp32"] = machine.matmul_flops()
     results["data"] = data.run(cfg, plan.reps, plan.data_batches)
+    results["data_real_sizes"] = data.run(load_config(recipe, overrides + REAL_SIZES), plan.reps,
+                                          plan.data_batches // 4, warmup=5)
     results["plain"] = training.plain_loop(cfg, plan.reps, plan.steps_per_rep, plan.profile_steps)
     runs = {"zero3_2": (2, "ds_configs/zero3.json"), "zero2_2": (2, "ds_configs/zero2.json"),
             "zero3_1": (1, "ds_configs/zero3.json")}
     for name, (nproc, ds) in runs.items():
         results[name] = training.launcher_run(name, recipe, overrides, cfg, nproc, ds, out / "runs", plan.reps,
                                               plan.steps_per_rep, plan.profile_steps)
+    models = [memory.build_meta_model(name) for name in memory.RECIPES]
+    results["memory_models"] = [{k: v for k, v in memory.model_summary(m).items() if k not in ("counts", "table")}
+                                for m in models]
+    results["memory_paper"] = memory.memory_table(models)
+    measured = {r["ranks"]: results[name]["memory"][0] for name, r in (("zero3_1", results["zero3_1"]),
+                                                                     ("zero3_2", results["zero3_2"]))}
+    results["memory_small"] = memory.zero3_scaling_rows(measured, results["plain"]["trainable_params"],
+                                                        results["plain"]["frozen_params"], cfg.train.precision)
     results["seconds"] = time.perf_counter() - t0
     return results
 
@@ -62,7 +75,7 @@ def _utilisation(flops_per_sample: float, rate: Figure, peak: Figure) -> str:
 
 
 def render(r: dict) -> str:
-    m, peak, d, plain = r["machine"], r["matmul_fp32"], r["data"], r["plain"]
+    m, peak, d, dr, plain = r["machine"], r["matmul_fp32"], r["data"], r["data_real_sizes"], r["plain"]
     z3, z2, z31 = r["zero3_2"], r["zero2_2"], r["zero3_1"]
     v = m["versions"]
     out = [f"# ppcr benchmark\n\nrecipe `{r['recipe']}` {' '.join(r['overrides'])}; every figure is the median of "
@@ -74,15 +87,15 @@ def render(r: dict) -> str:
                    f"{peak.fmt(1, 1e-9)} GFLOP/s ({m['torch_threads']} threads)",
                    f"torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}"]])]
 
-    out += [f"\n## 1. Data pipeline, per loader worker (one thread, batches of {d['batch_size']}, "
-            f"{d['batches_per_rep']} batches per repetition)\n",
-            table(["loader", "samples/s"],
-                  [["ppcr shard reader (tar stream, decode, preprocess, collate)", d["shard_reader"].fmt()],
+    out += [f"\n## 1. Data pipeline, per loader worker (one thread, batches of {d['batch_size']}; read, decode, "
+            f"preprocess, collate)\n",
+            table(["loader", "default sizes (SAM 256, MLLM 112)", "7B recipes' sizes (SAM 1024, MLLM 448)"],
+                  [["ppcr shard reader (tar stream)", d["shard_reader"].fmt(), dr["shard_reader"].fmt()],
                    ["random-access REFER loader, peer style (image file + pycocotools mask per sample)",
-                    d["refer_loader"].fmt()],
-                   ["**speed-up** (paired per repetition)", d["speedup"].fmt(2) + " x"],
-                   ["data wait, share of step time in the default run (ZeRO-3, 2 ranks)",
-                    z3["data_wait_share"].fmt(2, 100) + " %"]])]
+                    d["refer_loader"].fmt(), dr["refer_loader"].fmt()],
+                   ["**speed-up** (paired per repetition)", d["speedup"].fmt(2) + " x", dr["speedup"].fmt(2) + " x"]]),
+            f"\nData wait, share of step time in the default run (ZeRO-3, 2 ranks): "
+            f"{z3['data_wait_share'].fmt(2, 100)} %."]
 
     fps = plain["flops_per_sample"]
     rows = []
@@ -105,6 +118,17 @@ def render(r: dict) -> str:
                    for _, c in cols])
     out += [f"\n## 3. Where time goes: ms per step on rank 0, mean of {r['plan']['profile_steps']} profiled steps\n",
             table(["stage"] + [n for n, _ in cols], prow)]
+
+    counts = "; ".join(f"{m['recipe']}: {m['total'] / 1e9:.2f} B parameters, {m['trainable'] / 1e6:.1f} M trained"
+                       for m in r["memory_models"])
+    small = [[str(x["world_size"]), x["state"], f"{x['measured'] / 2**20:.2f}", f"{x['expected'] / 2**20:.2f}",
+              f"{x['measured_vs_1_rank']:.3f}", f"{x['expected_vs_1_rank']:.3f}"] for x in r["memory_small"]]
+    out += ["\n## 4. Memory\n", "### At real scale, on paper: GiB per GPU (DeepSpeed's estimators for the trained "
+            "parameters, 16-bit frozen weights, activations of one micro batch, 1.5 GiB allowance)\n",
+            f"{counts}.\n", memory.render_markdown(r["memory_paper"]),
+            "\n### Checked in small: ZeRO-3 model states per rank of the tiny default, after the first step (MiB)\n",
+            table(["ranks", "state", "measured", "expected (estimator)", "measured / 1 rank", "expected / 1 rank"],
+                  small)]
 
     speedup = z3["samples_per_s"].median / z31["samples_per_s"].median
     out += ["\n## 5. Scaling (ZeRO-3)\n",

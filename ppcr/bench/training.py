@@ -3,7 +3,8 @@ baseline, the same model, data and optimizer in a plain single-process PyTorch l
 
 Launcher runs are ``launch/train.py`` as users run it, with logging every ``steps_per_rep`` steps:
 each logged window after the first (warm-up) is one repetition of samples/s, reduced over ranks by
-the trainer itself; the last steps are profiled (``train.profile_at_step``), after the timed windows.
+the trainer itself; the last steps are profiled (``train.profile_at_step``, after one unrecorded
+warm-up step), after the timed windows.
 """
 
 from __future__ import annotations
@@ -40,10 +41,10 @@ def launcher_run(name: str, recipe: str, overrides: list[str], cfg: Config, npro
     """One ``deepspeed --num_gpus nproc launch/train.py`` run; its timed windows, data wait and profile."""
     k = steps_per_rep
     timed_end = (reps + 1) * k
-    max_steps = timed_end + profile_steps
+    max_steps = timed_end + 1 + profile_steps  # the profiler's warm-up step, then the profiled ones
     args = [*overrides, f"paths.runs_root={runs_root}", f"train.run_name={name}", f"train.ds_config={ds_config}",
             f"train.max_steps={max_steps}", f"train.warmup_steps={k}", f"train.log_every={k}",
-            f"train.save_every={max_steps}", "train.val_samples=0", f"train.profile_at_step={timed_end + 1}",
+            f"train.save_every={max_steps}", "train.val_samples=0", f"train.profile_at_step={timed_end + 2}",
             f"train.profile_steps={profile_steps}"]
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
            str(_free_port()), str(ROOT / "launch/train.py"), "--config", recipe, *args]
@@ -111,12 +112,15 @@ def plain_loop(cfg: Config, reps: int, steps_per_rep: int, profile_steps: int) -
             n, secs = n + k, secs + dt
         rates.append(n / secs)
         step_ms.append(1e3 * secs / steps_per_rep)
+    step()  # the launcher runs' profiler warm-up step, unrecorded
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(profile_steps):
             step()
     batch = next(batches)
     return {"ranks": 1, "samples_per_s": Figure.of(rates, "samples/s"), "step_ms": Figure.of(step_ms, "ms"),
-            "profile": stage_split(prof.events()), "flops_per_sample": flops_per_sample(model, batch)}
+            "profile": stage_split(prof.events()), "flops_per_sample": flops_per_sample(model, batch),
+            "trainable_params": sum(p.numel() for p in params),
+            "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
 
 
 def flops_per_sample(model: torch.nn.Module, batch: dict) -> float:

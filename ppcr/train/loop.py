@@ -16,6 +16,7 @@ from ppcr.model.losses import TERMS
 from ppcr.train import checkpoint
 from ppcr.train.distributed import DistInfo, all_reduce_sum, device
 from ppcr.train.logger import RunLogger
+from ppcr.train.memory import model_state_bytes
 from ppcr.train.preempt import Preemption
 from ppcr.profiling import StepProfiler, mark
 from ppcr.train.validate import Validator
@@ -81,6 +82,8 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
                 window.add(out, len(batch["keys"]), t1 - t0, time.perf_counter() - t0)
         step += 1
         bar.update(1)
+        if step == start_step + 1:  # Adam's states exist from the first step on
+            log.scalars(step, model_state_bytes(engine), prefix="memory")
         if step % t.log_every == 0 or step == t.max_steps:
             values = window.report(dist.world_size)
             window = Window.empty()

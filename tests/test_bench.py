@@ -1,0 +1,63 @@
+import json
+import time
+
+import pytest
+from torch.profiler import ProfilerActivity, profile
+
+from ppcr.bench.report import Figure, paired_ratio
+from ppcr.profiling import STAGES, StepProfiler, mark, stage_split
+
+
+def test_figure_is_the_median_with_its_range_and_ratios_pair_repetitions():
+    f = Figure.of([3.0, 1.0, 10.0, 2.0, 4.0], "samples/s")
+    assert (f.median, f.min, f.max, f.n) == (3.0, 1.0, 10.0, 5)
+    assert f.fmt(1) == "3.0 (1.0-10.0)"
+    r = paired_ratio([10.0, 20.0, 30.0], [5.0, 5.0, 10.0])  # per pair: 2, 4, 3
+    assert (r.median, r.min, r.max) == (3.0, 2.0, 4.0)
+    with pytest.raises(ValueError):
+        paired_ratio([1.0], [1.0, 2.0])
+
+
+def test_stage_split_measures_each_marked_stage_of_a_real_profile():
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(2):
+            with mark("step"):
+                with mark("data"):
+                    time.sleep(0.03)
+                with mark("backward"):
+                    time.sleep(0.01)
+                time.sleep(0.005)  # outside every stage
+    split = stage_split(prof.events())
+    assert split["steps"] == 2 and set(split["stages_ms"]) == set(STAGES)
+    data, backward = split["stages_ms"]["data"], split["stages_ms"]["backward"]
+    assert 29 <= data <= 45 and 9 <= backward <= 20  # sleeps overshoot on a busy machine, never undershoot
+    assert split["stages_ms"]["vision"] == 0
+    assert split["step_ms"] >= data + backward + 4.5  # the 5 ms outside every stage
+    assert split["other_ms"] == pytest.approx(split["step_ms"] - data - backward)
+    assert split["communication_ms"] == 0 and split["collectives_per_step"] == 0
+
+
+def test_stage_split_refuses_a_profile_without_steps_or_with_unknown_stages():
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with mark("data"):
+            pass
+    with pytest.raises(ValueError, match="no 'ppcr/step'"):
+        stage_split(prof.events())
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with mark("step"), mark("dat"):
+            pass
+    with pytest.raises(ValueError, match="unknown stage range 'ppcr/dat'"):
+        stage_split(prof.events())
+
+
+def test_step_profiler_records_only_its_steps_after_a_warm_up_step(tmp_path):
+    profiler = StepProfiler(start=3, steps=2, out=tmp_path, rank=1)
+    for step in range(1, 6):
+        profiler.begin(step)
+        with mark("step"), mark("data"):
+            time.sleep(0.01 * step)  # steps 3 and 4 are the recorded ones: 30 and 40 ms of data
+        profiler.end(step)
+    split = json.loads((tmp_path / "rank1.stages.json").read_text())
+    assert split["steps"] == 2
+    assert 34 <= split["stages_ms"]["data"] <= 45
+    assert json.loads((tmp_path / "rank1.trace.json").read_text())["traceEvents"]
