@@ -1,3 +1,4 @@
+import sys
 from dataclasses import replace
 
 import pytest
@@ -47,3 +48,36 @@ def test_missing_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
     ok = save_tiny_sam(SamArchConfig(), 128, tmp_path / "ok.pth")
     with pytest.raises(ValueError, match=r"sam_pixel_mean/std"):
         load_sam(replace(ModelConfig(sam_checkpoint=str(ok), sam_image_size=128), sam_pixel_mean=[0.0, 0.0, 0.0]))
+
+
+def test_sam_gathers_the_weights_its_prompt_modules_read_under_zero3_outside_the_engine(tmp_path):
+    """Validation and prediction call SAM outside the engine's forward; once ZeRO-3 has released the
+    prompt embeddings (size-0 partitions), they must still be gathered for the modules that read them."""
+    from test_train import free_port, run
+
+    script = f"""
+import os, torch, deepspeed
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT="{free_port()}")
+deepspeed.init_distributed(dist_backend="gloo")
+from ppcr.config import ModelConfig
+from ppcr.model.sam import SamSegmenter, load_sam
+from ppcr.model.tiny import save_tiny_sam
+cfg = ModelConfig(sam_type="tiny", sam_checkpoint="{tmp_path / 'sam.pth'}", sam_image_size=128)
+save_tiny_sam(cfg.sam_arch, 128, cfg.sam_checkpoint)
+seg = SamSegmenter(load_sam(cfg))
+torch.manual_seed(0)
+images = torch.randn(2, 3, 128, 128)
+boxes, sem = torch.tensor([[10.0, 10, 60, 50], [0, 0, 127, 127]]), torch.randn(2, cfg.sam_arch.prompt_dim)
+with torch.no_grad():
+    expected = seg.decode(seg.encode(images), boxes, sem)
+ds = {{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3, "stage3_param_persistence_threshold": 0,
+      "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}}}}
+engine, *_ = deepspeed.initialize(model=seg, optimizer=torch.optim.AdamW(seg.parameters()), config=ds)
+print("RELEASED", seg.sam.prompt_encoder.point_embeddings[2].weight.numel() == 0)
+with torch.no_grad():
+    got = engine.module.decode(engine.module.encode(images), boxes, sem)
+print("MATCH", bool(torch.allclose(got, expected, atol=1e-5)))
+"""
+    out = run([sys.executable, "-c", script])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "RELEASED True" in out.stdout and "MATCH True" in out.stdout

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import deepspeed
 import torch
 import torch.nn.functional as F
 from segment_anything import sam_model_registry
@@ -53,6 +54,14 @@ class SamSegmenter(nn.Module):
     def __init__(self, sam: Sam) -> None:
         super().__init__()
         self.sam = sam
+        # SAM's prompt encoder and mask decoder read their child embeddings' weights directly instead of
+        # calling the children. Under ZeRO-3 those weights must be gathered with the module that reads
+        # them, also outside the engine's forward (validation, prediction); elsewhere this is inert.
+        pe, md = sam.prompt_encoder, sam.mask_decoder
+        for owner, children in ((pe, [*pe.point_embeddings, pe.not_a_point_embed, pe.no_mask_embed]),
+                                (md, [md.iou_token, md.mask_tokens])):
+            for child in children:
+                deepspeed.zero.register_external_parameter(owner, child.weight)
 
     @property
     def prompt_dim(self) -> int:
