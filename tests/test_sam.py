@@ -81,3 +81,25 @@ print("MATCH", bool(torch.allclose(got, expected, atol=1e-5)))
     out = run([sys.executable, "-c", script])
     assert out.returncode == 0, out.stderr[-3000:]
     assert "RELEASED True" in out.stdout and "MATCH True" in out.stdout
+
+
+@pytest.mark.parametrize("prompts", ["box+semsp", "box", "semsp"])
+def test_batched_decode_equals_sams_own_decoder_run_per_image(tmp_path, prompts):
+    cfg = ModelConfig(sam_type="tiny", sam_checkpoint=str(tmp_path / "sam.pth"), sam_image_size=128)
+    save_tiny_sam(cfg.sam_arch, 128, cfg.sam_checkpoint, seed=1)
+    seg = SamSegmenter(load_sam(cfg))
+    torch.manual_seed(0)
+    emb = seg.encode(torch.randn(3, 3, 128, 128))
+    boxes = torch.tensor([[10.0, 10, 60, 50], [0, 0, 127, 127], [40, 30, 90, 120]]) if "box" in prompts else None
+    sem = torch.randn(3, cfg.sam_arch.prompt_dim) if "semsp" in prompts else None
+    sam = seg.sam
+    reference = []
+    for i in range(3):  # segment_anything's MaskDecoder.forward: one image at a time
+        sparse, dense = sam.prompt_encoder(points=None, boxes=None if boxes is None else boxes[i:i + 1], masks=None)
+        if sem is not None:
+            sparse = torch.cat([sparse, sem[i:i + 1, None]], dim=1)
+        low, _ = sam.mask_decoder(image_embeddings=emb[i:i + 1], image_pe=sam.prompt_encoder.get_dense_pe(),
+                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
+                                  multimask_output=False)
+        reference.append(low[:, 0])
+    assert torch.allclose(seg.decode(emb, boxes, sem), torch.cat(reference), atol=1e-5)

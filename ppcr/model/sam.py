@@ -54,14 +54,12 @@ class SamSegmenter(nn.Module):
     def __init__(self, sam: Sam) -> None:
         super().__init__()
         self.sam = sam
-        # SAM's prompt encoder and mask decoder read their child embeddings' weights directly instead of
-        # calling the children. Under ZeRO-3 those weights must be gathered with the module that reads
-        # them, also outside the engine's forward (validation, prediction); elsewhere this is inert.
-        pe, md = sam.prompt_encoder, sam.mask_decoder
-        for owner, children in ((pe, [*pe.point_embeddings, pe.not_a_point_embed, pe.no_mask_embed]),
-                                (md, [md.iou_token, md.mask_tokens])):
-            for child in children:
-                deepspeed.zero.register_external_parameter(owner, child.weight)
+        # SAM's prompt encoder reads its child embeddings' weights directly instead of calling them. Under
+        # ZeRO-3 those weights must be gathered with the prompt encoder, also outside the engine's forward
+        # (validation, prediction); elsewhere this is inert.
+        pe = sam.prompt_encoder
+        for child in (*pe.point_embeddings, pe.not_a_point_embed, pe.no_mask_embed):
+            deepspeed.zero.register_external_parameter(pe, child.weight)
 
     @property
     def prompt_dim(self) -> int:
@@ -75,19 +73,29 @@ class SamSegmenter(nn.Module):
 
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, sem: torch.Tensor | None) -> torch.Tensor:
         """Low-resolution mask logits (B, S/4, S/4) for boxes (B, 4) in SAM's input frame (x1, y1, x2, y2
-        pixels) and/or SemSP tokens (B, C); SAM's decoder takes one image at a time."""
-        out = []
-        for i in range(embeddings.shape[0]):
-            sparse, dense = self.sam.prompt_encoder(points=None, boxes=None if boxes is None else boxes[i:i + 1],
-                                                    masks=None)
-            if sem is not None:
-                sparse = torch.cat([sparse, sem[i:i + 1, None].to(sparse.dtype)], dim=1)
-            low, _ = self.sam.mask_decoder(image_embeddings=embeddings[i:i + 1],
-                                           image_pe=self.sam.prompt_encoder.get_dense_pe(),
-                                           sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                           multimask_output=False)
-            out.append(low[:, 0])
-        return torch.cat(out, dim=0)
+        pixels) and/or SemSP tokens (B, C).
+
+        SAM's ``MaskDecoder.forward`` takes one image with many prompts; PPCR has one prompt set per
+        image, so this runs the decoder's own modules over the B images at once, as ``predict_masks``
+        does for one image, and computes only the mask that ``multimask_output=False`` returns."""
+        b = embeddings.shape[0]
+        pe, md = self.sam.prompt_encoder, self.sam.mask_decoder
+        sparse, dense = pe(points=None, boxes=boxes, masks=None)  # (B or 1, n, C), (B or 1, C, h, w)
+        sparse, dense = sparse.expand(b, -1, -1), dense.expand(b, -1, -1, -1)
+        if sem is not None:
+            sparse = torch.cat([sparse, sem[:, None].to(sparse.dtype)], dim=1)
+        # The output tokens (IoU, then the masks') through the embeddings' forward, so that ZeRO-3 gathers them.
+        index = torch.arange(md.num_mask_tokens, device=embeddings.device)
+        output_tokens = torch.cat([md.iou_token(index[:1]), md.mask_tokens(index)], dim=0)  # (1 + masks, C)
+        tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
+        src = embeddings + dense
+        pos = pe.get_dense_pe().expand(b, -1, -1, -1)
+        hs, src = md.transformer(src, pos, tokens)  # (B, tokens, C), (B, h*w, C)
+        _, c, h, w = embeddings.shape
+        upscaled = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # (B, C/8, 4h, 4w)
+        hyper = md.output_hypernetworks_mlps[0](hs[:, 1, :])  # (B, C/8): the first mask token
+        _, c8, h4, w4 = upscaled.shape
+        return (hyper.unsqueeze(1) @ upscaled.reshape(b, c8, h4 * w4)).reshape(b, h4, w4)
 
     def to_input_frame(self, low: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
         """(S/4, S/4) logits -> (h, w) logits over the resized image, before SAM's padding."""
