@@ -1,7 +1,10 @@
+import traceback
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import box_convert, box_iou
 
 from conftest import model_config
@@ -13,6 +16,7 @@ from ppcr.model.model import PPCRModel
 from ppcr.model.params import component, parameter_counts, parameter_table
 from ppcr.model.saving import load_pretrained, save_pretrained
 from ppcr.model.tokens import NEW_TOKENS, box_text, parse_box_text, render_prompts
+from ppcr.train.loop import Window
 
 FAMILIES = ("qwen2_5_vl", "llava")
 
@@ -224,3 +228,37 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_shards, t
         results.append((float(out["loss"]), model.box_head.mlp.net[0].weight.grad.clone()))
     assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
     assert torch.allclose(results[0][1], results[1][1], atol=1e-6)
+
+
+class HostSyncs(TorchDispatchMode):
+    """Records the operators that make the host wait for the device: a tensor's value read into Python
+    (.item(), float(), bool(), .tolist()) or an output whose shape depends on the data (nonzero, boolean
+    masking). Each is attributed to the first frame outside torch and site-packages: ppcr's code or this
+    test ("ours"), or a library's."""
+
+    OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal", "aten::masked_select"}
+
+    def __enter__(self):
+        self.calls = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.OPS:
+            frame = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename)
+            ours = "site-packages" not in frame.filename
+            self.calls.append((func._schema.name, f"{frame.filename}:{frame.lineno}", ours))
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_device_side_of_a_step_never_waits_for_the_device(tiny_shards, tiny_models):
+    model, batch, _ = build(tiny_shards, tiny_models, "qwen2_5_vl")
+    inputs = model.prepare(batch)  # the host side: tokenising, positions, markers; then one copy to the device
+    window = Window()
+    with HostSyncs() as syncs:
+        out = model.compute(inputs)
+        out["loss"].backward()
+        window.add(out, len(batch["keys"]), 0.0, 0.0)
+    assert [c for c in syncs.calls if c[2]] == []
+    with HostSyncs() as syncs:  # the detector sees what the loop used to do: float() of every loss term
+        [float(out[t]) for t in TERMS]
+    assert len([c for c in syncs.calls if c[2]]) == len(TERMS)

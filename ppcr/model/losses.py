@@ -24,15 +24,21 @@ def box_losses(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, 
     return l1, giou
 
 
-def mask_losses(logits: list[torch.Tensor], targets: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-pixel BCE and Dice, each averaged per mask and then over masks of possibly different sizes."""
-    bce, dice = [], []
-    for x, t in zip(logits, targets):
-        x, t = x.float().flatten(), t.float().flatten()
-        bce.append(F.binary_cross_entropy_with_logits(x, t))
-        p = x.sigmoid()
-        dice.append(1 - (2 * (p * t).sum() + 1) / (p.sum() + t.sum() + 1))
-    return torch.stack(bce).mean(), torch.stack(dice).mean()
+def mask_losses(low: torch.Tensor, targets: torch.Tensor, input_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pixel BCE and Dice of low-resolution logits (B, S/4, S/4) against masks (B, S, S) in SAM's
+    input frame, over each image's own region (its padding excluded); each averaged per mask, then
+    over the masks. ``input_sizes`` (B, 2) holds each image's h, w inside the frame."""
+    size = targets.shape[-1]
+    x = F.interpolate(low[:, None].float(), (size, size), mode="bilinear", align_corners=False)[:, 0]
+    ar = torch.arange(size, device=x.device)
+    valid = ((ar[None, :, None] < input_sizes[:, 0, None, None])
+             & (ar[None, None, :] < input_sizes[:, 1, None, None])).float()  # (B, S, S)
+    t = targets.float() * valid
+    pixels = valid.sum((1, 2))
+    bce = (F.binary_cross_entropy_with_logits(x, t, reduction="none") * valid).sum((1, 2)) / pixels
+    p = x.sigmoid() * valid
+    dice = 1 - (2 * (p * t).sum((1, 2)) + 1) / (p.sum((1, 2)) + t.sum((1, 2)) + 1)
+    return bce.mean(), dice.mean()
 
 
 def total_loss(terms: dict[str, torch.Tensor], w: LossWeights) -> torch.Tensor:

@@ -46,7 +46,23 @@ class StageInputs:
     input_ids: torch.Tensor  # (B, L)
     attention_mask: torch.Tensor  # (B, L)
     positions: torch.Tensor  # (B, L) or (3, B, L)
+    image_tokens: int  # image tokens in the batch, counted on the host
     labels: torch.Tensor | None = None
+    marker: torch.Tensor | None = None  # (B,) position of each answer's [SEM] / [LOC], found on the host
+
+
+@dataclass
+class TrainInputs:
+    """A loader batch made ready on the device: both stages' tokens, the MLLM's and SAM's image
+    inputs, and the targets."""
+
+    semantic: StageInputs
+    spatial: StageInputs
+    vision: dict[str, torch.Tensor]  # the MLLM processor's image outputs
+    sam_images: torch.Tensor  # (B, 3, S, S)
+    sam_masks: torch.Tensor  # (B, S, S) {0, 1}, zero in the padding
+    input_sizes: torch.Tensor  # (B, 2) h, w of the image inside SAM's frame
+    boxes: torch.Tensor  # (B, 4) normalised cx, cy, w, h
 
 
 @dataclass
@@ -99,40 +115,50 @@ class PPCRModel(nn.Module):
 
     # ------------------------------------------------------------------ inputs
 
-    def encode(self, prompts: list[str], answers: list[str] | None, images: list[torch.Tensor]) -> tuple[StageInputs, dict]:
-        """Chat-template the prompts, expand the image tokens (the processor's job), append the answer
-        tokens with labels, pad right. Returns the stage inputs and the processor's image inputs."""
+    def encode(self, prompts: list[str], answers: list[str] | None, images: list[torch.Tensor],
+               marker: int | None = None) -> tuple[StageInputs, dict]:
+        """Chat-template the prompts and expand their image tokens (one call of the MLLM's processor for
+        the batch), append the answer tokens with labels, pad right. Positions, the image-token count
+        and the position of ``marker`` in each answer are worked out here on the host, so that the
+        device work needs no synchronisation. Returns the stage inputs and the processor's image
+        inputs, both on the model's device."""
+        conv = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
+        texts = [self.processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conv]
+        enc = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True)
+        keys = self.family.text_keys()
+        keep = enc["attention_mask"].bool()  # the prompt's tokens, whichever side the processor padded
+        prompt_ids = [enc["input_ids"][i][keep[i]] for i in range(len(texts))]
+        answer_ids = (self.tokenizer(answers, add_special_tokens=False)["input_ids"] if answers is not None
+                      else [[] for _ in texts])
+        b, length = len(texts), max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        rows, vision_parts, extras = [], [], []
-        for i, (prompt, image) in enumerate(zip(prompts, images)):
-            conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-            text = self.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-            enc = self.processor(text=[text], images=[image], return_tensors="pt")
-            ids = enc["input_ids"][0]
-            answer = (self.tokenizer(answers[i], add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-                      if answers is not None else ids[:0])
-            rows.append((ids, answer))
-            extras.append({k: enc[k][0] for k in self.family.text_keys()})
-            vision_parts.append({k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")
-                                 and k not in self.family.text_keys()})
-        length = max(len(a) + len(b) for a, b in rows)
-        input_ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        attention = torch.zeros((len(rows), length), dtype=torch.long)
-        labels = torch.full((len(rows), length), -100, dtype=torch.long)
-        text_extra = {k: torch.zeros((len(rows), length), dtype=torch.long) for k in self.family.text_keys()}
-        for i, (ids, answer) in enumerate(rows):
+        input_ids = torch.full((b, length), pad, dtype=torch.long)
+        attention = torch.zeros((b, length), dtype=torch.long)
+        labels = torch.full((b, length), -100, dtype=torch.long)
+        text_extra = {k: torch.zeros((b, length), dtype=torch.long) for k in keys}
+        for i, (ids, answer) in enumerate(zip(prompt_ids, answer_ids)):
             n, m = len(ids), len(answer)
-            input_ids[i, : n + m] = torch.cat([ids, answer])
+            input_ids[i, :n] = ids
+            input_ids[i, n: n + m] = torch.tensor(answer, dtype=torch.long)
             attention[i, : n + m] = 1
-            labels[i, n : n + m] = answer
-            for k in text_extra:
-                text_extra[k][i, :n] = extras[i][k]
-        vision = {k: torch.cat([p[k] for p in vision_parts], dim=0) for k in vision_parts[0]}
+            labels[i, n: n + m] = input_ids[i, n: n + m]
+            for k in keys:
+                text_extra[k][i, :n] = enc[k][i][keep[i]]
+        vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask") and k not in keys}
+        positions = self.family.positions(input_ids, attention, vision, text_extra)
+        where = None
+        if marker is not None:
+            hits = input_ids == marker
+            if not bool((hits.sum(-1) == 1).all()):
+                name = self.tokenizer.convert_ids_to_tokens(marker)
+                raise ValueError(f"every answer must hold exactly one {name}; counts {hits.sum(-1).tolist()}")
+            where = hits.int().argmax(-1)
         dev = self.device
-        vision = {k: v.to(dev) for k, v in vision.items()}
-        input_ids, attention = input_ids.to(dev), attention.to(dev)
-        positions = self.family.positions(input_ids, attention, vision, {k: v.to(dev) for k, v in text_extra.items()})
-        return StageInputs(input_ids, attention, positions, labels.to(dev) if answers is not None else None), vision
+        stage = StageInputs(input_ids.to(dev), attention.to(dev), positions.to(dev),
+                            image_tokens=int((input_ids == self.image_token_id).sum()),
+                            labels=labels.to(dev) if answers is not None else None,
+                            marker=where.to(dev) if where is not None else None)
+        return stage, {k: v.to(dev) for k, v in vision.items()}
 
     def vision_features(self, vision: dict) -> torch.Tensor:
         """Image features of every image token, computed once per step for both stages."""
@@ -142,58 +168,63 @@ class PPCRModel(nn.Module):
 
     def embed(self, stage: StageInputs, features: torch.Tensor, semsp_embed: torch.Tensor | None) -> torch.Tensor:
         """(B, L, H) input embeddings: token rows, image features at image tokens, SemSP at [SEMP]."""
+        if stage.image_tokens != features.shape[0]:
+            raise ValueError(f"{stage.image_tokens} image tokens but {features.shape[0]} image features")
         e = self.token_rows(stage.input_ids)
         image_mask = stage.input_ids == self.image_token_id
-        if int(image_mask.sum()) != features.shape[0]:
-            raise ValueError(f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features")
         e = e.masked_scatter(image_mask.unsqueeze(-1).expand_as(e), features.to(e.dtype))
         if semsp_embed is not None:
             e = torch.where((stage.input_ids == self.ids.semp).unsqueeze(-1), semsp_embed[:, None, :].to(e.dtype), e)
         return e
 
-    def hidden_at(self, hidden: torch.Tensor, ids: torch.Tensor, token: int, name: str) -> torch.Tensor:
-        """(B, H): the hidden state at the one occurrence of ``token`` in each row."""
-        where = ids == token
-        if not bool((where.sum(-1) == 1).all()):
-            raise ValueError(f"every answer must hold exactly one {name}; counts {where.sum(-1).tolist()}")
-        return hidden[where]
+    @staticmethod
+    def at_marker(hidden: torch.Tensor, stage: StageInputs) -> torch.Tensor:
+        """(B, H): the hidden state at each row's [SEM] / [LOC] (``stage.marker``)."""
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), stage.marker]
 
     # ------------------------------------------------------------------ training
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """Teacher-forced pass over a loader batch; returns every loss term, the weighted total and the
         predicted boxes and low-resolution mask logits."""
-        dev = self.device
+        return self.compute(self.prepare(batch))
+
+    def prepare(self, batch: dict) -> TrainInputs:
+        """Host side of a training step: render and tokenise both stages, then move everything to the
+        device once."""
         with mark("encode"):
             texts = [render_prompts(self.cfg.templates, e, c, b)
                      for e, c, b in zip(batch["expressions"], batch["categories"], batch["boxes"])]
             images = list(batch["mllm_images"])
             s1, vision = self.encode([t["semantic_prompt"] for t in texts], [t["semantic_answer"] for t in texts],
-                                     images)
-            s2, _ = self.encode([t["spatial_prompt"] for t in texts], [t["spatial_answer"] for t in texts], images)
+                                     images, marker=self.ids.sem)
+            s2, _ = self.encode([t["spatial_prompt"] for t in texts], [t["spatial_answer"] for t in texts], images,
+                                marker=self.ids.loc)
+            dev = self.device
+            return TrainInputs(s1, s2, vision, batch["sam_images"].to(dev), batch["sam_masks"].to(dev),
+                               batch["input_sizes"].to(dev), batch["boxes"].to(dev))
+
+    def compute(self, x: TrainInputs) -> dict[str, torch.Tensor]:
+        """Device side of a training step; it never waits for the device (no host synchronisation)."""
         with mark("vision"):
-            features = self.vision_features(vision)
+            features = self.vision_features(x.vision)
 
         with mark("stage1"):
             use_branch(self.mllm, "semantic")
-            h1 = self.run_language_model(self.embed(s1, features, None), s1)
-            ce_sem = text_ce(self.token_rows.logits(h1), s1.labels)
-            semsp = self.hidden_at(h1, s1.input_ids, self.ids.sem, "[SEM]")
+            h1 = self.run_language_model(self.embed(x.semantic, features, None), x.semantic)
+            ce_sem = text_ce(self.token_rows.logits(h1), x.semantic.labels)
+            semsp = self.at_marker(h1, x.semantic)
 
         with mark("stage2"):
             use_branch(self.mllm, "spatial")
-            h2 = self.run_language_model(self.embed(s2, features, self.sem_to_llm(semsp)), s2)
-            ce_spa = text_ce(self.token_rows.logits(h2), s2.labels)
-            boxes = self.box_head(self.hidden_at(h2, s2.input_ids, self.ids.loc, "[LOC]"))
-            target_boxes = batch["boxes"].to(dev, boxes.dtype)
-            l1, giou = box_losses(boxes.float(), target_boxes.float())
+            h2 = self.run_language_model(self.embed(x.spatial, features, self.sem_to_llm(semsp)), x.spatial)
+            ce_spa = text_ce(self.token_rows.logits(h2), x.spatial.labels)
+            boxes = self.box_head(self.at_marker(h2, x.spatial))
+            l1, giou = box_losses(boxes.float(), x.boxes.float())
 
-        low = self.segment(batch["sam_images"].to(dev), boxes.detach(), semsp, batch["input_sizes"])
+        low = self.segment(x.sam_images, boxes.detach(), semsp, x.input_sizes)
         with mark("mask_losses"):
-            sizes = batch["input_sizes"].tolist()
-            logits = [self.sam.to_input_frame(low[i], sizes[i]) for i in range(len(sizes))]
-            targets = [batch["sam_masks"][i, : h, : w].to(dev) for i, (h, w) in enumerate(sizes)]
-            bce, dice = mask_losses(logits, targets)
+            bce, dice = mask_losses(low, x.sam_masks, x.input_sizes)
         terms = {"ce_sem": ce_sem, "ce_spa": ce_spa, "l1": l1, "giou": giou, "bce": bce, "dice": dice}
         return {"loss": total_loss(terms, self.loss_weights), **terms, "boxes": boxes, "mask_logits": low}
 

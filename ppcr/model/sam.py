@@ -12,7 +12,6 @@ from pathlib import Path
 
 import deepspeed
 import torch
-import torch.nn.functional as F
 from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
 from torch import nn
@@ -96,12 +95,6 @@ class SamSegmenter(nn.Module):
         hyper = md.output_hypernetworks_mlps[0](hs[:, 1, :])  # (B, C/8): the first mask token
         _, c8, h4, w4 = upscaled.shape
         return (hyper.unsqueeze(1) @ upscaled.reshape(b, c8, h4 * w4)).reshape(b, h4, w4)
-
-    def to_input_frame(self, low: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
-        """(S/4, S/4) logits -> (h, w) logits over the resized image, before SAM's padding."""
-        size = self.sam.image_encoder.img_size
-        up = F.interpolate(low[None, None], (size, size), mode="bilinear", align_corners=False)
-        return up[0, 0, : input_size[0], : input_size[1]]
 
     def to_original(self, low: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
         """(S/4, S/4) logits -> (H, W) logits at the image's original resolution (SAM's postprocessing)."""

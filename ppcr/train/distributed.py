@@ -78,6 +78,14 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def cpu_group() -> dist.ProcessGroup:
+    """A gloo group over all ranks for small host-side agreements: the default group on CPU, a new
+    one beside NCCL on GPUs. Collective: every rank must call it at the same point."""
+    if dist.get_backend() == "gloo":
+        return dist.group.WORLD
+    return dist.new_group(backend="gloo")
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -24,27 +24,24 @@ from ppcr.train.validate import Validator
 
 @dataclass
 class Window:
-    """Sums between two log lines, reduced over ranks when logged."""
+    """Sums between two log lines, reduced over ranks when logged. The loss terms stay on the device
+    until then: adding them never waits for the device."""
 
-    terms: torch.Tensor
+    terms: torch.Tensor | None = None
     samples: int = 0
     data_s: float = 0.0
     step_s: float = 0.0
     micro: int = 0
 
-    @classmethod
-    def empty(cls) -> "Window":
-        return cls(torch.zeros(len(TERMS) + 1, dtype=torch.float64))
-
     def add(self, out: dict, samples: int, data_s: float, step_s: float) -> None:
-        vals = [out["loss"]] + [out[t] for t in TERMS]
-        self.terms += torch.tensor([float(v.detach()) for v in vals], dtype=torch.float64)
+        vals = torch.stack([out["loss"].detach()] + [out[t].detach() for t in TERMS]).double()
+        self.terms = vals if self.terms is None else self.terms + vals
         self.samples, self.data_s, self.step_s, self.micro = (self.samples + samples, self.data_s + data_s,
                                                               self.step_s + step_s, self.micro + 1)
 
     def report(self, world: int) -> dict[str, float]:
-        sums = all_reduce_sum(torch.cat([self.terms, torch.tensor([self.samples, self.data_s, self.step_s],
-                                                                 dtype=torch.float64)]).to(device())).cpu()
+        timing = torch.tensor([self.samples, self.data_s, self.step_s], dtype=torch.float64, device=device())
+        sums = all_reduce_sum(torch.cat([self.terms.to(device()), timing])).cpu()
         n = self.micro * world
         out = {name: float(sums[i]) / n for i, name in enumerate(("loss",) + TERMS)}
         samples, data_s, step_s = (float(v) for v in sums[len(TERMS) + 1:])
@@ -63,7 +60,7 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not dist.is_main, desc="train", unit="step",
                dynamic_ncols=True)
     batches = iter(loader)
-    window = Window.empty()
+    window = Window()
     step = start_step
     status = "done"
     while step < t.max_steps:
@@ -86,7 +83,7 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
             log.scalars(step, model_state_bytes(engine), prefix="memory")
         if step % t.log_every == 0 or step == t.max_steps:
             values = window.report(dist.world_size)
-            window = Window.empty()
+            window = Window()
             for group in engine.optimizer.param_groups:
                 values[f"lr/{group.get('name', 'group')}"] = group["lr"]
             norm = engine.get_global_grad_norm()
@@ -112,5 +109,6 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
         if step == t.halt_at_step:
             status = "halted"
             break
+    preempt.close()
     bar.close()
     return status, step

@@ -1,7 +1,9 @@
-"""Preemption: SIGTERM or SIGUSR1 asks for a checkpoint at the next step boundary and a clean exit.
+"""Preemption: SIGTERM or SIGUSR1 asks for a checkpoint at a step boundary and a clean exit.
 
 A signal may reach only some ranks (SLURM signals every task, a user may signal one), so the ranks
-agree with an all-reduce at each step boundary: if any rank was asked, all of them save and stop.
+agree through an all-reduce of the flag. It is started at one step boundary and read at the next,
+on a CPU (gloo) group, so that checking never waits for the device: all ranks stop at the same
+step, one step after the signal.
 """
 
 from __future__ import annotations
@@ -9,8 +11,9 @@ from __future__ import annotations
 import signal
 
 import torch
+import torch.distributed as dist
 
-from ppcr.train.distributed import all_reduce_sum, device
+from ppcr.train.distributed import cpu_group
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -20,11 +23,25 @@ class Preemption:
         self.received: int | None = None
         for sig in SIGNALS:
             signal.signal(sig, self._handle)
+        self.group = cpu_group()  # collective: every rank constructs its Preemption at the same point
+        self.pending: tuple[dist.Work, torch.Tensor] | None = None
 
     def _handle(self, signum, frame) -> None:
         self.received = signum
 
     def requested(self) -> bool:
-        """Collective: every rank must call it at the same step."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0], device=device())
-        return bool(all_reduce_sum(flag)[0] > 0)
+        """Collective: every rank calls it at every step boundary and gets the same answer."""
+        decided = False
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            decided = bool(flag[0] > 0)
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        self.pending = (dist.all_reduce(flag, group=self.group, async_op=True), flag)
+        return decided
+
+    def close(self) -> None:
+        """Complete the last started all-reduce (every rank started the same number)."""
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
