@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      indent=1))
         (out / "results.md").write_text(text + "\n")
         if shown:
-            image = grid(shown, model.preprocess)
+            image = grid(shown)
             Image.fromarray(image).save(out / "masks.png")
         print(f"wrote {out}/results.json, results.md, masks.png")
         if run_dir is not None:

@@ -2,9 +2,15 @@ import json
 import time
 
 import pytest
+import torch
 from torch.profiler import ProfilerActivity, profile
 
+from conftest import make_config
+from ppcr.bench.refer_loader import ReferRandomAccess
 from ppcr.bench.report import Figure, paired_ratio
+from ppcr.data.shards import decode_sample, iter_tar_samples, load_manifest
+from ppcr.data.stream import prepare
+from ppcr.data.transforms import Preprocessor
 from ppcr.profiling import STAGES, StepProfiler, mark, stage_split
 
 
@@ -61,3 +67,29 @@ def test_step_profiler_records_only_its_steps_after_a_warm_up_step(tmp_path):
     assert split["steps"] == 2
     assert 34 <= split["stages_ms"]["data"] <= 45
     assert json.loads((tmp_path / "rank1.trace.json").read_text())["traceEvents"]
+
+
+def test_the_random_access_baseline_delivers_what_the_shard_reader_does(tiny_refer, tiny_shards):
+    """Both loaders of the data benchmark do the same work: same refs, masks, boxes and images."""
+    cfg = make_config(tiny_shards)
+    baseline = ReferRandomAccess(tiny_refer["refer_root"], "synthetic", "unc", tiny_refer["images"], "train", cfg.model)
+    by_ref = {ref["ref_id"]: i for i, ref in enumerate(baseline.refs)}
+    pre = Preprocessor.from_config(cfg.model)
+    mean, std = torch.tensor(cfg.model.sam_pixel_mean).view(3, 1, 1), torch.tensor(cfg.model.sam_pixel_std).view(3, 1, 1)
+    shard = load_manifest(tiny_shards)["splits"]["train"]["shards"][0]
+    checked = 0
+    for raw in iter_tar_samples(tiny_shards / shard["name"]):
+        sample = decode_sample(raw)
+        ours = prepare(sample, sample["meta"]["sentences"][0], False, pre)
+        theirs = baseline[by_ref[sample["meta"]["ref_id"]]]
+        assert torch.equal(ours["mask"], theirs["mask"]) and torch.equal(ours["box"], theirs["box"])
+        assert ours["input_size"] == theirs["input_size"] and ours["original_size"] == theirs["original_size"]
+        assert theirs["expression"] in sample["meta"]["sentences"] and ours["category"] == theirs["category"]
+        h, w = ours["input_size"]
+        normalised = (ours["sam_image"].float() - mean) / std  # what the model does on the device
+        assert (normalised[:, :h, :w] - theirs["sam_image"][:, :h, :w]).abs().max() <= 1.01 / 57.12  # one level
+        assert (ours["mllm_image"].int() - theirs["mllm_image"].int()).abs().max() <= 1
+        agree = (ours["sam_mask"] == theirs["sam_mask"]).float().mean()
+        assert agree > 0.99
+        checked += 1
+    assert checked == shard["samples"]

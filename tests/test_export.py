@@ -24,8 +24,10 @@ def exported(trained_run, tmp_path_factory):
 
 
 def val_samples(tiny_shards, n):
+    """Decoded val samples, images as (H, W, 3) arrays: what a user hands to predict and ppcr-infer."""
     shard = load_manifest(tiny_shards)["splits"]["val"]["shards"][0]
-    return [decode_sample(raw) for raw in list(iter_tar_samples(tiny_shards / shard["name"]))[:n]]
+    samples = [decode_sample(raw) for raw in list(iter_tar_samples(tiny_shards / shard["name"]))[:n]]
+    return [dict(s, image=s["image"].permute(1, 2, 0).numpy()) for s in samples]
 
 
 def test_export_predicts_the_checkpoints_masks(trained_run, exported, tiny_shards):

@@ -206,7 +206,7 @@ def test_overfit_one_batch_then_predict_reproduces_it_by_generation(tiny_shards,
     for shard in load_manifest(tiny_shards)["splits"]["train"]["shards"]:
         for raw in iter_tar_samples(tiny_shards / shard["name"]):
             if raw["__key__"] in batch["keys"]:
-                samples[raw["__key__"]] = decode_sample(raw)["image"]
+                samples[raw["__key__"]] = decode_sample(raw)["image"].permute(1, 2, 0).numpy()  # (H, W, 3)
     preds = model.predict([samples[k] for k in batch["keys"]], batch["expressions"])
     for i, p in enumerate(preds):
         assert p.stopped == {"semantic": True, "spatial": True}

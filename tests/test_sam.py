@@ -18,7 +18,7 @@ def test_tiny_checkpoint_loads_through_the_same_path(tmp_path):
     for k, v in sam.state_dict().items():
         assert torch.equal(v, saved[k]), k
     seg = SamSegmenter(sam)
-    emb = seg.encode(torch.zeros(2, 3, 128, 128))
+    emb = seg.encode(torch.zeros(2, 3, 128, 128, dtype=torch.uint8), torch.tensor([[96, 128], [128, 80]]))
     assert emb.shape == (2, cfg.sam_arch.prompt_dim, 8, 8)
     low = seg.decode(emb, torch.tensor([[10.0, 10, 60, 50], [0, 0, 127, 127]]), torch.randn(2, cfg.sam_arch.prompt_dim))
     assert low.shape == (2, 32, 32)
@@ -65,16 +65,16 @@ cfg = ModelConfig(sam_type="tiny", sam_checkpoint="{tmp_path / 'sam.pth'}", sam_
 save_tiny_sam(cfg.sam_arch, 128, cfg.sam_checkpoint)
 seg = SamSegmenter(load_sam(cfg))
 torch.manual_seed(0)
-images = torch.randn(2, 3, 128, 128)
+images, sizes = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8), torch.tensor([[128, 128], [96, 128]])
 boxes, sem = torch.tensor([[10.0, 10, 60, 50], [0, 0, 127, 127]]), torch.randn(2, cfg.sam_arch.prompt_dim)
 with torch.no_grad():
-    expected = seg.decode(seg.encode(images), boxes, sem)
+    expected = seg.decode(seg.encode(images, sizes), boxes, sem)
 ds = {{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3, "stage3_param_persistence_threshold": 0,
       "stage3_max_live_parameters": 0, "stage3_max_reuse_distance": 0}}}}
 engine, *_ = deepspeed.initialize(model=seg, optimizer=torch.optim.AdamW(seg.parameters()), config=ds)
 print("RELEASED", seg.sam.prompt_encoder.point_embeddings[2].weight.numel() == 0)
 with torch.no_grad():
-    got = engine.module.decode(engine.module.encode(images), boxes, sem)
+    got = engine.module.decode(engine.module.encode(images, sizes), boxes, sem)
 print("MATCH", bool(torch.allclose(got, expected, atol=1e-5)))
 """
     out = run([sys.executable, "-c", script])
@@ -88,7 +88,7 @@ def test_batched_decode_equals_sams_own_decoder_run_per_image(tmp_path, prompts)
     save_tiny_sam(cfg.sam_arch, 128, cfg.sam_checkpoint, seed=1)
     seg = SamSegmenter(load_sam(cfg))
     torch.manual_seed(0)
-    emb = seg.encode(torch.randn(3, 3, 128, 128))
+    emb = seg.encode(torch.randint(0, 256, (3, 3, 128, 128), dtype=torch.uint8), torch.tensor([[128, 128]] * 3))
     boxes = torch.tensor([[10.0, 10, 60, 50], [0, 0, 127, 127], [40, 30, 90, 120]]) if "box" in prompts else None
     sem = torch.randn(3, cfg.sam_arch.prompt_dim) if "semsp" in prompts else None
     sam = seg.sam
@@ -102,3 +102,18 @@ def test_batched_decode_equals_sams_own_decoder_run_per_image(tmp_path, prompts)
                                   multimask_output=False)
         reference.append(low[:, 0])
     assert torch.allclose(seg.decode(emb, boxes, sem), torch.cat(reference), atol=1e-5)
+
+
+def test_normalize_on_the_device_equals_sams_own_preprocess(tmp_path):
+    cfg = ModelConfig(sam_type="tiny", sam_checkpoint=str(tmp_path / "sam.pth"), sam_image_size=128)
+    save_tiny_sam(cfg.sam_arch, 128, cfg.sam_checkpoint)
+    seg = SamSegmenter(load_sam(cfg))
+    torch.manual_seed(0)
+    sizes = [(96, 128), (128, 70)]
+    frames = torch.zeros(2, 3, 128, 128, dtype=torch.uint8)
+    expected = []
+    for i, (h, w) in enumerate(sizes):
+        image = torch.randint(0, 256, (3, h, w), dtype=torch.uint8)
+        frames[i, :, :h, :w] = image
+        expected.append(seg.sam.preprocess(image.float()[None])[0])  # segment_anything: mean/std, then pad
+    assert torch.allclose(seg.normalize(frames, torch.tensor(sizes)), torch.stack(expected), atol=1e-5)

@@ -106,7 +106,7 @@ def test_one_expression_per_ref_per_visit_drawn_from_seed_and_epoch(tiny_shards)
 
 def test_batches_have_the_documented_shapes(tiny_shards):
     b = take(build_train_loader(make_config(tiny_shards), 0, 1), 1)[0]
-    assert b["sam_images"].shape == (3, 3, 64, 64) and b["sam_images"].dtype == torch.float32
+    assert b["sam_images"].shape == (3, 3, 64, 64) and b["sam_images"].dtype == torch.uint8  # normalised on the device
     assert b["mllm_images"].shape == (3, 3, 32, 32) and b["mllm_images"].dtype == torch.uint8
     assert b["sam_masks"].shape == (3, 64, 64) and b["boxes"].shape == (3, 4)
     assert all(m.shape == tuple(s) for m, s in zip(b["masks"], b["original_sizes"].tolist()))

@@ -1,5 +1,7 @@
 import numpy as np
 import pytest
+from PIL import Image
+from segment_anything.utils.transforms import ResizeLongestSide
 import torch
 
 from conftest import make_config, train_set
@@ -7,8 +9,7 @@ from ppcr.data.shards import decode_sample, iter_tar_samples, load_manifest
 from ppcr.data.stream import EvalStream, ShardSet, prepare
 from ppcr.data.transforms import Preprocessor, hflip, swap_left_right, xywh_to_norm_cxcywh
 
-PRE = Preprocessor(mllm_image_size=32, sam_image_size=64, sam_pixel_mean=(123.675, 116.28, 103.53),
-                   sam_pixel_std=(58.395, 57.12, 57.375))
+PRE = Preprocessor(mllm_image_size=32, sam_image_size=64)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -24,30 +25,28 @@ def test_swap_left_right(text, expected):
 
 
 def test_hflip_mirrors_image_mask_box_and_words():
-    image = np.zeros((10, 20, 3), np.uint8)
-    mask = np.zeros((10, 20), np.uint8)
+    image = torch.zeros((3, 10, 20), dtype=torch.uint8)
+    mask = torch.zeros((10, 20), dtype=torch.uint8)
     mask[2:5, 1:4] = 1  # x in [1, 4)
-    image[mask == 1] = 255
+    image[:, mask == 1] = 255
     img2, mask2, box2, text = hflip(image, mask, [1, 2, 3, 3], "the box on the left")
-    ys, xs = np.nonzero(mask2)
-    assert (xs.min(), xs.max() + 1) == (16, 19) and box2 == [16, 2, 3, 3]
-    assert (img2[..., 0] == 255).sum() == mask2.sum() == 9 and text == "the box on the right"
+    ys, xs = torch.nonzero(mask2, as_tuple=True)
+    assert (int(xs.min()), int(xs.max()) + 1) == (16, 19) and box2 == [16, 2, 3, 3]
+    assert int((img2[0] == 255).sum()) == int(mask2.sum()) == 9 and text == "the box on the right"
 
 
-def test_preprocess_resizes_longest_side_normalises_and_pads():
-    image = np.full((30, 60, 3), 200, np.uint8)  # wide: longest side 60 -> 64, height 32
-    mask = np.zeros((30, 60), np.uint8)
+def test_preprocess_resizes_longest_side_and_pads():
+    image = torch.full((3, 30, 60), 200, dtype=torch.uint8)  # wide: longest side 60 -> 64, height 32
+    mask = torch.zeros((30, 60), dtype=torch.uint8)
     mask[:, 30:] = 1
     out = PRE(image, mask, [30, 0, 30, 30])
     assert out["original_size"] == (30, 60) and out["input_size"] == (32, 64)
     x = out["sam_image"]
-    assert x.shape == (3, 64, 64)
-    expected = (200 - torch.tensor(PRE.sam_pixel_mean)) / torch.tensor(PRE.sam_pixel_std)
-    assert torch.allclose(x[:, 10, 10], expected, atol=1e-5)
-    assert (x[:, 32:, :] == 0).all()  # padding below the image
+    assert x.shape == (3, 64, 64) and x.dtype == torch.uint8  # SAM's mean/std come on the device
+    assert (x[:, :32] == 200).all() and (x[:, 32:] == 0).all()  # the image, then padding below it
     m = out["sam_mask"]
     assert m.shape == (64, 64) and m[:32, 32:].all() and not m[:32, :32].any() and not m[32:].any()
-    assert torch.equal(out["mask"], torch.from_numpy(mask))
+    assert torch.equal(out["mask"], mask)
     assert torch.allclose(out["box"], torch.tensor([0.75, 0.5, 0.5, 1.0]))
     assert out["mllm_image"].shape == (3, 32, 32) and out["mllm_image"].dtype == torch.uint8
 
@@ -69,3 +68,17 @@ def test_training_and_evaluation_share_the_preprocessing(tiny_shards):
     flipped = prepare(sample, sample["meta"]["sentences"][0], True, pre)
     assert torch.equal(flipped["mask"], direct["mask"].flip(-1))
     assert torch.isclose(flipped["box"][0], 1 - direct["box"][0], atol=1e-5)
+
+
+def test_resampling_matches_sams_resize_and_a_pil_bicubic_within_one_level(tiny_shards):
+    shard = load_manifest(tiny_shards)["splits"]["train"]["shards"][0]
+    image = decode_sample(next(iter_tar_samples(tiny_shards / shard["name"])))["image"]
+    out = Preprocessor(mllm_image_size=48, sam_image_size=128)(image)
+    hwc = image.permute(1, 2, 0).numpy()
+    sam = ResizeLongestSide(128).apply_image(hwc)  # segment_anything's own transform, through PIL
+    ih, iw = out["input_size"]
+    assert sam.shape[:2] == (ih, iw)
+    mine = out["sam_image"][:, :ih, :iw].permute(1, 2, 0).numpy().astype(int)
+    assert np.abs(mine - sam.astype(int)).max() <= 1
+    pil = np.asarray(Image.fromarray(hwc).resize((48, 48), Image.BICUBIC)).astype(int)
+    assert np.abs(out["mllm_image"].permute(1, 2, 0).numpy().astype(int) - pil).max() <= 1

@@ -25,11 +25,13 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import torch
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
 from ppcr.data.refer import ReferRecord, Rejection, read_refer, refer_files, segmentation_to_mask
+from ppcr.data.transforms import decode_image
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -37,7 +39,7 @@ REJECTED = "rejected.jsonl"
 SAMPLE_FIELDS = ("jpg", "mask.png", "json")
 JSON_FIELDS = ("ref_id", "ann_id", "image_id", "category_id", "category", "sentences", "bbox",
                "height", "width", "dataset", "split_by", "split")
-FIXED_MTIME = 0.0  # tar member times, so that equal input gives equal bytes
+FIXED_MTIME = 0  # tar member times, so that equal input gives equal bytes; an int: a float adds a PAX header per member
 
 
 class SampleError(ValueError):
@@ -60,7 +62,7 @@ def encode_mask(mask: np.ndarray) -> bytes:
 
 
 def decode_sample(raw: dict) -> dict:
-    """Raw shard sample (bytes per field) -> image (H, W, 3) uint8, mask (H, W) uint8 {0,1}, meta."""
+    """Raw shard sample (bytes per field) -> image (3, H, W) uint8, mask (H, W) uint8 {0,1}, meta."""
     key = raw.get("__key__", "?")
     missing = [f for f in SAMPLE_FIELDS if f not in raw]
     if missing:
@@ -75,19 +77,17 @@ def decode_sample(raw: dict) -> dict:
     if not meta["sentences"] or not all(isinstance(s, str) and s.strip() for s in meta["sentences"]):
         raise SampleError(f"sample {key}: json field 'sentences' is empty or holds an empty expression")
     try:
-        with Image.open(io.BytesIO(raw["jpg"])) as im:
-            image = np.array(im.convert("RGB"))
-    except Exception as e:  # PIL raises many types for broken files
+        image = decode_image(raw["jpg"])
+    except (RuntimeError, ValueError) as e:  # broken or empty data
         raise SampleError(f"sample {key}: jpg does not decode ({e})") from e
     try:
-        with Image.open(io.BytesIO(raw["mask.png"])) as im:
-            mask = (np.asarray(im.convert("L")) > 0).astype(np.uint8)
-    except Exception as e:
+        mask = (decode_image(raw["mask.png"], gray=True)[0] > 0).to(torch.uint8)
+    except (RuntimeError, ValueError) as e:
         raise SampleError(f"sample {key}: mask.png does not decode ({e})") from e
     h, w = int(meta["height"]), int(meta["width"])
-    if image.shape[:2] != (h, w):
-        raise SampleError(f"sample {key}: jpg is {image.shape[1]}x{image.shape[0]}, json says {w}x{h}")
-    if mask.shape != (h, w):
+    if tuple(image.shape[-2:]) != (h, w):
+        raise SampleError(f"sample {key}: jpg is {image.shape[-1]}x{image.shape[-2]}, json says {w}x{h}")
+    if tuple(mask.shape) != (h, w):
         raise SampleError(f"sample {key}: mask.png is {mask.shape[1]}x{mask.shape[0]}, json says {w}x{h}")
     bbox = meta["bbox"]
     if not (isinstance(bbox, list) and len(bbox) == 4 and bbox[2] > 0 and bbox[3] > 0):

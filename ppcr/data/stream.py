@@ -142,7 +142,7 @@ def prepare(sample: dict, sentence: str, flip: bool, pre: Preprocessor) -> dict:
 def collate(items: list[dict]) -> dict:
     """Stack fixed-size tensors; keep original-resolution masks as a list (their sizes differ)."""
     return {
-        "sam_images": torch.stack([it["sam_image"] for it in items]),  # (B, 3, S, S) float32
+        "sam_images": torch.stack([it["sam_image"] for it in items]),  # (B, 3, S, S) uint8
         "mllm_images": torch.stack([it["mllm_image"] for it in items]),  # (B, 3, M, M) uint8
         "sam_masks": torch.stack([it["sam_mask"] for it in items]),  # (B, S, S) uint8
         "boxes": torch.stack([it["box"] for it in items]),  # (B, 4) normalised cx, cy, w, h

@@ -1,7 +1,10 @@
 """The one preprocessing of images, masks and boxes, shared by training, evaluation and inference.
 
 Peer codebases drift apart here (resize, SAM's pixel mean/std, padding done three ways); in ppcr the
-loader, the evaluator and ``ppcr-infer`` all call :class:`Preprocessor`.
+loader, the evaluator and ``ppcr-infer`` all call :class:`Preprocessor`. Images stay (3, H, W) uint8
+tensors from decoding to the batch (TorchCodec's decoders, torchvision's uint8 resampling):
+SAM's pixel mean and std are applied on the device by the model, where segment_anything's own
+``Sam.preprocess`` applies them, so loader workers do no float work and batches are 4x smaller.
 """
 
 from __future__ import annotations
@@ -9,59 +12,66 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+import torchvision.transforms.v2.functional as TF
 from segment_anything.utils.transforms import ResizeLongestSide
+from torchcodec.decoders import decode_image as _decode
 
 from ppcr.config import ModelConfig
+
+
+def decode_image(data: bytes, gray: bool = False) -> torch.Tensor:
+    """Encoded image bytes (JPEG, PNG, ...) -> (3, H, W) uint8 RGB, or (1, H, W) for ``gray``; raises
+    RuntimeError or ValueError on data that does not decode."""
+    return _decode(data, mode="GRAY" if gray else "RGB")
+
+
+def frame_region(input_sizes: torch.Tensor, size: int) -> torch.Tensor:
+    """(B, S, S) bool: the pixels of SAM's S x S frame that each image covers (the rest is padding);
+    ``input_sizes`` (B, 2) holds each image's h, w inside the frame."""
+    ar = torch.arange(size, device=input_sizes.device)
+    return (ar[None, :, None] < input_sizes[:, 0, None, None]) & (ar[None, None, :] < input_sizes[:, 1, None, None])
 
 
 @dataclass(frozen=True)
 class Preprocessor:
     mllm_image_size: int
     sam_image_size: int
-    sam_pixel_mean: tuple[float, float, float]
-    sam_pixel_std: tuple[float, float, float]
 
     @classmethod
     def from_config(cls, m: ModelConfig) -> "Preprocessor":
-        return cls(m.mllm_image_size, m.sam_image_size, tuple(m.sam_pixel_mean), tuple(m.sam_pixel_std))
+        return cls(m.mllm_image_size, m.sam_image_size)
 
-    def image(self, image: np.ndarray) -> dict:
-        """(H, W, 3) uint8 RGB -> the two model inputs and the sizes needed to map results back.
+    def image(self, image: torch.Tensor) -> dict:
+        """(3, H, W) uint8 RGB -> the two model inputs and the sizes needed to map results back.
 
-        sam_image: (3, S, S) float32, SAM's longest-side resize, pixel mean/std, zero pad right/bottom.
-        mllm_image: (3, M, M) uint8, a square resize the MLLM's own processor takes from there.
+        sam_image: (3, S, S) uint8, SAM's longest-side resize (bilinear, antialiased, as SAM's
+            ``ResizeLongestSide`` through PIL), zero padding right and bottom.
+        mllm_image: (3, M, M) uint8, a square bicubic resize the MLLM's own processor takes from there.
         """
-        h, w = image.shape[:2]
-        resized = ResizeLongestSide(self.sam_image_size).apply_image(image)
-        ih, iw = resized.shape[:2]
-        x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
-        mean = torch.tensor(self.sam_pixel_mean).view(3, 1, 1)
-        std = torch.tensor(self.sam_pixel_std).view(3, 1, 1)
-        x = F.pad((x - mean) / std, (0, self.sam_image_size - iw, 0, self.sam_image_size - ih))
-        mllm = Image.fromarray(image).resize((self.mllm_image_size, self.mllm_image_size), Image.BICUBIC)
+        h, w = image.shape[-2:]
+        ih, iw = ResizeLongestSide.get_preprocess_shape(h, w, self.sam_image_size)
+        sam = TF.resize(image, [ih, iw], antialias=True)
+        mllm = TF.resize(image, [self.mllm_image_size] * 2, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         return {
-            "sam_image": x,
-            "mllm_image": torch.from_numpy(np.array(mllm)).permute(2, 0, 1).contiguous(),
+            "sam_image": F.pad(sam, (0, self.sam_image_size - iw, 0, self.sam_image_size - ih)),
+            "mllm_image": mllm,
             "original_size": (h, w),
             "input_size": (ih, iw),
         }
 
-    def mask(self, mask: np.ndarray, input_size: tuple[int, int]) -> torch.Tensor:
-        """(H, W) {0,1} mask -> (S, S) uint8 in SAM's input frame (nearest resize, same padding)."""
+    def mask(self, mask: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
+        """(H, W) {0,1} uint8 mask -> (S, S) uint8 in SAM's input frame (nearest resize, same padding)."""
         ih, iw = input_size
-        m = Image.fromarray(mask.astype(np.uint8)).resize((iw, ih), Image.NEAREST)
-        m = torch.from_numpy(np.array(m))
+        m = TF.resize(mask[None], [ih, iw], interpolation=TF.InterpolationMode.NEAREST_EXACT)[0]
         return F.pad(m, (0, self.sam_image_size - iw, 0, self.sam_image_size - ih))
 
-    def __call__(self, image: np.ndarray, mask: np.ndarray | None = None, bbox: list[float] | None = None) -> dict:
+    def __call__(self, image: torch.Tensor, mask: torch.Tensor | None = None, bbox: list[float] | None = None) -> dict:
         out = self.image(image)
         h, w = out["original_size"]
         if mask is not None:
-            out["mask"] = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))
+            out["mask"] = mask
             out["sam_mask"] = self.mask(mask, out["input_size"])
         if bbox is not None:
             out["box"] = xywh_to_norm_cxcywh(bbox, w, h)
@@ -91,9 +101,9 @@ def swap_left_right(text: str) -> str:
     return _LEFT_RIGHT.sub(swap, text)
 
 
-def hflip(image: np.ndarray, mask: np.ndarray, bbox: list[float], sentence: str) -> tuple:
-    """Mirror a sample left-right; the expression's 'left' and 'right' swap with it."""
-    w = image.shape[1]
+def hflip(image: torch.Tensor, mask: torch.Tensor, bbox: list[float], sentence: str) -> tuple:
+    """Mirror a sample left-right: image (3, H, W), mask (H, W), COCO box; 'left' and 'right' in the
+    expression swap with it."""
+    w = image.shape[-1]
     x, y, bw, bh = bbox
-    return (np.ascontiguousarray(image[:, ::-1]), np.ascontiguousarray(mask[:, ::-1]),
-            [w - x - bw, y, bw, bh], swap_left_right(sentence))
+    return image.flip(-1), mask.flip(-1), [w - x - bw, y, bw, bh], swap_left_right(sentence)

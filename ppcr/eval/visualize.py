@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw
 
-from ppcr.data.transforms import Preprocessor
 
-
-def grid(pairs: list, pre: Preprocessor) -> np.ndarray:
+def grid(pairs: list) -> np.ndarray:
     """Image, ground truth (green) and prediction (red) side by side, with the expression and answers."""
     tiles = []
     for item, pred in pairs:
-        image = _image_of(item, pre)
+        image = _image_of(item)
         gt = item["mask"].numpy() > 0
         pm = pred.mask.numpy()
         panels = []
@@ -34,11 +31,9 @@ def grid(pairs: list, pre: Preprocessor) -> np.ndarray:
     return np.concatenate([np.pad(t, ((0, 4), (0, width - t.shape[1]), (0, 0)), constant_values=255) for t in tiles])
 
 
-def _image_of(item: dict, pre: Preprocessor) -> np.ndarray:
-    """The original image back from SAM's input (undo mean/std, crop the padding, resize)."""
+def _image_of(item: dict) -> np.ndarray:
+    """The original image back from SAM's input (crop the padding, resize)."""
     ih, iw = item["input_size"]
     h, w = item["original_size"]
-    mean = torch.tensor(pre.sam_pixel_mean).view(3, 1, 1)
-    std = torch.tensor(pre.sam_pixel_std).view(3, 1, 1)
-    x = (item["sam_image"][:, :ih, :iw] * std + mean).clamp(0, 255).byte().permute(1, 2, 0).numpy()
+    x = item["sam_image"][:, :ih, :iw].permute(1, 2, 0).numpy()
     return np.asarray(Image.fromarray(x).resize((w, h), Image.BILINEAR))

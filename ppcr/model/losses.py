@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou_loss
 
 from ppcr.config import LossWeights
+from ppcr.data.transforms import frame_region
 
 TERMS = ("ce_sem", "ce_spa", "l1", "giou", "bce", "dice")
 
@@ -30,9 +31,7 @@ def mask_losses(low: torch.Tensor, targets: torch.Tensor, input_sizes: torch.Ten
     over the masks. ``input_sizes`` (B, 2) holds each image's h, w inside the frame."""
     size = targets.shape[-1]
     x = F.interpolate(low[:, None].float(), (size, size), mode="bilinear", align_corners=False)[:, 0]
-    ar = torch.arange(size, device=x.device)
-    valid = ((ar[None, :, None] < input_sizes[:, 0, None, None])
-             & (ar[None, None, :] < input_sizes[:, 1, None, None])).float()  # (B, S, S)
+    valid = frame_region(input_sizes, size).float()  # (B, S, S)
     t = targets.float() * valid
     pixels = valid.sum((1, 2))
     bce = (F.binary_cross_entropy_with_logits(x, t, reduction="none") * valid).sum((1, 2)) / pixels

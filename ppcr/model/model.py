@@ -235,10 +235,10 @@ class PPCRModel(nn.Module):
 
     def segment(self, sam_images: torch.Tensor, boxes: torch.Tensor | None, semsp: torch.Tensor | None,
                 input_sizes: torch.Tensor) -> torch.Tensor:
-        """SAM on (B, 3, S, S) images with boxes (B, 4 normalised cx, cy, w, h) and SemSP (B, H);
+        """SAM on (B, 3, S, S) uint8 images with boxes (B, 4 normalised cx, cy, w, h) and SemSP (B, H);
         returns (B, S/4, S/4) mask logits."""
         with mark("sam_encoder"):
-            embeddings = self.sam.encode(sam_images)
+            embeddings = self.sam.encode(sam_images, input_sizes.to(sam_images.device))
         with mark("sam_decoder"):
             sam_boxes = None
             if boxes is not None:
@@ -282,7 +282,7 @@ class PPCRModel(nn.Module):
         """Segment what each expression refers to in its (H, W, 3) uint8 RGB image, by generation only."""
         if len(images) != len(expressions):
             raise ValueError(f"{len(images)} images but {len(expressions)} expressions")
-        items = [self.preprocess(image) for image in images]
+        items = [self.preprocess(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)) for image in images]
         return self.predict_prepared(items, expressions)
 
     @torch.no_grad()

@@ -17,6 +17,7 @@ from segment_anything.modeling import Sam
 from torch import nn
 
 from ppcr.config import ModelConfig
+from ppcr.data.transforms import frame_region
 from ppcr.model.tiny import build_tiny_sam
 
 
@@ -64,11 +65,20 @@ class SamSegmenter(nn.Module):
     def prompt_dim(self) -> int:
         return self.sam.prompt_encoder.embed_dim
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) preprocessed images -> (B, C, S/16, S/16); no graph when the encoder is frozen."""
+    def normalize(self, images: torch.Tensor, input_sizes: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 images, zero-padded right and bottom, -> SAM's input: pixel mean and std
+        inside each image, zero in the padding, as segment_anything's ``Sam.preprocess``."""
+        mean, std = self.sam.pixel_mean, self.sam.pixel_std  # (3, 1, 1) buffers, on the model's device
+        x = (images.float() - mean.float()) / std.float()
+        return (x * frame_region(input_sizes, images.shape[-1])[:, None]).to(mean.dtype)
+
+    def encode(self, images: torch.Tensor, input_sizes: torch.Tensor) -> torch.Tensor:
+        """(B, 3, S, S) uint8 images (see :meth:`normalize`) -> (B, C, S/16, S/16); no graph when the
+        encoder is frozen."""
+        x = self.normalize(images, input_sizes)
         trainable = any(p.requires_grad for p in self.sam.image_encoder.parameters())
         with torch.set_grad_enabled(trainable and torch.is_grad_enabled()):
-            return self.sam.image_encoder(images)
+            return self.sam.image_encoder(x)
 
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, sem: torch.Tensor | None) -> torch.Tensor:
         """Low-resolution mask logits (B, S/4, S/4) for boxes (B, 4) in SAM's input frame (x1, y1, x2, y2

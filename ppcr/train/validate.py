@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from ppcr.config import Config
-from ppcr.data.transforms import Preprocessor
 from ppcr.eval.evaluate import evaluate_items, filler_item, split_items
 from ppcr.eval.visualize import grid
 from ppcr.train.distributed import DistInfo
@@ -20,8 +19,8 @@ class Validator:
         self.name = f"{spec.name}/{spec.split}"
         self.items = split_items(cfg, spec, dist, limit=cfg.train.val_samples)
         self.filler = filler_item(cfg, spec)
-        self.dist, self.synced, self.pre = dist, synced, Preprocessor.from_config(cfg.model)
+        self.dist, self.synced = dist, synced
 
     def run(self, model) -> tuple[dict[str, float], np.ndarray | None]:
         result, shown = evaluate_items(model, self.items, self.filler, self.dist, self.synced, keep=4)
-        return result, grid(shown, self.pre) if shown else None
+        return result, grid(shown) if shown else None
