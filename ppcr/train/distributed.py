@@ -61,7 +61,13 @@ def init_distributed() -> DistInfo:
     if get_accelerator().device_name() == "cuda":
         torch.cuda.set_device(local_rank)
     rank, world = dist.get_rank(), dist.get_world_size()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "0")) or 0)
+    # torchrun / deepspeed / srun each name the number of processes on this node differently.
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE",
+                                     os.environ.get("SLURM_NTASKS_PER_NODE", "0"))) or 0)
+    if get_accelerator().device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks share the node's cores instead of each starting a thread per core.
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // max(local_world, 1)))
     node_rank = int(os.environ.get("SLURM_NODEID", os.environ.get("GROUP_RANK", rank // local_world if local_world else 0)))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, node_rank=node_rank)
 
