@@ -205,7 +205,8 @@ class PPCRModel(nn.Module):
                                batch["input_sizes"].to(dev), batch["boxes"].to(dev))
 
     def compute(self, x: TrainInputs) -> dict[str, torch.Tensor]:
-        """Device side of a training step; it never waits for the device (no host synchronisation)."""
+        """Device side of a training step. ppcr's code in it never reads a value back from the device (no
+        host synchronisation; tests/test_model.py checks it); transformers' attention-mask helpers do."""
         with mark("vision"):
             features = self.vision_features(x.vision)
 

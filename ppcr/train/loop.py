@@ -13,12 +13,12 @@ from tqdm import tqdm
 
 from ppcr.config import Config
 from ppcr.model.losses import TERMS
+from ppcr.profiling import StepProfiler, mark
 from ppcr.train import checkpoint
 from ppcr.train.distributed import DistInfo, all_reduce_sum, device
 from ppcr.train.logger import RunLogger
 from ppcr.train.memory import model_state_bytes
 from ppcr.train.preempt import Preemption
-from ppcr.profiling import StepProfiler, mark
 from ppcr.train.validate import Validator
 
 
