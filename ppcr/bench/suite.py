@@ -44,8 +44,7 @@ def run(recipe: str, overrides: list[str], out: Path, plan: Plan = Plan()) -> di
     results["memory_models"] = [{k: v for k, v in memory.model_summary(m).items() if k not in ("counts", "table")}
                                 for m in models]
     results["memory_paper"] = memory.memory_table(models)
-    measured = {r["ranks"]: results[name]["memory"][0] for name, r in (("zero3_1", results["zero3_1"]),
-                                                                     ("zero3_2", results["zero3_2"]))}
+    measured = {results[name]["ranks"]: results[name]["memory"][0] for name in ("zero3_1", "zero3_2")}
     results["memory_small"] = memory.zero3_scaling_rows(measured, results["plain"]["trainable_params"],
                                                         results["plain"]["frozen_params"], cfg.train.precision)
     results["seconds"] = time.perf_counter() - t0

@@ -10,6 +10,7 @@ warm-up step), after the timed windows.
 from __future__ import annotations
 
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -49,6 +50,7 @@ def launcher_run(name: str, recipe: str, overrides: list[str], cfg: Config, npro
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
            str(_free_port()), str(ROOT / "launch/train.py"), "--config", recipe, *args]
     run_dir = runs_root / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a left-over run would be resumed, not measured
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t0
