@@ -12,6 +12,7 @@ import psutil
 import torch
 
 from ppcr.bench.report import Figure
+from ppcr.train.distributed import usable_cores
 
 
 def _cpu_model() -> str:
@@ -37,7 +38,7 @@ def describe() -> dict:
     out = {
         "cpu": _cpu_model(),
         "logical_cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "usable_cores": usable_cores(),
         "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
         "os": platform.platform(),
         "python": platform.python_version(),

@@ -26,15 +26,10 @@ from peft.tuners.lora import LoraLayer
 from segment_anything import sam_model_registry
 from torch import nn
 from transformers import (
-    CLIPImageProcessor,
     LlavaConfig,
     LlavaForConditionalGeneration,
-    LlavaProcessor,
     Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2VLImageProcessor,
-    Qwen2VLVideoProcessor,
 )
 
 from ppcr.bench.report import table
@@ -43,12 +38,9 @@ from ppcr.model.model import PPCRModel
 from ppcr.model.params import parameter_counts, parameter_table
 from ppcr.model.sam import SamSegmenter
 from ppcr.model.tiny import (
-    CLIP_MEAN,
-    CLIP_STD,
-    LLAVA_CHAT_TEMPLATE,
     LLAVA_SPECIAL,
-    QWEN_CHAT_TEMPLATE,
     QWEN_SPECIAL,
+    build_processor,
     build_tokenizer,
 )
 from ppcr.model.tokens import NEW_TOKENS, render_prompts
@@ -147,19 +139,11 @@ def _processor(family: str, image_size: int) -> object:
     """The family's processor around the tiny tokenizer (a proxy for the real one, which is not on
     disk), so that prompts render through a chat template and image tokens expand as in training."""
     if family == "qwen2_5_vl":
-        vision = QWEN2_5_VL_7B_INSTRUCT["vision_config"]
-        sizes = {"min_pixels": image_size**2, "max_pixels": image_size**2, "patch_size": vision["patch_size"],
-                 "merge_size": vision["spatial_merge_size"], "temporal_patch_size": vision["temporal_patch_size"]}
-        return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes),
-                                   tokenizer=build_tokenizer(QWEN_SPECIAL, family),
-                                   video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=QWEN_CHAT_TEMPLATE)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                         crop_size={"height": image_size, "width": image_size},
-                                         image_mean=CLIP_MEAN, image_std=CLIP_STD)
-    return LlavaProcessor(image_processor=image_processor, tokenizer=build_tokenizer(LLAVA_SPECIAL, family),
-                          patch_size=LLAVA_1_5_7B_HF["vision_config"]["patch_size"],
-                          vision_feature_select_strategy=LLAVA_1_5_7B_HF["vision_feature_select_strategy"],
-                          num_additional_image_tokens=1, chat_template=LLAVA_CHAT_TEMPLATE)
+        v = QWEN2_5_VL_7B_INSTRUCT["vision_config"]
+        return build_processor(family, image_size, build_tokenizer(QWEN_SPECIAL, family), v["patch_size"],
+                               v["spatial_merge_size"], v["temporal_patch_size"])
+    return build_processor(family, image_size, build_tokenizer(LLAVA_SPECIAL, family),
+                           LLAVA_1_5_7B_HF["vision_config"]["patch_size"])
 
 
 def build_meta_model(name: str) -> RecipeModel:

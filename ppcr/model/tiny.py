@@ -113,13 +113,6 @@ def build_tiny_mllm(family: str, out: str | Path, image_size: int = 112, hidden:
             tie_word_embeddings=False,
         )
         model = Qwen2_5_VLForConditionalGeneration(config)
-        pixels = image_size * image_size
-        image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2,
-                                                temporal_patch_size=2)
-        video_processor = Qwen2VLVideoProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=14, merge_size=2,
-                                                temporal_patch_size=2)
-        processor = Qwen2_5_VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                                        video_processor=video_processor, chat_template=QWEN_CHAT_TEMPLATE)
     else:
         tokenizer = build_tokenizer(LLAVA_SPECIAL, family)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL}
@@ -134,16 +127,27 @@ def build_tiny_mllm(family: str, out: str | Path, image_size: int = 112, hidden:
             vision_feature_layer=-2, vision_feature_select_strategy="default",
         )
         model = LlavaForConditionalGeneration(config)
-        image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
-                                             crop_size={"height": image_size, "width": image_size},
-                                             image_mean=CLIP_MEAN, image_std=CLIP_STD)
-        processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch,
-                                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                                   chat_template=LLAVA_CHAT_TEMPLATE)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    processor.save_pretrained(out)
+    build_processor(family, image_size, tokenizer, patch_size=14).save_pretrained(out)
     return out
+
+
+def build_processor(family: str, image_size: int, tokenizer: PreTrainedTokenizerFast, patch_size: int,
+                    merge_size: int = 2, temporal_patch_size: int = 2):
+    """The family's processor for square ``image_size`` images, with a chat template of the real model's
+    shape (Qwen: ``merge_size`` x ``merge_size`` patches per image token; LLaVA: CLIP with its CLS token)."""
+    if family == "qwen2_5_vl":
+        sizes = dict(min_pixels=image_size**2, max_pixels=image_size**2, patch_size=patch_size,
+                     merge_size=merge_size, temporal_patch_size=temporal_patch_size)
+        return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer,
+                                   video_processor=Qwen2VLVideoProcessor(**sizes), chat_template=QWEN_CHAT_TEMPLATE)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size},
+                                         image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=LLAVA_CHAT_TEMPLATE)
 
 
 def build_tiny_sam(arch: SamArchConfig, image_size: int) -> Sam:

@@ -66,10 +66,14 @@ def init_distributed() -> DistInfo:
                                      os.environ.get("SLURM_NTASKS_PER_NODE", "0"))) or 0)
     if get_accelerator().device_name() == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # CPU ranks share the node's cores instead of each starting a thread per core.
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores // max(local_world, 1)))
+        torch.set_num_threads(max(1, usable_cores() // max(local_world, 1)))
     node_rank = int(os.environ.get("SLURM_NODEID", os.environ.get("GROUP_RANK", rank // local_world if local_world else 0)))
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, node_rank=node_rank)
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS has one, e.g. under SLURM)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def device() -> torch.device:
