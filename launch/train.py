@@ -24,10 +24,12 @@ from ppcr.model.model import PPCRModel
 from ppcr.model.params import parameter_table
 from ppcr.train import checkpoint
 from ppcr.train.distributed import init_distributed
-from ppcr.train.ds_config import build_ds_config, zero_stage
+from ppcr.train.ds_config import zero_stage
 from ppcr.train.logger import RunLogger
 from ppcr.train.loop import train
+from ppcr.train.nonfinite import NonfiniteLossError
 from ppcr.train.optim import build_optimizer, build_scheduler
+from ppcr.train.preflight import check_run_inputs
 from ppcr.train.validate import Validator
 
 RECIPES = Path(__file__).parent / "configs"
@@ -55,9 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     dist = init_distributed()
     print(f"rank {dist.rank}/{dist.world_size} node {dist.node_rank} local rank {dist.local_rank}", flush=True)
-    ds = build_ds_config(cfg, dist.world_size)
-    torch.manual_seed(cfg.train.seed)
     run_dir = Path(cfg.paths.runs_root) / cfg.train.run_name
+    try:
+        ds = check_run_inputs(cfg, dist.world_size, run_dir)  # before anything heavy
+    except ConfigError as e:
+        if dist.is_main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(cfg.train.seed)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -79,11 +86,17 @@ def main(argv: list[str] | None = None) -> int:
     synced = zero_stage(ds) == 3 and dist.world_size > 1
     validator = Validator(cfg, dist, synced=synced) if cfg.train.val_samples and cfg.eval.sets else None
     log = RunLogger(run_dir, dist)
-    status, step = train(cfg, dist, engine, loader, run_dir, start, log, validator)
-    log.close()
+    try:
+        status, step, totals = train(cfg, dist, engine, loader, run_dir, start, log, validator)
+    except NonfiniteLossError as e:
+        if dist.is_main:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        log.close()
     if dist.is_main:
-        print(f"{status} at step {step}; skipped samples: {loader.skipped_samples}; run directory: "
-              f"{run_dir.resolve()}", flush=True)
+        summary = "; ".join(f"{k}: {v}" for k, v in totals.items())
+        print(f"{status} at step {step}; {summary}; run directory: {run_dir.resolve()}", flush=True)
     return 0
 
 

@@ -161,6 +161,9 @@ class TrainConfig:
     seed: int = 0
     micro_batch_size: int = 4  # samples per rank per forward
     grad_accum: int = 1  # micro batches per optimizer step
+    # Samples per optimizer step over all ranks. When set, grad_accum follows from it and the world size
+    # (global_batch_size / (micro_batch_size x world size)), so a recipe keeps its batch on any node count.
+    global_batch_size: Optional[int] = None
     max_steps: int = 2000  # optimizer steps
     lr: float = 2e-4  # LoRA branches, and the vision tower / LLM base when they train
     head_lr: float = 1e-3  # SemSP projectors, box head, new token rows or full embeddings and LM head
@@ -178,6 +181,9 @@ class TrainConfig:
     val_every: int = 500  # steps between validations on a slice of the first eval set
     val_samples: int = 64  # expressions in that slice, over all ranks
     image_every: int = 500  # steps between mask grids in TensorBoard
+    # A micro-batch whose loss is NaN or Inf on any rank gets no backward on every rank, and a step
+    # without a finite micro-batch no update; after this many such steps in a row the run stops.
+    max_nonfinite_steps: int = 3
     halt_at_step: Optional[int] = None  # checkpoint and stop after this step (time-boxed jobs, tests)
     # Profile steps profile_at_step .. profile_at_step + profile_steps - 1: a trace and the split of step
     # time by stage, in <run>/profile/ (ppcr.train.profiling); null profiles nothing.
@@ -280,6 +286,9 @@ def _check_values(cfg: Config) -> None:
     need(tr.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
     need(tr.grad_accum >= 1, "train.grad_accum", "must be >= 1")
     need(tr.max_steps >= 1, "train.max_steps", "must be >= 1")
+    need(tr.global_batch_size is None or tr.global_batch_size >= tr.micro_batch_size, "train.global_batch_size",
+         f"must be >= train.micro_batch_size ({tr.micro_batch_size}) or null")
+    need(tr.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     for name in ("lr", "head_lr", "sam_lr"):
         need(getattr(tr, name) > 0, f"train.{name}", "must be > 0")
     need(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
+from PIL import Image
+from pycocotools import mask as mask_utils
 
 from ppcr.config import Config, ShardSetConfig, SyntheticConfig, load_config
 from ppcr.data import synthetic
@@ -56,9 +62,20 @@ def rewrite_sample(path, index, change):
     return key
 
 
+class Payload:
+    """Unpickling this runs code: it creates ``marker`` (how a malicious pickle would run anything)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
 @pytest.fixture
 def corrupted(tiny_shards, tmp_path):
-    """A copy of the set with a truncated shard, an undecodable JPEG, malformed JSON and a missing mask."""
+    """A copy of the set with a truncated shard, an undecodable JPEG, malformed JSON, a missing mask and
+    a sample with a pickle member whose unpickling would create ``tmp_path / "pwned"``."""
     out = tmp_path / "corrupt_unc"
     shutil.copytree(tiny_shards, out)
     shards = [out / s["name"] for s in load_manifest(out)["splits"]["train"]["shards"]]
@@ -68,6 +85,7 @@ def corrupted(tiny_shards, tmp_path):
         "jpg": rewrite_sample(shards[1], 1, lambda s: dict(s, jpg=b"\xff\xd8 not a jpeg")),
         "json": rewrite_sample(shards[2], 0, lambda s: dict(s, json=b"{broken")),
         "mask": rewrite_sample(shards[3], 2, lambda s: {k: v for k, v in s.items() if k != "mask.png"}),
+        "pyd": rewrite_sample(shards[4], 0, lambda s: dict(s, pyd=pickle.dumps(Payload(tmp_path / "pwned")))),
     }
     return out, shards, keys
 
@@ -96,7 +114,7 @@ def model_config(shards_dir: Path, models: dict, family: str, *overrides: str) -
 @pytest.fixture(scope="session")
 def trained_run(tiny_shards, tiny_models, tmp_path_factory) -> Path:
     """A run of 3 steps on 2 ZeRO-3 CPU ranks with the real launcher: a sharded checkpoint to read."""
-    from test_train import deepspeed_cmd, overrides, run
+    from launching import deepspeed_cmd, overrides, run
 
     runs = tmp_path_factory.mktemp("runs")
     args = overrides(tiny_shards, tiny_models, runs, "train.max_steps=3", "train.run_name=trained",
@@ -104,3 +122,64 @@ def trained_run(tiny_shards, tiny_models, tmp_path_factory) -> Path:
     done = run(deepspeed_cmd(args))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return runs / "trained"
+
+
+def _write_refer(root, images, annotations, refs, categories=({"id": 1, "name": "thing", "supercategory": "x"},)):
+    (root / "refcoco").mkdir(parents=True)
+    (root / "refcoco" / "instances.json").write_text(json.dumps(
+        {"images": images, "annotations": annotations, "categories": list(categories)}))
+    with open(root / "refcoco" / "refs(unc).p", "wb") as f:
+        pickle.dump(refs, f)
+
+
+def _ref(ref_id, ann_id, image_id=1, split="train", sents=("the thing",)):
+    return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "category_id": 1, "split": split,
+            "sent_ids": list(range(len(sents))),
+            "sentences": [{"raw": s, "sent": s, "sent_id": i, "tokens": s.split()} for i, s in enumerate(sents)],
+            "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg"}
+
+
+@pytest.fixture
+def handmade(tmp_path):
+    """A REFER set in RefCOCO's layout: overlapping polygons, compressed and uncompressed RLE, and
+    one bad record of each kind."""
+    h, w = 40, 60
+    img_dir = tmp_path / "train2014"
+    img_dir.mkdir()
+    Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(img_dir / "COCO_train2014_000000000001.jpg")
+    images = [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": h, "width": w},
+              {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "height": h, "width": w}]  # no file
+    rle_mask = np.zeros((h, w), np.uint8, order="F")
+    rle_mask[5:15, 30:50] = 1
+    compressed = mask_utils.encode(rle_mask)
+    compressed["counts"] = compressed["counts"].decode()
+    uncompressed = {"size": [h, w], "counts": []}
+    flat, prev, run = rle_mask.flatten(order="F"), 0, 0
+    for v in flat:
+        if v != prev:
+            uncompressed["counts"].append(run)
+            prev, run = v, 0
+        run += 1
+    uncompressed["counts"].append(run)
+    annotations = [
+        # Two overlapping squares, 10x10 each, overlap 5x5: union area 175.
+        {"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 15, 15], "area": 175,
+         "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10], [5, 5, 15, 5, 15, 15, 5, 15]]},
+        {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [30, 5, 20, 10], "area": 200,
+         "segmentation": compressed},
+        {"id": 12, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [30, 5, 20, 10], "area": 200,
+         "segmentation": uncompressed},
+        {"id": 13, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 1, 1], "area": 0,
+         "segmentation": [[0, 0, 0, 0, 0, 0]]},  # zero area
+        {"id": 14, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [50, 30, 20, 20], "area": 100,
+         "segmentation": [[50, 30, 60, 30, 60, 40, 50, 40]]},  # box beyond the right edge
+        {"id": 15, "image_id": 2, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 5, 5], "area": 25,
+         "segmentation": [[0, 0, 5, 0, 5, 5, 0, 5]]},
+        {"id": 16, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 5, 5], "area": 100,
+         "segmentation": [[100, 50, 110, 50, 110, 60, 100, 60]]},  # polygon outside the image
+    ]
+    refs = [_ref(0, 10), _ref(1, 11, split="val"), _ref(2, 12, split="testA"), _ref(3, 13),
+            _ref(4, 14), _ref(5, 15, image_id=2), _ref(6, 10, sents=("  ",)), _ref(7, 99), _ref(8, 10, split="testC"),
+            _ref(9, 16)]
+    _write_refer(tmp_path, images, annotations, refs)
+    return tmp_path, img_dir

@@ -1,14 +1,10 @@
-import json
 import pickle
 
 import numpy as np
 import pytest
-from PIL import Image
-from pycocotools import mask as mask_utils
 
 from ppcr.data import synthetic
 from ppcr.data.refer import read_refer, segmentation_to_mask
-from ppcr.data.shards import build_shards
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -77,64 +73,6 @@ def test_every_expression_names_exactly_one_object():
     assert levels_seen == {0, 1, 2}
 
 
-def _write_refer(root, images, annotations, refs, categories=({"id": 1, "name": "thing", "supercategory": "x"},)):
-    (root / "refcoco").mkdir(parents=True)
-    (root / "refcoco" / "instances.json").write_text(json.dumps(
-        {"images": images, "annotations": annotations, "categories": list(categories)}))
-    with open(root / "refcoco" / "refs(unc).p", "wb") as f:
-        pickle.dump(refs, f)
-
-
-def _ref(ref_id, ann_id, image_id=1, split="train", sents=("the thing",)):
-    return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "category_id": 1, "split": split,
-            "sent_ids": list(range(len(sents))),
-            "sentences": [{"raw": s, "sent": s, "sent_id": i, "tokens": s.split()} for i, s in enumerate(sents)],
-            "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg"}
-
-
-@pytest.fixture
-def handmade(tmp_path):
-    """A REFER set in RefCOCO's layout: overlapping polygons, compressed and uncompressed RLE, and
-    one bad record of each kind."""
-    h, w = 40, 60
-    img_dir = tmp_path / "train2014"
-    img_dir.mkdir()
-    Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(img_dir / "COCO_train2014_000000000001.jpg")
-    images = [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": h, "width": w},
-              {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "height": h, "width": w}]  # no file
-    rle_mask = np.zeros((h, w), np.uint8, order="F")
-    rle_mask[5:15, 30:50] = 1
-    compressed = mask_utils.encode(rle_mask)
-    compressed["counts"] = compressed["counts"].decode()
-    uncompressed = {"size": [h, w], "counts": []}
-    flat, prev, run = rle_mask.flatten(order="F"), 0, 0
-    for v in flat:
-        if v != prev:
-            uncompressed["counts"].append(run)
-            prev, run = v, 0
-        run += 1
-    uncompressed["counts"].append(run)
-    annotations = [
-        # Two overlapping squares, 10x10 each, overlap 5x5: union area 175.
-        {"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 15, 15], "area": 175,
-         "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10], [5, 5, 15, 5, 15, 15, 5, 15]]},
-        {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [30, 5, 20, 10], "area": 200,
-         "segmentation": compressed},
-        {"id": 12, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [30, 5, 20, 10], "area": 200,
-         "segmentation": uncompressed},
-        {"id": 13, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 1, 1], "area": 0,
-         "segmentation": [[0, 0, 0, 0, 0, 0]]},  # zero area
-        {"id": 14, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [50, 30, 20, 20], "area": 100,
-         "segmentation": [[50, 30, 60, 30, 60, 40, 50, 40]]},  # box beyond the right edge
-        {"id": 15, "image_id": 2, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 5, 5], "area": 25,
-         "segmentation": [[0, 0, 5, 0, 5, 5, 0, 5]]},
-    ]
-    refs = [_ref(0, 10), _ref(1, 11, split="val"), _ref(2, 12, split="testA"), _ref(3, 13),
-            _ref(4, 14), _ref(5, 15, image_id=2), _ref(6, 10, sents=("  ",)), _ref(7, 99), _ref(8, 10, split="testC")]
-    _write_refer(tmp_path, images, annotations, refs)
-    return tmp_path, img_dir
-
-
 def test_overlapping_polygons_merge_to_binary_mask_and_rle_decodes(handmade):
     root, img_dir = handmade
     records, rejected = read_refer(root, "refcoco", "unc", img_dir)
@@ -150,30 +88,3 @@ def test_overlapping_polygons_merge_to_binary_mask_and_rle_decodes(handmade):
         segmentation_to_mask(by_id[1].segmentation, 41, 60)
 
 
-def test_bad_records_are_rejected_with_file_ref_and_reason(handmade, tmp_path_factory):
-    root, img_dir = handmade
-    records, rejected = read_refer(root, "refcoco", "unc", img_dir)
-    kinds = {r.ref_id: r.kind for r in rejected}
-    assert kinds == {4: "box_outside_image", 5: "missing_image", 6: "empty_sentence", 7: "missing_annotation",
-                     8: "unknown_split"}
-    assert all(r.file.endswith("refs(unc).p") for r in rejected)
-    assert "testC" in next(r.reason for r in rejected if r.ref_id == 8)
-    assert sorted(r.ref_id for r in records) == [0, 1, 2, 3]
-
-    # The zero-area mask is found when the mask is built; the build goes on with the good refs.
-    out = tmp_path_factory.mktemp("hm") / "refcoco_unc"
-    manifest = build_shards(root, "refcoco", "unc", img_dir, out, workers=1, max_reject_share=1.0)
-    assert manifest["rejected"]["reasons"] == {"box_outside_image": 1, "missing_image": 1, "empty_sentence": 1,
-                                               "missing_annotation": 1, "unknown_split": 1, "zero_area_mask": 1}
-    lines = [json.loads(line) for line in (out / "rejected.jsonl").read_text().splitlines()]
-    assert {(d["ref_id"], d["kind"]) for d in lines} >= {(3, "zero_area_mask"), (5, "missing_image")}
-    assert all({"file", "ref_id", "kind", "reason"} <= set(d) for d in lines)
-    assert {k: v["samples"] for k, v in manifest["splits"].items()} == {"train": 1, "val": 1, "testA": 1}
-
-
-def test_unknown_dataset_or_split_is_refused(handmade):
-    root, img_dir = handmade
-    with pytest.raises(ValueError, match="unknown dataset/split_by 'refcoco/umd'"):
-        read_refer(root, "refcoco", "umd", img_dir)
-    with pytest.raises(ValueError, match="split 'test' does not exist in refcoco/unc"):
-        read_refer(root, "refcoco", "unc", img_dir, splits=["test"])

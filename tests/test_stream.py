@@ -1,14 +1,12 @@
 import itertools
-import logging
 
 import pytest
 import torch
 
 from conftest import make_config, train_set
 from ppcr.data.shards import iter_tar_samples, load_manifest
-from ppcr.data.stream import (EvalStream, ShardSet, _Errors, build_eval_loader, build_train_loader,
+from ppcr.data.stream import (ShardSet, _Errors, build_eval_loader, build_train_loader,
                               choose_expression, set_stream)
-from ppcr.data.transforms import Preprocessor
 
 
 def split_keys(shards_dir, split):
@@ -123,27 +121,6 @@ def test_eval_stream_gives_every_expression_once_over_ranks(tiny_shards):
         for b in build_eval_loader(cfg, spec, rank, 3):
             pairs += list(zip(b["keys"], b["expressions"]))
     assert len(pairs) == len(set(pairs)) == manifest["splits"]["val"]["expressions"]
-
-
-def test_corrupt_data_is_skipped_counted_and_logged(corrupted, caplog):
-    out, shards, keys = corrupted
-    cfg = make_config(out)
-    with caplog.at_level(logging.WARNING, logger="ppcr.data.stream"):
-        loader = build_train_loader(cfg, 0, 1)
-        batches = take(loader, 40)  # more than one epoch of the 24 train refs
-    assert len(batches) == 40
-    assert loader.state_dict()["skipped_samples"] >= 4  # truncated shard + three broken samples
-    text = caplog.text
-    for k in keys.values():
-        assert k in text
-    assert str(shards[0].name) in text
-    seen = {k for b in batches for k in b["keys"]}
-    assert not seen & set(keys.values())
-
-    # The eval stream skips them too, and evaluation goes on.
-    spec = train_set(out, "train")
-    n = sum(len(b["keys"]) for b in EvalStream(ShardSet.open(out.parent, spec), Preprocessor.from_config(cfg.model), 4, 0, 1))
-    assert n > 0
 
 
 def test_too_few_shards_for_the_slots_is_a_clear_error(tiny_shards):

@@ -2,51 +2,15 @@
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
-from pathlib import Path
 
-import psutil
 import pytest
 
 from conftest import model_config
-from ppcr.config import ConfigError, load_config
-from ppcr.train.ds_config import build_ds_config
+from launching import ROOT, deepspeed_cmd, free_port, losses, overrides, run
+from ppcr.config import load_config
 from ppcr.train.optim import lr_factor, param_groups
-
-ROOT = Path(__file__).parent.parent
-VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def overrides(tiny_shards, tiny_models, runs, *extra):
-    return [f"paths.shards_root={tiny_shards.parent}", f"data.train_sets=[{{name: {tiny_shards.name}, split: train}}]",
-            f"eval.sets=[{{name: {tiny_shards.name}, split: val}}]", f"paths.runs_root={runs}",
-            f"model.mllm_path={tiny_models['qwen2_5_vl']}", "model.tiny_family=qwen2_5_vl",
-            f"model.sam_checkpoint={tiny_models['sam']}", "model.sam_image_size=256", "data.num_workers=2",
-            "train.micro_batch_size=2", "train.warmup_steps=2", "train.log_every=1", "train.val_samples=0", *extra]
-
-
-def deepspeed_cmd(args):
-    return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-            str(ROOT / "launch/train.py"), "--config", str(ROOT / "launch/configs/default.yaml"), *args]
-
-
-def run(cmd, **kw):
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
-
-
-def losses(run_dir):
-    return {d["step"]: d for d in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if d["kind"] == "train"}
 
 
 def test_resume_on_two_ranks_matches_an_uninterrupted_run(tiny_shards, tiny_models, tmp_path):
@@ -72,31 +36,6 @@ def test_resume_on_two_ranks_matches_an_uninterrupted_run(tiny_shards, tiny_mode
     assert (tmp_path / "split/checkpoints/latest").read_text() == "step_00000006"
     events = list((tmp_path / "full/tensorboard").glob("events.*"))
     assert len(events) == 1
-
-
-def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tiny_shards, tiny_models, tmp_path):
-    args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=500", "train.save_every=1000",
-                     "train.run_name=pre")
-    proc = subprocess.Popen(deepspeed_cmd(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    metrics = tmp_path / "pre/metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
-        time.sleep(0.5)
-    ours = [p for p in psutil.Process(proc.pid).children(recursive=True) if "--local_rank=" in " ".join(p.cmdline())]
-    ranks = [p for p in ours if p.ppid() not in {q.pid for q in ours}]  # not their data-loader workers
-    assert len(ranks) == 2
-    ranks[1].send_signal(signal.SIGTERM)  # one rank is enough: the others follow at the step boundary
-    out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out[-3000:]
-    assert "preempted at step" in out
-    tag = (tmp_path / "pre/checkpoints/latest").read_text()
-    step = int(tag.split("_")[1])
-    assert 2 <= step < 500
-    ckpt = tmp_path / "pre/checkpoints" / tag
-    assert (ckpt / "ppcr_rank0.json").is_file() and (ckpt / "ppcr_rank1.json").is_file()
-    again = run(deepspeed_cmd(args[:-3] + [f"train.max_steps={step + 1}", "train.save_every=1000", "train.run_name=pre"]))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert f"resumed from step {step}" in again.stdout and f"done at step {step + 1}" in again.stdout
 
 
 def test_two_slurm_tasks_on_two_nodes_keep_their_ranks_and_one_writer(tiny_shards, tiny_models, tmp_path):
@@ -156,21 +95,6 @@ def test_help_lists_recipes_and_override_syntax():
     out = run([sys.executable, "launch/train.py", "--help"])
     assert out.returncode == 0
     assert "default.yaml" in out.stdout and "key.sub=value" in out.stdout
-
-
-def test_ds_config_takes_recipe_values_and_refuses_contradictions(tmp_path):
-    cfg = load_config(ROOT / "launch/configs/default.yaml", ["train.micro_batch_size=3", "train.grad_accum=2"])
-    ds = build_ds_config(cfg, world_size=4)
-    assert ds["train_micro_batch_size_per_gpu"] == 3 and ds["gradient_accumulation_steps"] == 2
-    assert ds["train_batch_size"] == 24 and ds["gradient_clipping"] == cfg.train.grad_clip
-    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"] == {"enabled": False}
-    bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 8}))
-    cfg = load_config(ROOT / "launch/configs/default.yaml", [f"train.ds_config={bad}"])
-    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu = 8.*train.micro_batch_size"):
-        build_ds_config(cfg, 2)
-    with pytest.raises(ConfigError, match="no DeepSpeed config"):
-        build_ds_config(load_config(ROOT / "launch/configs/default.yaml", ["train.ds_config=nope.json"]), 2)
 
 
 def test_schedule_warms_up_then_decays_and_groups_skip_decay_on_1d(tiny_shards, tiny_models):

@@ -11,7 +11,6 @@ do the same work for the same refs; it exists for comparison only and is not use
 from __future__ import annotations
 
 import json
-import pickle
 import random
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ppcr.config import ModelConfig
-from ppcr.data.refer import refer_files, segmentation_to_mask
+from ppcr.data.refer import load_refs, refer_files, segmentation_to_mask
 from ppcr.data.stream import collate
 from ppcr.data.transforms import xywh_to_norm_cxcywh
 
@@ -34,8 +33,7 @@ class ReferRandomAccess(Dataset):
     def __init__(self, refer_root: str | Path, dataset: str, split_by: str, images_dir: str | Path, split: str,
                  m: ModelConfig, seed: int = 0) -> None:
         refs_path, instances_path = refer_files(refer_root, dataset, split_by)
-        with open(refs_path, "rb") as f:
-            refs = pickle.load(f)  # a trusted local file, as in ppcr.data.refer
+        refs = load_refs(refs_path)
         instances = json.loads(Path(instances_path).read_text())
         self.refs = [r for r in refs if r["split"] == split]
         if not self.refs:

@@ -5,8 +5,10 @@ refs (ref_id, ann_id, image_id, category_id, split, sentences[{raw, sent, sent_i
 ``<refer_root>/<dataset>/instances.json`` is COCO (images, annotations with polygon or RLE
 segmentation and bbox [x, y, w, h], categories).
 
-The refs file is a pickle: it is read only from the path the user gives. Do not point it at files
-from sources you do not trust.
+The refs file is a pickle. It is read only from the path the user gives, and with an unpickler that
+builds nothing but lists, dicts, strings and numbers (all a REFER refs file holds): a pickle that
+names any class or function, the way a malicious one runs code, is refused. Still, take refs files
+only from sources you trust.
 """
 
 from __future__ import annotations
@@ -88,6 +90,27 @@ def refer_files(refer_root: str | Path, dataset: str, split_by: str) -> tuple[Pa
     return base / f"refs({split_by}).p", base / "instances.json"
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Builds only pickle's built-in types; any global (class, function) is refused."""
+
+    def find_class(self, module: str, name: str):
+        raise pickle.UnpicklingError(f"it names {module}.{name}; a REFER refs file holds only lists, dicts, "
+                                     f"strings and numbers, so it is not loaded (a pickle that names "
+                                     f"functions can run code)")
+
+
+def load_refs(path: Path) -> list:
+    """The list of refs in a REFER ``refs(<split_by>).p``, read without running any code."""
+    with open(path, "rb") as f:
+        try:
+            refs = _PlainUnpickler(f).load()
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            raise ValueError(f"{path}: not a plain REFER refs pickle: {e}") from e
+    if not isinstance(refs, list):
+        raise ValueError(f"{path}: expected a list of refs, got {type(refs).__name__}")
+    return refs
+
+
 def read_refer(refer_root: str | Path, dataset: str, split_by: str, images_dir: str | Path,
                splits: list[str] | None = None) -> tuple[list[ReferRecord], list[Rejection]]:
     """Read a REFER dataset into records, with a rejection for every ref that cannot be used."""
@@ -102,10 +125,7 @@ def read_refer(refer_root: str | Path, dataset: str, split_by: str, images_dir: 
     for p in (refs_path, instances_path):
         if not p.is_file():
             raise FileNotFoundError(f"REFER file not found: {p}")
-    with open(refs_path, "rb") as f:
-        refs = pickle.load(f)  # trusted: a path the user named (see the module docstring)
-    if not isinstance(refs, list):
-        raise ValueError(f"{refs_path}: expected a list of refs, got {type(refs).__name__}")
+    refs = load_refs(refs_path)
     instances = json.loads(instances_path.read_text())
     for key in ("images", "annotations", "categories"):
         if key not in instances:

@@ -67,6 +67,10 @@ def decode_sample(raw: dict) -> dict:
     missing = [f for f in SAMPLE_FIELDS if f not in raw]
     if missing:
         raise SampleError(f"sample {key}: missing field(s) {', '.join(missing)}")
+    extra = sorted(f for f in raw if not f.startswith("__") and f not in SAMPLE_FIELDS)
+    if extra:  # e.g. a .pyd or .pickle member, which other readers would unpickle: never decoded here
+        raise SampleError(f"sample {key}: unexpected member(s) {', '.join(extra)} (a shard sample holds only "
+                          f"{', '.join(SAMPLE_FIELDS)})")
     try:
         meta = json.loads(raw["json"])
     except (ValueError, UnicodeDecodeError) as e:

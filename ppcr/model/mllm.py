@@ -20,12 +20,17 @@ QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 LLAVA_TYPES = ("llava",)
 
 
-def load_mllm(path: str | Path, dtype: str = "float32", device_map: str | None = None) -> tuple[nn.Module, object]:
-    """Model and processor from a local save_pretrained directory; never the network."""
+def check_mllm_path(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"model.mllm_path: no MLLM checkpoint at {path} (config.json missing); "
                                 f"for the tiny default run 'ppcr-tiny --config <recipe>'")
+    return path
+
+
+def load_mllm(path: str | Path, dtype: str = "float32", device_map: str | None = None) -> tuple[nn.Module, object]:
+    """Model and processor from a local save_pretrained directory; never the network."""
+    path = check_mllm_path(path)
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True,
                                                         device_map=device_map)
     if model.config.model_type not in QWEN_TYPES + LLAVA_TYPES:

@@ -21,10 +21,15 @@ from ppcr.data.transforms import frame_region
 from ppcr.model.tiny import build_tiny_sam
 
 
-def load_sam(cfg: ModelConfig) -> Sam:
+def check_sam_checkpoint(cfg: ModelConfig) -> Path:
     path = Path(cfg.sam_checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"model.sam_checkpoint: no SAM checkpoint at {path}")
+    return path
+
+
+def load_sam(cfg: ModelConfig) -> Sam:
+    path = check_sam_checkpoint(cfg)
     try:
         if cfg.sam_type == "tiny":
             sam = build_tiny_sam(cfg.sam_arch, cfg.sam_image_size)

@@ -6,7 +6,8 @@
 
 Every rank writes its own shard files; only global rank 0 writes ``latest``, after a barrier that
 every rank reaches only once its files are written, and by an atomic rename; so ``latest`` never
-names a checkpoint that a crash left half written. Older checkpoints beyond ``keep_last`` go.
+names a checkpoint that a crash left half written. Older checkpoints beyond ``keep_last`` go. A
+resume removes what a crash left behind: checkpoint directories newer than ``latest``.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ def save(engine, ckpt_dir: Path, step: int, loader, dist: DistInfo, keep_last: i
     barrier()  # every rank's files are on disk
     if dist.is_main:
         tmp = ckpt_dir / f".{LATEST}.tmp"
-        tmp.write_text(tag)
+        with open(tmp, "w") as f:
+            f.write(tag)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename makes it the checkpoint to resume from
         os.replace(tmp, ckpt_dir / LATEST)
         tags = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_"))
         for old in tags[:-keep_last]:
@@ -60,6 +64,9 @@ def save(engine, ckpt_dir: Path, step: int, loader, dist: DistInfo, keep_last: i
 def resume(engine, ckpt_dir: Path, loader, dist: DistInfo) -> int:
     """Load the latest complete checkpoint if there is one; returns the step to continue from."""
     tag = latest_tag(ckpt_dir)
+    if dist.is_main:
+        remove_incomplete(ckpt_dir, tag)
+    barrier()
     if tag is None:
         return 0
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
@@ -77,6 +84,19 @@ def resume(engine, ckpt_dir: Path, loader, dist: DistInfo) -> int:
     if client["step"] != state["step"]:
         raise RuntimeError(f"checkpoint {tag}: DeepSpeed state at step {client['step']}, ppcr state at {state['step']}")
     return int(state["step"])
+
+
+def remove_incomplete(ckpt_dir: Path, tag: str | None) -> list[str]:
+    """Delete checkpoint directories newer than ``tag`` (all of them when there is none): saves that
+    a crash interrupted before they became ``latest``. Returns their names."""
+    if not ckpt_dir.is_dir():
+        return []
+    gone = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and (tag is None or p.name > tag))
+    for name in gone:
+        print(f"removing {ckpt_dir / name}: a save that did not complete (latest is {tag})", flush=True)
+        shutil.rmtree(ckpt_dir / name)
+    return gone
 
 
 def _py_state() -> list:

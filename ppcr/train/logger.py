@@ -26,6 +26,11 @@ class RunLogger:
         self.jsonl.write(json.dumps({"step": step, "kind": prefix, **values}) + "\n")
         self.jsonl.flush()
 
+    def message(self, text: str) -> None:
+        """A line for the user (global rank 0 only)."""
+        if self.enabled:
+            print(text, flush=True)
+
     def image(self, step: int, tag: str, image: np.ndarray) -> None:
         """(H, W, 3) uint8."""
         if self.enabled:

@@ -7,7 +7,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import torch
 from tqdm import tqdm
 
@@ -17,7 +16,8 @@ from ppcr.profiling import StepProfiler, mark
 from ppcr.train import checkpoint
 from ppcr.train.distributed import DistInfo, all_reduce_sum, device
 from ppcr.train.logger import RunLogger
-from ppcr.train.memory import model_state_bytes
+from ppcr.train.memory import host_memory_gb, model_state_bytes
+from ppcr.train.nonfinite import NonfiniteGuard
 from ppcr.train.preempt import Preemption
 from ppcr.train.validate import Validator
 
@@ -39,23 +39,29 @@ class Window:
         self.samples, self.data_s, self.step_s, self.micro = (self.samples + samples, self.data_s + data_s,
                                                               self.step_s + step_s, self.micro + 1)
 
-    def report(self, world: int) -> dict[str, float]:
-        timing = torch.tensor([self.samples, self.data_s, self.step_s], dtype=torch.float64, device=device())
-        sums = all_reduce_sum(torch.cat([self.terms.to(device()), timing])).cpu()
+    def report(self, world: int, counters: dict[str, float]) -> dict[str, float]:
+        """Means over ranks of the window's finite micro-batches (all ranks agree on which those were),
+        throughput, data wait, and ``counters`` summed over ranks."""
+        terms = self.terms if self.terms is not None else torch.zeros(len(TERMS) + 1, dtype=torch.float64)
+        extra = torch.tensor([self.samples, self.data_s, self.step_s, *counters.values()], dtype=torch.float64)
+        sums = all_reduce_sum(torch.cat([terms.to(device()), extra.to(device())])).cpu().tolist()
         n = self.micro * world
-        out = {name: float(sums[i]) / n for i, name in enumerate(("loss",) + TERMS)}
-        samples, data_s, step_s = (float(v) for v in sums[len(TERMS) + 1:])
+        out = {name: sums[i] / n for i, name in enumerate(("loss",) + TERMS)} if n else {}
+        samples, data_s, step_s, *totals = sums[len(TERMS) + 1:]
         out["samples_per_s"] = samples / (step_s / world) if step_s else 0.0
         out["data_wait_share"] = data_s / step_s if step_s else 0.0
+        out.update(zip(counters, totals))
         return out
 
 
 def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step: int, log: RunLogger,
-          validator: Validator | None) -> tuple[str, int]:
-    """Run from ``start_step`` to train.max_steps; returns ("done" | "halted" | "preempted", last step)."""
+          validator: Validator | None) -> tuple[str, int, dict[str, int]]:
+    """Run from ``start_step`` to train.max_steps; returns ("done" | "halted" | "preempted", last step,
+    run totals for the summary: samples skipped over all ranks, steps without update). Raises :class:`NonfiniteLossError` when the loss stays NaN or Inf."""
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
     preempt = Preemption()
+    guard = NonfiniteGuard(t.max_nonfinite_steps)
     profiler = StepProfiler(t.profile_at_step, t.profile_steps, run_dir / "profile", dist.rank)
     bar = tqdm(total=t.max_steps, initial=start_step, disable=not dist.is_main, desc="train", unit="step",
                dynamic_ncols=True)
@@ -63,52 +69,73 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
     window = Window()
     step = start_step
     status = "done"
-    while step < t.max_steps:
-        profiler.begin(step + 1)
-        with mark("step"):
-            for _ in range(t.grad_accum):
-                t0 = time.perf_counter()
-                with mark("data"):
-                    batch = next(batches)
-                t1 = time.perf_counter()
-                out = engine(batch)
-                with mark("backward"):
-                    engine.backward(out["loss"])
-                with mark("optimizer"):
-                    engine.step()
-                window.add(out, len(batch["keys"]), t1 - t0, time.perf_counter() - t0)
-        step += 1
-        bar.update(1)
-        if step == start_step + 1:  # Adam's states exist from the first step on
-            log.scalars(step, model_state_bytes(engine), prefix="memory")
-        if step % t.log_every == 0 or step == t.max_steps:
-            values = window.report(dist.world_size)
-            window = Window()
-            for group in engine.optimizer.param_groups:
-                values[f"lr/{group.get('name', 'group')}"] = group["lr"]
-            norm = engine.get_global_grad_norm()
-            if norm is not None:
-                values["grad_norm"] = float(norm)
-            values["skipped_samples"] = loader.skipped_samples
-            values["memory_gb"] = (torch.cuda.max_memory_allocated() if torch.cuda.is_available()
-                                   else psutil.Process().memory_info().rss) / 2**30
-            log.scalars(step, values)
-            bar.set_postfix(loss=f"{values['loss']:.3f}")
-        profiler.end(step)
-        stop = preempt.requested()
-        if stop or step % t.save_every == 0 or step == t.max_steps or step == t.halt_at_step:
-            checkpoint.save(engine, ckpt_dir, step, loader, dist, t.keep_last)
-        if stop:
-            status = "preempted"
-            break
-        if validator is not None and (step % t.val_every == 0 or step == t.max_steps):
-            result, image = validator.run(engine.module)
-            log.scalars(step, result, prefix=f"val/{validator.name}")
-            if image is not None and (step % t.image_every == 0 or step == t.max_steps):
-                log.image(step, f"val/{validator.name}/masks", image)
-        if step == t.halt_at_step:
-            status = "halted"
-            break
-    preempt.close()
-    bar.close()
-    return status, step
+    try:
+        while step < t.max_steps:
+            profiler.begin(step + 1)
+            with mark("step"):
+                finite = stepped = 0  # finite micro-batches; engine.step() calls made
+                for micro in range(t.grad_accum):
+                    t0 = time.perf_counter()
+                    with mark("data"):
+                        batch = next(batches)
+                    t1 = time.perf_counter()
+                    out = engine(batch)
+                    if not guard.finite(out):
+                        continue  # no backward on any rank
+                    with mark("optimizer"):
+                        # A skipped micro-batch still counts towards DeepSpeed's accumulation boundary:
+                        # its step() is made before the next backward, or at the end if one was finite.
+                        for _ in range(micro - stepped):
+                            engine.step()
+                    with mark("backward"):
+                        engine.backward(out["loss"])
+                    with mark("optimizer"):
+                        engine.step()
+                    finite, stepped = finite + 1, micro + 1
+                    window.add(out, len(batch["keys"]), t1 - t0, time.perf_counter() - t0)
+                if 0 < stepped < t.grad_accum:
+                    with mark("optimizer"):
+                        for _ in range(t.grad_accum - stepped):  # the last one is the boundary: the update
+                            engine.step()
+                # With no finite micro-batch nothing was called: no update, and the counters stay aligned.
+            step += 1
+            bar.update(1)
+            guard.end_step(step, finite, t.grad_accum)
+            if step == start_step + 1:  # Adam's states exist from the first step on
+                log.scalars(step, model_state_bytes(engine), prefix="memory")
+            if step % t.log_every == 0 or step == t.max_steps:
+                values = window.report(dist.world_size, {"skipped_samples": loader.skipped_samples})
+                values.update(nonfinite_steps=guard.skipped_steps, nonfinite_micro_batches=guard.skipped_micro_batches)
+                window = Window()
+                for group in engine.optimizer.param_groups:
+                    values[f"lr/{group.get('name', 'group')}"] = group["lr"]
+                norm = engine.get_global_grad_norm()
+                if norm is not None:
+                    values["grad_norm"] = float(norm)
+                values.update(host_memory_gb())
+                log.scalars(step, values)
+                if "loss" in values:
+                    bar.set_postfix(loss=f"{values['loss']:.3f}")
+            profiler.end(step)
+            stop = preempt.requested()
+            if stop or step % t.save_every == 0 or step == t.max_steps or step == t.halt_at_step:
+                if guard.in_streak:
+                    log.message(f"step {step}: no checkpoint while the loss is not finite")
+                else:
+                    checkpoint.save(engine, ckpt_dir, step, loader, dist, t.keep_last)
+            if stop:
+                status = "preempted"
+                break
+            if validator is not None and (step % t.val_every == 0 or step == t.max_steps):
+                result, image = validator.run(engine.module)
+                log.scalars(step, result, prefix=f"val/{validator.name}")
+                if image is not None and (step % t.image_every == 0 or step == t.max_steps):
+                    log.image(step, f"val/{validator.name}/masks", image)
+            if step == t.halt_at_step:
+                status = "halted"
+                break
+    finally:
+        preempt.close()
+        bar.close()
+    skipped = int(all_reduce_sum(torch.tensor([loader.skipped_samples], dtype=torch.float64, device=device())))
+    return status, step, {"skipped samples": skipped, "steps without update (non-finite loss)": guard.skipped_steps}

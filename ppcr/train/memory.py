@@ -1,13 +1,15 @@
-"""Bytes of model states (parameters, gradients, optimizer states) that this rank holds in a live
-DeepSpeed ZeRO engine, read from the ZeRO optimizer's own buffers; each storage is counted once.
-The trainer logs it after ``deepspeed.initialize`` and after the first step (Adam's states are
-created lazily), so that measured memory can be put beside DeepSpeed's estimators.
+"""Memory a rank uses. Model states: the bytes of parameters, gradients and optimizer states this
+rank holds in a live DeepSpeed ZeRO engine, read from the ZeRO optimizer's own buffers, each storage
+counted once; the trainer logs them after the first step (Adam's states are created lazily), so
+that measured memory can be put beside DeepSpeed's estimators. Host memory: the resident size of
+the rank and of its data-loader workers, logged every log step (a leak shows as growth).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+import psutil
 import torch
 
 
@@ -81,3 +83,18 @@ def model_state_bytes(engine) -> dict[str, int]:
     # ZeRO-3: full data outside the partitions (gathered now, or persistent) is extra, reported apart.
     out["gathered"] = _StorageCounter(count.seen).add([p.data for p in params]) if stage == 3 else 0
     return out
+
+
+def host_memory_gb() -> dict[str, float]:
+    """GiB: the device's peak allocation (GPU) or the process's resident size (CPU), the process's
+    resident size, and the summed resident size of its child processes (data-loader workers)."""
+    me = psutil.Process()
+    rss = me.memory_info().rss
+    workers = 0
+    for child in me.children(recursive=True):
+        try:
+            workers += child.memory_info().rss
+        except psutil.NoSuchProcess:  # a worker that ended between listing and reading
+            pass
+    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rss
+    return {"memory_gb": peak / 2**30, "host_rss_gb": rss / 2**30, "loader_rss_gb": workers / 2**30}

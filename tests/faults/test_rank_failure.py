@@ -1,0 +1,109 @@
+"""Ranks that die or are told to stop: SIGTERM (preemption), kill -9 of one rank, a kill while a
+checkpoint is being written. The job stops; the same command resumes from the last complete
+checkpoint and continues as an uninterrupted run would."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from launching import ROOT, deepspeed_cmd, losses, overrides, rank_processes, run
+
+INJECT = Path(__file__).parent / "inject.py"
+TERMS = ("loss", "ce_sem", "ce_spa", "l1", "giou", "bce", "dice")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_shards, tiny_models, tmp_path_factory):
+    """The reference: 8 steps with checkpoints every 2, never interrupted; and its arguments."""
+    runs = tmp_path_factory.mktemp("runs")
+    args = overrides(tiny_shards, tiny_models, runs, "train.max_steps=8", "train.save_every=2")
+    done = run(deepspeed_cmd(args + ["train.run_name=reference"]))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return args, losses(runs / "reference")
+
+
+def same_losses(run_dir, reference):
+    mine = losses(run_dir)  # a step logged twice (before the fault and after the resume): the last line
+    assert sorted(mine) == sorted(reference) == list(range(1, 9))
+    for step in reference:
+        for term in TERMS:
+            assert mine[step][term] == pytest.approx(reference[step][term], rel=1e-6, abs=1e-7), (step, term)
+
+
+def gone(procs, timeout):
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    return not alive
+
+
+def test_kill_9_of_one_rank_stops_the_job_and_the_same_command_resumes(uninterrupted, tmp_path):
+    args, reference = uninterrupted
+    args = args + [f"paths.runs_root={tmp_path}", "train.run_name=killed"]
+    env = dict(os.environ, PPCR_FAULT=json.dumps({"stop_after_step": 5, "rank": 1}))
+    proc = subprocess.Popen(deepspeed_cmd(args, INJECT), cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline, ranks = time.time() + 300, []
+    while time.time() < deadline and proc.poll() is None:
+        ranks = rank_processes(proc.pid)
+        if len(ranks) == 2 and ranks[1].status() == psutil.STATUS_STOPPED:
+            break
+        time.sleep(0.2)
+    assert len(ranks) == 2 and ranks[1].status() == psutil.STATUS_STOPPED, proc.communicate()[0][-3000:]
+    everything = [ranks[0], ranks[1], *ranks[0].children(recursive=True), *ranks[1].children(recursive=True)]
+    os.kill(ranks[1].pid, signal.SIGKILL)  # kill -9, mid-training (after step 5, between checkpoints 4 and 6)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0  # the launcher stops the job...
+    assert gone(everything, timeout=30)  # ...and nothing of it is left: the other rank, the loader workers
+    assert (tmp_path / "killed/checkpoints/latest").read_text() == "step_00000004"
+
+    again = run(deepspeed_cmd(args))  # the same command, without the fault
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from step 4" in again.stdout and "done at step 8" in again.stdout
+    same_losses(tmp_path / "killed", reference)
+
+
+def test_a_rank_killed_while_writing_a_checkpoint_leaves_the_previous_one_latest(uninterrupted, tmp_path):
+    args, reference = uninterrupted
+    args = args + [f"paths.runs_root={tmp_path}", "train.run_name=torn"]
+    env = dict(os.environ, PPCR_FAULT=json.dumps({"die_in_save": "step_00000004", "rank": 1}))
+    torn = run(deepspeed_cmd(args, INJECT), env=env)
+    assert torn.returncode != 0
+    ckpts = tmp_path / "torn/checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000002"
+    half = ckpts / "step_00000004/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    assert half.is_file() and not (ckpts / "step_00000004/ppcr_rank1.json").exists()  # really torn mid-write
+
+    again = run(deepspeed_cmd(args))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "a save that did not complete" in again.stdout and "resumed from step 2" in again.stdout
+    same_losses(tmp_path / "torn", reference)
+    assert (ckpts / "latest").read_text() == "step_00000008"
+
+
+def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tiny_shards, tiny_models, tmp_path):
+    args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=500", "train.save_every=1000",
+                     "train.run_name=pre")
+    proc = subprocess.Popen(deepspeed_cmd(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "pre/metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+        time.sleep(0.5)
+    ranks = rank_processes(proc.pid)
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGTERM)  # one rank is enough: the others follow at the step boundary
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preempted at step" in out
+    tag = (tmp_path / "pre/checkpoints/latest").read_text()
+    step = int(tag.split("_")[1])
+    assert 2 <= step < 500
+    ckpt = tmp_path / "pre/checkpoints" / tag
+    assert (ckpt / "ppcr_rank0.json").is_file() and (ckpt / "ppcr_rank1.json").is_file()
+    again = run(deepspeed_cmd(args[:-3] + [f"train.max_steps={step + 1}", "train.save_every=1000", "train.run_name=pre"]))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from step {step}" in again.stdout and f"done at step {step + 1}" in again.stdout

@@ -1,0 +1,47 @@
+"""Running the real launcher from tests: `deepspeed` on 2 CPU ranks, and reading a run's metrics."""
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def overrides(tiny_shards, tiny_models, runs, *extra):
+    return [f"paths.shards_root={tiny_shards.parent}", f"data.train_sets=[{{name: {tiny_shards.name}, split: train}}]",
+            f"eval.sets=[{{name: {tiny_shards.name}, split: val}}]", f"paths.runs_root={runs}",
+            f"model.mllm_path={tiny_models['qwen2_5_vl']}", "model.tiny_family=qwen2_5_vl",
+            f"model.sam_checkpoint={tiny_models['sam']}", "model.sam_image_size=256", "data.num_workers=2",
+            "train.micro_batch_size=2", "train.warmup_steps=2", "train.log_every=1", "train.val_samples=0", *extra]
+
+
+def deepspeed_cmd(args, script=ROOT / "launch/train.py"):
+    return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+            str(script), "--config", str(ROOT / "launch/configs/default.yaml"), *args]
+
+
+def rank_processes(launcher_pid: int) -> list:
+    """The training ranks under a deepspeed launcher (not their data-loader workers), by local rank."""
+    import psutil
+
+    ours = [p for p in psutil.Process(launcher_pid).children(recursive=True) if "--local_rank=" in " ".join(p.cmdline())]
+    ranks = [p for p in ours if p.ppid() not in {q.pid for q in ours}]
+    return sorted(ranks, key=lambda p: next(a for a in p.cmdline() if a.startswith("--local_rank=")))
+
+
+def run(cmd, **kw):
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
+
+
+def losses(run_dir):
+    return {d["step"]: d for d in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if d["kind"] == "train"}
