@@ -29,10 +29,11 @@ def check_mllm_path(path: str | Path) -> Path:
 
 
 def load_mllm(path: str | Path, dtype: str = "float32", device_map: str | None = None) -> tuple[nn.Module, object]:
-    """Model and processor from a local save_pretrained directory; never the network."""
+    """Model and processor from a local save_pretrained directory (safetensors weights); never the network."""
     path = check_mllm_path(path)
+    # safetensors only: a pickled pytorch_model.bin in a downloaded directory is refused, not unpickled.
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True,
-                                                        device_map=device_map)
+                                                        use_safetensors=True, device_map=device_map)
     if model.config.model_type not in QWEN_TYPES + LLAVA_TYPES:
         raise ValueError(f"model.mllm_path {path}: model_type '{model.config.model_type}' is not supported "
                          f"(supported: {', '.join(QWEN_TYPES + LLAVA_TYPES)})")

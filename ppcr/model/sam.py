@@ -8,6 +8,7 @@ pixel mean and std so that the two cannot drift apart.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import deepspeed
@@ -33,11 +34,14 @@ def load_sam(cfg: ModelConfig) -> Sam:
     try:
         if cfg.sam_type == "tiny":
             sam = build_tiny_sam(cfg.sam_arch, cfg.sam_image_size)
-            with open(path, "rb") as f:  # as segment_anything's _build_sam does
-                state = torch.load(f, map_location="cpu", weights_only=True)
-            sam.load_state_dict(state)
         else:
-            sam = sam_model_registry[cfg.sam_type](checkpoint=str(path))
+            sam = sam_model_registry[cfg.sam_type](checkpoint=None)
+        with open(path, "rb") as f:  # as segment_anything's _build_sam does, but never unpickling code
+            state = torch.load(f, map_location="cpu", weights_only=True)
+        sam.load_state_dict(state)
+    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain containers
+        raise ValueError(f"SAM checkpoint {path} holds more than weights, so it is not loaded (it could run "
+                         f"code): {str(e).strip().splitlines()[-1]}") from e
     except RuntimeError as e:  # load_state_dict: missing / unexpected keys, shape mismatches
         first = str(e).strip().splitlines()[:4]
         raise ValueError(f"SAM checkpoint {path} does not fit model.sam_type '{cfg.sam_type}'"

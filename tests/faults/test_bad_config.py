@@ -1,6 +1,8 @@
 """Bad configs and arguments: each a one-line error that names the problem, before any heavy work."""
 
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,69 @@ def test_ds_config_takes_recipe_values_and_refuses_contradictions(tmp_path):
         build_ds_config(cfg, 2)
     with pytest.raises(ConfigError, match="no DeepSpeed config"):
         build_ds_config(load_config(ROOT / "launch/configs/default.yaml", ["train.ds_config=nope.json"]), 2)
+
+
+LAUNCH_CASES = r"""
+import contextlib, io, json, sys
+sys.path.insert(0, "launch")
+import train
+def heavy(*a, **k):
+    raise SystemExit("the model was built before the inputs were checked")
+train.PPCRModel.from_config = heavy
+results = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = train.main(argv)
+    results[name] = [rc, err.getvalue()]
+print("RESULTS " + json.dumps(results))
+"""
+
+
+def test_the_launcher_stops_with_one_line_before_any_heavy_work(tiny_shards, tiny_models, tmp_path):
+    from launching import free_port, overrides, run
+
+    base = ["--config", str(RECIPE), *overrides(tiny_shards, tiny_models, tmp_path, "train.run_name=bad")]
+    contradicting = tmp_path / "ds.json"
+    contradicting.write_text(json.dumps({"zero_optimization": {"stage": 3}, "gradient_clipping": 0.5}))
+    stale = tmp_path / "stale/checkpoints"
+    stale.mkdir(parents=True)
+    (stale / "latest").write_text("step_00000009")
+    cases = {
+        "unknown key": (["train.max_step=3"], "unknown config key 'train.max_step' (valid keys under 'train':"),
+        "wrong type": (["train.max_steps=many"], "config key 'train.max_steps': expects an integer, got 'many'"),
+        "ds contradicts recipe": ([f"train.ds_config={contradicting}"],
+                                  f"{contradicting} sets gradient_clipping = 0.5 but the recipe gives 1.0"),
+        "missing model": ([f"model.mllm_path={tmp_path}/nope"], f"model.mllm_path: no MLLM checkpoint at {tmp_path}/nope"),
+        "missing sam": ([f"model.sam_checkpoint={tmp_path}/sam.pth"], f"no SAM checkpoint at {tmp_path}/sam.pth"),
+        "missing shards": (["data.train_sets=[{name: absent}]"], "data.train_sets 'absent/train' under paths.shards_root: no"),
+        "missing checkpoint": (["train.run_name=stale"], f"{stale}/latest names step_00000009, which is not in"),
+        "batch vs world size": (["train.global_batch_size=5"],
+                                "'train.global_batch_size': 5 is not divisible by train.micro_batch_size 2 x world size 1"),
+    }
+    argvs = {name: base + extra for name, (extra, _) in cases.items()}
+    env = dict(os.environ, MASTER_PORT=str(free_port()))
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(k, None)
+    done = run([sys.executable, "-c", LAUNCH_CASES, json.dumps(argvs)], env=env)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    results = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULTS "))[8:])
+    for name, (_, expected) in cases.items():
+        rc, err = results[name]
+        assert rc == 2, (name, err)
+        ours = [line for line in err.splitlines() if "error" in line.lower()]  # beside library warnings
+        assert len(ours) == 1 and ours[0].startswith("error: ") and expected in ours[0], (name, err)
+    assert not (tmp_path / "bad").exists()  # nothing written either
+
+
+def test_global_batch_size_sets_grad_accum_or_names_the_world_size():
+    from ppcr.train.preflight import resolve_batch
+
+    cfg = load_config(RECIPE, ["train.micro_batch_size=2", "train.global_batch_size=16"])
+    resolve_batch(cfg, 4)
+    assert cfg.train.grad_accum == 2
+    with pytest.raises(ConfigError, match="16 is not divisible by train.micro_batch_size 2 x world size 3 = 6"):
+        resolve_batch(load_config(RECIPE, ["train.micro_batch_size=2", "train.global_batch_size=16"]), 3)
+    with pytest.raises(ConfigError, match="'train.grad_accum': 4, but train.global_batch_size 16 on 4 ranks needs 2"):
+        resolve_batch(load_config(RECIPE, ["train.micro_batch_size=2", "train.global_batch_size=16",
+                                           "train.grad_accum=4"]), 4)

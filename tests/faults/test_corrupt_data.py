@@ -3,6 +3,7 @@ unexpected member are skipped, counted and logged with shard and key; training g
 the count; `ppcr-shards verify` finds every one."""
 
 import itertools
+import json
 import logging
 
 from conftest import make_config, train_set
@@ -50,3 +51,29 @@ def test_verify_finds_every_corruption(corrupted, capsys):
     assert shards_cli(["verify", str(out)]) == 1
     assert "FAILED" in capsys.readouterr().err
     assert shards_cli(["verify", str(out), "--quick"]) == 1
+
+
+def test_training_on_corrupt_shards_goes_on_and_reports_the_count(corrupted, tiny_models, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from launching import deepspeed_cmd, overrides, run
+
+    out, shards, keys = corrupted
+    # 40 steps x 2 ranks x 2 samples: more than one epoch of the 72 train refs, so every fault is met.
+    args = overrides(out, tiny_models, tmp_path, "train.max_steps=40", "train.save_every=100", "train.log_every=5",
+                     "train.run_name=corrupt")
+    done = run(deepspeed_cmd(args))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    logged = done.stdout + done.stderr
+    for k in keys.values():  # each bad sample named with its shard
+        assert any(k in line and ".tar" in line for line in logged.splitlines()), k
+    assert "skipping broken shard data" in logged and shards[0].name in logged
+    summary = next(line for line in done.stdout.splitlines() if line.startswith("done at step 40"))
+    count = int(summary.split("skipped samples: ")[1].split(";")[0])
+    assert count >= 5  # the truncated shard and four broken samples, over both ranks
+    final = tmp_path / "corrupt/checkpoints/step_00000040"
+    per_rank = [json.loads((final / f"ppcr_rank{r}.json").read_text())["loader"]["skipped_samples"] for r in (0, 1)]
+    assert sum(per_rank) == count and min(per_rank) > 0  # both ranks met some
+    acc = EventAccumulator(str(tmp_path / "corrupt/tensorboard"))
+    acc.Reload()
+    assert acc.Scalars("train/skipped_samples")[-1].value == count  # summed over ranks, as in the summary
