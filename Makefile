@@ -8,7 +8,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.ppcr-installed
 SHARDS     := shards/synthetic_unc/manifest.json
 
-.PHONY: install test shards models train eval bench clean-data
+.PHONY: install test shards models train eval bench soak clean-data
 
 # Reinstalled when the package metadata or this file changes (the stamp is then stale).
 $(STAMP): setup.cfg pyproject.toml Makefile
@@ -59,3 +59,9 @@ eval: $(SHARDS) | $(STAMP)
 # memory, scaling; writes runs/bench/results.md and results.json.
 bench: $(SHARDS) $(MODELS)
 	$(PY) launch/bench.py --config $(CONFIG) $(ARGS)
+
+# A long run (SOAK_STEPS steps, periodic checkpoints and validation) and the check that host memory
+# stays flat and step time does not grow; writes runs/soak/soak.md. Not part of `make test`.
+SOAK_STEPS ?= 4000
+soak: $(SHARDS) $(MODELS)
+	$(PY) launch/soak.py --config $(CONFIG) --nproc $(NPROC) --steps $(SOAK_STEPS) $(ARGS)
