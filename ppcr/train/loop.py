@@ -54,10 +54,44 @@ class Window:
         return out
 
 
+def optimizer_step(engine, batches, guard: NonfiniteGuard, window: Window, grad_accum: int) -> int:
+    """One optimizer step over ``grad_accum`` micro-batches; returns how many had a finite loss.
+
+    A micro-batch whose loss is not finite on some rank gets no backward on any rank. It still counts
+    towards DeepSpeed's accumulation boundary: its ``engine.step()`` is made before the next backward,
+    or at the end when an earlier one was finite, so that the boundary's step applies the update. A
+    step with no finite micro-batch calls nothing: no update, and the engine's counters stay aligned.
+    """
+    finite = stepped = 0  # finite micro-batches; engine.step() calls made
+    for micro in range(grad_accum):
+        t0 = time.perf_counter()
+        with mark("data"):
+            batch = next(batches)
+        t1 = time.perf_counter()
+        out = engine(batch)
+        if not guard.finite(out):
+            continue
+        with mark("optimizer"):
+            for _ in range(micro - stepped):  # skipped micro-batches before this one: counters only
+                engine.step()
+        with mark("backward"):
+            engine.backward(out["loss"])
+        with mark("optimizer"):
+            engine.step()
+        finite, stepped = finite + 1, micro + 1
+        window.add(out, len(batch["keys"]), t1 - t0, time.perf_counter() - t0)
+    if 0 < stepped < grad_accum:
+        with mark("optimizer"):
+            for _ in range(grad_accum - stepped):  # the last one is the boundary: the update
+                engine.step()
+    return finite
+
+
 def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step: int, log: RunLogger,
           validator: Validator | None) -> tuple[str, int, dict[str, int]]:
     """Run from ``start_step`` to train.max_steps; returns ("done" | "halted" | "preempted", last step,
-    run totals for the summary: samples skipped over all ranks, steps without update). Raises :class:`NonfiniteLossError` when the loss stays NaN or Inf."""
+    run totals for the summary: samples skipped over all ranks, steps without update). Raises
+    :class:`NonfiniteLossError` when the loss stays NaN or Inf."""
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
     preempt = Preemption()
@@ -73,31 +107,7 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
         while step < t.max_steps:
             profiler.begin(step + 1)
             with mark("step"):
-                finite = stepped = 0  # finite micro-batches; engine.step() calls made
-                for micro in range(t.grad_accum):
-                    t0 = time.perf_counter()
-                    with mark("data"):
-                        batch = next(batches)
-                    t1 = time.perf_counter()
-                    out = engine(batch)
-                    if not guard.finite(out):
-                        continue  # no backward on any rank
-                    with mark("optimizer"):
-                        # A skipped micro-batch still counts towards DeepSpeed's accumulation boundary:
-                        # its step() is made before the next backward, or at the end if one was finite.
-                        for _ in range(micro - stepped):
-                            engine.step()
-                    with mark("backward"):
-                        engine.backward(out["loss"])
-                    with mark("optimizer"):
-                        engine.step()
-                    finite, stepped = finite + 1, micro + 1
-                    window.add(out, len(batch["keys"]), t1 - t0, time.perf_counter() - t0)
-                if 0 < stepped < t.grad_accum:
-                    with mark("optimizer"):
-                        for _ in range(t.grad_accum - stepped):  # the last one is the boundary: the update
-                            engine.step()
-                # With no finite micro-batch nothing was called: no update, and the counters stay aligned.
+                finite = optimizer_step(engine, batches, guard, window, t.grad_accum)
             step += 1
             bar.update(1)
             guard.end_step(step, finite, t.grad_accum)

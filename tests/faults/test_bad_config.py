@@ -70,17 +70,18 @@ def test_ds_config_takes_recipe_values_and_refuses_contradictions(tmp_path):
 
 
 LAUNCH_CASES = r"""
-import contextlib, io, json, sys
+import contextlib, importlib, io, json, sys
 sys.path.insert(0, "launch")
-import train
+from ppcr.model.model import PPCRModel
 def heavy(*a, **k):
     raise SystemExit("the model was built before the inputs were checked")
-train.PPCRModel.from_config = heavy
+PPCRModel.from_config = heavy
+entries = {"train": importlib.import_module("train"), "eval": importlib.import_module("eval")}
 results = {}
-for name, argv in json.loads(sys.argv[1]).items():
+for name, (entry, argv) in json.loads(sys.argv[1]).items():
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        rc = train.main(argv)
+        rc = entries[entry].main(argv)
     results[name] = [rc, err.getvalue()]
 print("RESULTS " + json.dumps(results))
 """
@@ -107,7 +108,9 @@ def test_the_launcher_stops_with_one_line_before_any_heavy_work(tiny_shards, tin
         "batch vs world size": (["train.global_batch_size=5"],
                                 "'train.global_batch_size': 5 is not divisible by train.micro_batch_size 2 x world size 1"),
     }
-    argvs = {name: base + extra for name, (extra, _) in cases.items()}
+    argvs = {name: ("train", base + extra) for name, (extra, _) in cases.items()}
+    argvs["eval: missing checkpoint"] = ("eval", ["--checkpoint", f"{tmp_path}/nowhere"])
+    cases["eval: missing checkpoint"] = ([], f"checkpoint {tmp_path}/nowhere: neither a run directory")
     env = dict(os.environ, MASTER_PORT=str(free_port()))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(k, None)
