@@ -58,7 +58,9 @@ def test_kill_9_of_one_rank_stops_the_job_and_the_same_command_resumes(uninterru
     os.kill(ranks[1].pid, signal.SIGKILL)  # kill -9, mid-training (after step 5, between checkpoints 4 and 6)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0  # the launcher stops the job...
-    assert gone(everything, timeout=30)  # ...and nothing of it is left: the other rank, the loader workers
+    assert gone(everything, timeout=30)  # ...and nothing of it is left: the other rank, the loader workers,
+    port = proc.args[proc.args.index("--master_port") + 1]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))  # DeepSpeed's shm buffers
     assert (tmp_path / "killed/checkpoints/latest").read_text() == "step_00000004"
 
     again = run(deepspeed_cmd(args))  # the same command, without the fault
