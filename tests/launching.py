@@ -33,9 +33,17 @@ def rank_processes(launcher_pid: int) -> list:
     """The training ranks under a deepspeed launcher (not their data-loader workers), by local rank."""
     import psutil
 
-    ours = [p for p in psutil.Process(launcher_pid).children(recursive=True) if "--local_rank=" in " ".join(p.cmdline())]
-    ranks = [p for p in ours if p.ppid() not in {q.pid for q in ours}]
-    return sorted(ranks, key=lambda p: next(a for a in p.cmdline() if a.startswith("--local_rank=")))
+    ours = {}
+    for p in psutil.Process(launcher_pid).children(recursive=True):
+        try:  # a process may end (or be a zombie) while it is being looked at, e.g. a compiler or a worker
+            args, parent = p.cmdline(), p.ppid()
+        except psutil.Error:
+            continue
+        rank = next((a for a in args if a.startswith("--local_rank=")), None)
+        if rank is not None:
+            ours[p.pid] = (rank, parent, p)
+    ranks = [(rank, p) for rank, parent, p in ours.values() if parent not in ours]  # not their loader workers
+    return [p for _, p in sorted(ranks, key=lambda rp: rp[0])]
 
 
 def run(cmd, **kw):
