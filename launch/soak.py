@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from ppcr.bench import soak
+from ppcr.bench.training import run_launcher
 from ppcr.config import ConfigError, load_config
 from ppcr.train.preflight import resolve_batch
 
@@ -41,10 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     run_dir = Path(cfg.paths.runs_root) / cfg.train.run_name
-    shutil.rmtree(run_dir, ignore_errors=True)  # a soak measures one run from its start
-    launcher = Path(sys.executable).parent / "deepspeed"
-    done = subprocess.run([str(launcher), "--num_gpus", str(args.nproc), "launch/train.py", "--config", args.config,
-                           *overrides])
+    done = run_launcher(args.config, overrides, args.nproc, run_dir, capture=False)  # from its start
     if done.returncode != 0:
         print(f"error: the soak run failed (exit {done.returncode}); see {run_dir}", file=sys.stderr)
         return done.returncode

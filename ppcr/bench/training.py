@@ -37,6 +37,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def run_launcher(recipe: str, args: list[str], nproc: int, run_dir: Path,
+                 capture: bool = True) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus nproc launch/train.py`` on a free port, from an empty ``run_dir`` (the run
+    directory ``args`` name): a left-over run would be resumed, not measured."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
+           str(_free_port()), str(ROOT / "launch/train.py"), "--config", recipe, *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=capture, text=True)
+
+
 def launcher_run(name: str, recipe: str, overrides: list[str], cfg: Config, nproc: int, ds_config: str,
                  runs_root: Path, reps: int, steps_per_rep: int, profile_steps: int) -> dict:
     """One ``deepspeed --num_gpus nproc launch/train.py`` run; its timed windows, data wait and profile."""
@@ -47,12 +57,9 @@ def launcher_run(name: str, recipe: str, overrides: list[str], cfg: Config, npro
             f"train.max_steps={max_steps}", f"train.warmup_steps={k}", f"train.log_every={k}",
             f"train.save_every={max_steps}", "train.val_samples=0", f"train.profile_at_step={timed_end + 2}",
             f"train.profile_steps={profile_steps}"]
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-           str(_free_port()), str(ROOT / "launch/train.py"), "--config", recipe, *args]
     run_dir = runs_root / name
-    shutil.rmtree(run_dir, ignore_errors=True)  # a left-over run would be resumed, not measured
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    done = run_launcher(recipe, args, nproc, run_dir)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
         raise RuntimeError(f"benchmark run '{name}' failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n"
