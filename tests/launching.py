@@ -1,19 +1,14 @@
 """Running the real launcher from tests: `deepspeed` on 2 CPU ranks, and reading a run's metrics."""
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
+from ppcr.train.distributed import free_port
+
 ROOT = Path(__file__).parent.parent
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def overrides(tiny_shards, tiny_models, runs, *extra):

@@ -2,7 +2,6 @@
 
 import json
 import math
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from ppcr.bench.memory import (
     stage_tokens,
     zero3_scaling_rows,
 )
+from ppcr.train.distributed import free_port
 
 ROOT = Path(__file__).parent.parent
 
@@ -58,12 +58,6 @@ TRAINABLE = [8 * 16, 16, 16 * 5, 5]  # tensors of the two trained layers: 229 el
 FROZEN = [16 * 16, 16]  # 272 elements
 T, F = sum(TRAINABLE), sum(FROZEN)
 STEP = 4  # AdamW keeps one fp32 "step" scalar per parameter group (two groups here)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_engines(world: int, *cases: str) -> list[subprocess.Popen]:

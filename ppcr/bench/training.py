@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,15 +25,10 @@ from ppcr.config import Config
 from ppcr.data.stream import build_train_loader
 from ppcr.model.model import PPCRModel
 from ppcr.profiling import mark, stage_split
+from ppcr.train.distributed import free_port
 from ppcr.train.optim import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_launcher(recipe: str, args: list[str], nproc: int, run_dir: Path,
@@ -43,7 +37,7 @@ def run_launcher(recipe: str, args: list[str], nproc: int, run_dir: Path,
     directory ``args`` name): a left-over run would be resumed, not measured."""
     shutil.rmtree(run_dir, ignore_errors=True)
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-           str(_free_port()), str(ROOT / "launch/train.py"), "--config", recipe, *args]
+           str(free_port()), str(ROOT / "launch/train.py"), "--config", recipe, *args]
     return subprocess.run(cmd, cwd=ROOT, capture_output=capture, text=True)
 
 

@@ -8,6 +8,7 @@ variables are turned into the env:// variables torch expects.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 from dataclasses import dataclass
 
@@ -90,6 +91,13 @@ def _unlink_shm_buffer() -> None:
             f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
     if os.path.exists(name):
         os.unlink(name)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a rendezvous (launches of tests and benchmarks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def usable_cores() -> int:

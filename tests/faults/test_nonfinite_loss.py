@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 
 from launching import deepspeed_cmd, overrides, run
-from ppcr.train.nonfinite import NonfiniteGuard, NonfiniteLossError
+from ppcr.train.nonfinite import NAMES, NonfiniteGuard, NonfiniteLossError
 
 INJECT = Path(__file__).parent / "inject.py"
 
 
 def terms(**bad):
-    out = {name: torch.tensor(1.0) for name in ("loss", "ce_sem", "ce_spa", "l1", "giou", "bce", "dice")}
+    out = {name: torch.tensor(1.0) for name in NAMES}
     out.update({k: torch.tensor(v) for k, v in bad.items()})
     return out
 
