@@ -27,7 +27,7 @@ from ppcr.model.saving import load_checkpoint
 from ppcr.train.distributed import device, init_distributed
 from ppcr.train.logger import RunLogger
 
-COLUMNS = ["cIoU", "gIoU", *[f"Prec@{t}" for t in THRESHOLDS], "BoxAcc@0.5", "count"]
+COLUMNS = ["cIoU", "gIoU", *[f"Prec@{t}" for t in THRESHOLDS], "BoxAcc@0.5", "TextBoxAcc@0.5", "Agreement", "count"]
 
 
 def table(rows: list[dict]) -> str:

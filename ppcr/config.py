@@ -88,6 +88,21 @@ class SamArchConfig:
 
 
 @dataclass
+class TinyMllmConfig:
+    """Shape of the tiny MLLM ``ppcr-tiny`` builds (``model.tiny_family``); a real checkpoint fixes its own."""
+
+    hidden: int = 128  # language model width
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    vision_hidden: int = 64
+    vision_depth: int = 2
+    vision_heads: int = 2
+    vision_mlp_ratio: int = 2
+    patch_size: int = 14  # vision patch side in input pixels (Qwen merges 2 x 2 patches per image token)
+
+
+@dataclass
 class LoraSettings:
     """Both LoRA branches (semantic, spatial) share these; they go on the language model only."""
 
@@ -106,7 +121,7 @@ class TemplateConfig:
     semantic_prompt: str = 'Which object does "{expression}" refer to in this image?'
     semantic_answer: str = "the {category} [SEM]"
     spatial_prompt: str = 'The target is {semantic}. Where is "{expression}"? Answer with its box.'
-    spatial_answer: str = "{box} [LOC]"
+    spatial_answer: str = "[LOC] {box}"  # [LOC] first: the box head never sees the box text
 
 
 @dataclass
@@ -128,6 +143,7 @@ class ModelConfig:
     mllm_path: str = "checkpoints/tiny-qwen2.5-vl"
     # Which tiny model `ppcr-tiny` writes to mllm_path when it is missing; null for a real checkpoint.
     tiny_family: Optional[Literal["qwen2_5_vl", "llava"]] = "qwen2_5_vl"
+    tiny_mllm: TinyMllmConfig = field(default_factory=TinyMllmConfig)
     mllm_image_size: int = 112  # square side of the image handed to the MLLM's processor
     sam_type: Literal["tiny", "vit_b", "vit_l", "vit_h"] = "tiny"
     sam_checkpoint: str = "checkpoints/tiny-sam.pth"
@@ -139,6 +155,9 @@ class ModelConfig:
     templates: TemplateConfig = field(default_factory=TemplateConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
     box_head_hidden: int = 256
+    # Bins per side of the box text "<box>(x1,y1),(x2,y2)</box>": 1000 is Qwen2-VL's convention; a small
+    # input image cannot resolve that finely (112 px: a tens digit is one pixel).
+    box_bins: int = 1000
     gradient_checkpointing: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
     max_new_tokens: int = 40  # per stage, when generating
@@ -184,6 +203,10 @@ class TrainConfig:
     # A micro-batch whose loss is NaN or Inf on any rank gets no backward on every rank, and a step
     # without a finite micro-batch no update; after this many such steps in a row the run stops.
     max_nonfinite_steps: int = 3
+    # SAM's box in training: a jittered ground-truth box with a probability that falls linearly from 1 at
+    # step 0 to 0 at this step, the box head's (detached) box otherwise; 0: always the head's box.
+    sam_gt_box_steps: int = 0
+    sam_box_jitter: float = 0.1  # centre shift and log size change, in box sides (standard deviation)
     halt_at_step: Optional[int] = None  # checkpoint and stop after this step (time-boxed jobs, tests)
     # Profile steps profile_at_step .. profile_at_step + profile_steps - 1: a trace and the split of step
     # time by stage, in <run>/profile/ (ppcr.train.profiling); null profiles nothing.
@@ -206,6 +229,30 @@ class EvalConfig:
 
 
 @dataclass
+class PretrainStageConfig:
+    steps: int = 1000
+    batch_size: int = 16  # scenes per step
+    lr: float = 1e-3
+    warmup_steps: int = 100
+
+
+@dataclass
+class PretrainConfig:
+    """``ppcr-pretrain``: the tiny backbones' pretraining (``ppcr/pretrain/``) on synthetic scenes drawn
+    from a seed of their own, never the dataset's images. Writes model.mllm_path and model.sam_checkpoint."""
+
+    seed: int = 1  # scenes of this seed; must differ from data.synthetic.seed
+    vision: PretrainStageConfig = field(default_factory=lambda: PretrainStageConfig(steps=6000))
+    grounding: PretrainStageConfig = field(default_factory=lambda: PretrainStageConfig(steps=4000, lr=5e-4))
+    sam: PretrainStageConfig = field(default_factory=lambda: PretrainStageConfig(steps=3000, batch_size=8))
+    sam_jitter: float = 0.1  # box jitter, in box sides (SAM's own training used about 0.1)
+    num_workers: int = 1  # scene-drawing processes beside the training process
+    log_every: int = 50
+    eval_every: int = 500
+    eval_scenes: int = 64  # held-out scenes (another index range of the pretraining seed)
+
+
+@dataclass
 class PathsConfig:
     refer_root: str = "data/refer"  # REFER files: <refer_root>/<dataset>/refs(<split_by>).p
     images_root: str = "data/images"  # images: <images_root>/<dataset>/ for the synthetic set
@@ -219,6 +266,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
@@ -277,9 +325,31 @@ def _check_values(cfg: Config) -> None:
     need("{expression}" in t.spatial_prompt and "{semantic}" in t.spatial_prompt, "model.templates.spatial_prompt",
          "must hold {expression} and {semantic}")
     need(t.semantic_answer.rstrip().endswith("[SEM]"), "model.templates.semantic_answer", "must end in [SEM]")
-    need(t.spatial_answer.rstrip().endswith("[LOC]") and "{box}" in t.spatial_answer,
-         "model.templates.spatial_answer", "must hold {box} and end in [LOC]")
+    sa = t.spatial_answer.rstrip()
+    # The box head reads the hidden state at [LOC]: under teacher forcing one that had seen the box text
+    # would learn to parse the ground-truth digits instead of localising (DESIGN.md section 2).
+    need(sa.count("[LOC]") == 1 and (sa.endswith("[LOC]") and "{box}" not in sa
+                                     or sa.endswith("{box}") and sa.count("{box}") == 1 and sa.index("[LOC]") < sa.index("{box}")),
+         "model.templates.spatial_answer", "must hold [LOC] once and end in it, or end in one {box} written after "
+         f"[LOC] (the box head must not see the box text); got {t.spatial_answer!r}")
     need(m.max_new_tokens >= 4, "model.max_new_tokens", "must be >= 4")
+    tm = m.tiny_mllm
+    need(min(tm.hidden, tm.layers, tm.heads, tm.kv_heads, tm.vision_hidden, tm.vision_depth, tm.vision_heads,
+             tm.vision_mlp_ratio, tm.patch_size) >= 1, "model.tiny_mllm", "every size must be >= 1")
+    need(tm.hidden % tm.heads == 0 and tm.heads % tm.kv_heads == 0, "model.tiny_mllm.heads",
+         "hidden must divide into heads, and heads into kv_heads")
+    need(tm.vision_hidden % tm.vision_heads == 0, "model.tiny_mllm.vision_heads", "vision_hidden must divide into them")
+    pt = cfg.pretrain
+    need(pt.seed != cfg.data.synthetic.seed, "pretrain.seed",
+         f"must differ from data.synthetic.seed ({cfg.data.synthetic.seed}): pretraining draws its own scenes")
+    for name in ("vision", "grounding", "sam"):
+        st = getattr(pt, name)
+        need(st.steps >= 0 and st.batch_size >= 1 and st.lr > 0 and 0 <= st.warmup_steps, f"pretrain.{name}",
+             "steps >= 0, batch_size >= 1, lr > 0, warmup_steps >= 0")
+    need(pt.sam_jitter >= 0, "pretrain.sam_jitter", "must be >= 0")
+    need(pt.num_workers >= 0 and pt.log_every >= 1 and pt.eval_every >= 1 and pt.eval_scenes >= 1, "pretrain",
+         "num_workers >= 0, log_every, eval_every and eval_scenes >= 1")
+    need(2 <= m.box_bins <= 10000, "model.box_bins", f"must lie in [2, 10000], got {m.box_bins}")
     for name in ("w_ce_sem", "w_ce_spa", "w_l1", "w_giou", "w_bce", "w_dice"):
         need(getattr(cfg.train.loss, name) >= 0, f"train.loss.{name}", "must be >= 0")
     tr = cfg.train
@@ -289,6 +359,8 @@ def _check_values(cfg: Config) -> None:
     need(tr.global_batch_size is None or tr.global_batch_size >= tr.micro_batch_size, "train.global_batch_size",
          f"must be >= train.micro_batch_size ({tr.micro_batch_size}) or null")
     need(tr.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
+    need(tr.sam_gt_box_steps >= 0 and tr.sam_box_jitter >= 0, "train.sam_gt_box_steps",
+         "sam_gt_box_steps and sam_box_jitter must be >= 0")
     for name in ("lr", "head_lr", "sam_lr"):
         need(getattr(tr, name) > 0, f"train.{name}", "must be > 0")
     need(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")

@@ -15,7 +15,7 @@ from ppcr.model.losses import TERMS, total_loss
 from ppcr.model.model import PPCRModel
 from ppcr.model.params import component, parameter_counts, parameter_table
 from ppcr.model.saving import load_pretrained, save_pretrained
-from ppcr.model.tokens import NEW_TOKENS, box_text, parse_box_text, render_prompts
+from ppcr.model.tokens import CE_ROLES, NEW_TOKENS, box_text, digit_roles, parse_box_text, render_prompts
 from ppcr.train.loop import Window
 
 FAMILIES = ("qwen2_5_vl", "llava")
@@ -129,6 +129,11 @@ def test_tokens_templates_and_labels(tiny_shards, tiny_models):
     assert tok.decode(answer_ids) == texts["spatial_answer"]
     assert labelled.nonzero().min() > (stage.input_ids[0] == model.ids.semp).nonzero().max()  # prompt unlabelled
     assert int((stage.input_ids[0] == model.image_token_id).sum()) == 16  # 112 px, 14 px patches, 2x2 merge
+    # The CE diagnostic's roles: each coordinate's hundreds, tens and ones digit, the rest fixed.
+    roles = digit_roles(stage.labels[:, 1:], model.digit_ids)[0]
+    digits = [int(r) for r in roles[roles >= 0] if r > 0]
+    assert digits == [1, 2, 3] * 4
+    assert CE_ROLES[0] == "fixed" and int((roles == 0).sum()) == len(answer_ids) - 12
 
 
 def test_parameter_table_and_policy(tiny_shards, tiny_models):
@@ -211,7 +216,7 @@ def test_overfit_one_batch_then_predict_reproduces_it_by_generation(tiny_shards,
     for i, p in enumerate(preds):
         assert p.stopped == {"semantic": True, "spatial": True}
         assert p.semantic_answer.strip() == f"the {batch['categories'][i]} [SEM]"
-        assert p.spatial_answer.strip() == f"{box_text(batch['boxes'][i])} [LOC]"
+        assert p.spatial_answer.strip() == f"[LOC] {box_text(batch['boxes'][i], cfg.model.box_bins)}"
         assert p.box_agreement is not None and p.box_agreement > 0.8
         assert iou(p.mask, forced[i]) > 0.98
         assert iou(p.mask, batch["masks"][i] > 0) > 0.9

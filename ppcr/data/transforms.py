@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchcodec.decoders import decode_image as _decode
+from torchvision.ops import box_convert, box_iou
 
 from ppcr.config import ModelConfig
 
@@ -53,13 +54,16 @@ class Preprocessor:
         h, w = image.shape[-2:]
         ih, iw = ResizeLongestSide.get_preprocess_shape(h, w, self.sam_image_size)
         sam = TF.resize(image, [ih, iw], antialias=True)
-        mllm = TF.resize(image, [self.mllm_image_size] * 2, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
         return {
             "sam_image": F.pad(sam, (0, self.sam_image_size - iw, 0, self.sam_image_size - ih)),
-            "mllm_image": mllm,
+            "mllm_image": self.mllm_image(image),
             "original_size": (h, w),
             "input_size": (ih, iw),
         }
+
+    def mllm_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) uint8 -> (3, M, M) uint8, the MLLM's square input."""
+        return TF.resize(image, [self.mllm_image_size] * 2, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
 
     def mask(self, mask: torch.Tensor, input_size: tuple[int, int]) -> torch.Tensor:
         """(H, W) {0,1} uint8 mask -> (S, S) uint8 in SAM's input frame (nearest resize, same padding)."""
@@ -83,6 +87,12 @@ def xywh_to_norm_cxcywh(bbox: list[float], width: int, height: int) -> torch.Ten
     x, y, bw, bh = bbox
     box = torch.tensor([(x + bw / 2) / width, (y + bh / 2) / height, bw / width, bh / height], dtype=torch.float32)
     return box.clamp(0.0, 1.0)
+
+
+def box_pair_iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """IoU of two normalised (cx, cy, w, h) boxes (4,)."""
+    pair = box_convert(torch.stack([a.float().cpu(), b.float().cpu()]), "cxcywh", "xyxy")
+    return float(box_iou(pair[:1], pair[1:])[0, 0])
 
 
 _LEFT_RIGHT = re.compile(r"\b(left|right)(?=(?:most)?\b)", re.IGNORECASE)

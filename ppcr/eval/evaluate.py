@@ -13,7 +13,7 @@ from ppcr.config import Config, ShardSetConfig
 from ppcr.data.stream import EvalStream, ShardSet
 from ppcr.data.transforms import Preprocessor
 from ppcr.eval.metrics import SegmentationMetrics
-from ppcr.train.distributed import DistInfo, all_reduce_sum, device
+from ppcr.train.distributed import DistInfo, all_ranks_done, all_reduce_sum, device
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ def split_items(cfg: Config, spec: ShardSetConfig, dist: DistInfo, limit: int | 
         out.append({"sam_image": b["sam_images"][0], "mllm_image": b["mllm_images"][0],
                     "input_size": tuple(b["input_sizes"][0].tolist()),
                     "original_size": tuple(b["original_sizes"][0].tolist()), "mask": b["masks"][0],
-                    "box": b["boxes"][0], "expression": b["expressions"][0], "key": b["keys"][0]})
+                    "box": b["boxes"][0], "expression": b["expressions"][0], "category": b["categories"][0],
+                    "key": b["keys"][0]})
     return out
 
 
@@ -67,11 +68,11 @@ def evaluate_items(model, items: list[dict], filler: dict, dist: DistInfo, synce
     kept = []
     for i in range(most):
         item = items[i] if i < len(items) else filler
-        pred = model.predict_prepared([item], [item["expression"]], all_steps=synced,
+        pred = model.predict_prepared([item], [item["expression"]], agree=all_ranks_done if synced else None,
                                       box_source=ablation.box_source, prompts=ablation.prompts,
                                       gt_box=item["box"] if ablation.box_source == "gt" else None)[0]
         if i < len(items):
-            metrics.update(pred.mask, item["mask"] > 0, pred.box, item["box"])
+            metrics.update(pred.mask, item["mask"] > 0, pred.box, item["box"], pred.text_box)
             if len(kept) < keep:
                 kept.append((item, pred))
     model.train(was_training)

@@ -4,7 +4,9 @@
 - gIoU (mean IoU): mean over expressions of I / U, where an empty prediction of an empty target
   scores 1;
 - Prec@X: share of expressions whose IoU exceeds X, for X in 0.5 ... 0.9;
-- Box Acc@0.5: share of predicted boxes with IoU >= 0.5 against the ground-truth box.
+- Box Acc@0.5: share of predicted boxes with IoU >= 0.5 against the ground-truth box;
+- TextBoxAcc@0.5: the same for the box written in the spatial answer (no box written: a miss), and
+  Agreement: the mean IoU between the head's box and the written one, over answers that hold one.
 
 Counts and pixel sums are int64 and are summed over ranks, so each expression counts once whatever
 the number of ranks.
@@ -13,8 +15,8 @@ the number of ranks.
 from __future__ import annotations
 
 import torch
-from torchvision.ops import box_convert, box_iou
 
+from ppcr.data.transforms import box_pair_iou
 from ppcr.train.distributed import all_reduce_sum, device
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -32,20 +34,24 @@ class SegmentationMetrics:
     """Accumulates one split's expressions; :meth:`reduce` sums over ranks, :meth:`result` reports."""
 
     def __init__(self) -> None:
-        # count, sum I, sum U, sum of per-expression IoU (x 1e6, integer), Prec@X hits, box hits
-        self.ints = torch.zeros(4 + len(THRESHOLDS) + 1, dtype=torch.int64)
+        # count, sum I, sum U, sum of per-expression IoU (x 1e6, integer), Prec@X hits, box hits,
+        # text box hits, answers with a text box, sum of head/text IoU (x 1e6)
+        self.ints = torch.zeros(4 + len(THRESHOLDS) + 4, dtype=torch.int64)
 
     def update(self, pred_mask: torch.Tensor, target_mask: torch.Tensor, pred_box: torch.Tensor | None = None,
-               target_box: torch.Tensor | None = None) -> float:
+               target_box: torch.Tensor | None = None, text_box: torch.Tensor | None = None) -> float:
         """Add one expression; boxes are normalised (cx, cy, w, h). Returns its IoU."""
         inter, union = mask_iou_parts(pred_mask, target_mask)
         iou = 1.0 if union == 0 else inter / union
         row = [1, inter, union, round(iou * 1_000_000)] + [int(iou > t) for t in THRESHOLDS]
-        box_hit = 0
+        box_hit = text_hit = 0
         if pred_box is not None and target_box is not None:
-            pair = box_convert(torch.stack([pred_box.float().cpu(), target_box.float().cpu()]), "cxcywh", "xyxy")
-            box_hit = int(float(box_iou(pair[:1], pair[1:])[0, 0]) >= 0.5)
-        self.ints += torch.tensor(row + [box_hit], dtype=torch.int64)
+            box_hit = int(box_pair_iou(pred_box, target_box) >= 0.5)
+        agreement = 0
+        if text_box is not None:
+            text_hit = int(target_box is not None and box_pair_iou(text_box, target_box) >= 0.5)
+            agreement = round(box_pair_iou(text_box, pred_box) * 1_000_000) if pred_box is not None else 0
+        self.ints += torch.tensor(row + [box_hit, text_hit, int(text_box is not None), agreement], dtype=torch.int64)
         return iou
 
     def reduce(self) -> "SegmentationMetrics":
@@ -57,5 +63,8 @@ class SegmentationMetrics:
         out = {"count": n, "cIoU": inter / union if union else 1.0, "gIoU": iou_sum / 1_000_000 / n if n else 0.0}
         for i, t in enumerate(THRESHOLDS):
             out[f"Prec@{t}"] = int(self.ints[4 + i]) / n if n else 0.0
-        out["BoxAcc@0.5"] = int(self.ints[-1]) / n if n else 0.0
+        box_hits, text_hits, with_text, agreement = (int(v) for v in self.ints[-4:])
+        out["BoxAcc@0.5"] = box_hits / n if n else 0.0
+        out["TextBoxAcc@0.5"] = text_hits / n if n else 0.0
+        out["Agreement"] = agreement / 1_000_000 / with_text if with_text else 0.0
         return out

@@ -16,39 +16,31 @@ and never sees the ground truth. The image's vision features are computed once a
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torchvision.ops import box_convert, box_iou
+from torchvision.ops import box_convert
 
 from ppcr.config import LossWeights, ModelConfig
-from ppcr.data.transforms import Preprocessor
+from ppcr.data.transforms import Preprocessor, box_pair_iou
+from ppcr.model.generation import Agree, greedy_stage
 from ppcr.model.heads import MLP, BoxHead
+from ppcr.model.inputs import StageInputs, encode_stage
 from ppcr.model.lora import add_branches, use_branch
 from ppcr.model.losses import box_losses, mask_losses, text_ce, total_loss
 from ppcr.model.mllm import family_of, image_token_id, load_mllm
 from ppcr.model.params import apply_policy
 from ppcr.model.sam import SamSegmenter, load_sam
-from ppcr.model.tokens import TokenRows, add_ppcr_tokens, parse_box_text, render_prompts
+from ppcr.model.tokens import CE_ROLES, LOC, TokenRows, add_ppcr_tokens, digit_roles, digit_token_ids, parse_box_text, render_prompts
 from ppcr.profiling import mark
 
 
 BOX_SOURCES = ("head", "text", "gt")  # where SAM's box comes from when predicting
 SAM_PROMPTS = ("box+semsp", "box", "semsp")  # which prompts SAM gets when predicting
-
-
-@dataclass
-class StageInputs:
-    """One stage's token batch, right-padded; ``labels`` is -100 outside the answers."""
-
-    input_ids: torch.Tensor  # (B, L)
-    attention_mask: torch.Tensor  # (B, L)
-    positions: torch.Tensor  # (B, L) or (3, B, L)
-    image_tokens: int  # image tokens in the batch, counted on the host
-    labels: torch.Tensor | None = None
-    marker: torch.Tensor | None = None  # (B,) position of each answer's [SEM] / [LOC], found on the host
 
 
 @dataclass
@@ -63,6 +55,9 @@ class TrainInputs:
     sam_masks: torch.Tensor  # (B, S, S) {0, 1}, zero in the padding
     input_sizes: torch.Tensor  # (B, 2) h, w of the image inside SAM's frame
     boxes: torch.Tensor  # (B, 4) normalised cx, cy, w, h
+    # SAM's box per sample, when the loop asks for jittered ground-truth boxes (train.sam_gt_box_steps):
+    sam_gt_boxes: torch.Tensor | None = None  # (B, 4) jittered ground truth
+    use_gt_box: torch.Tensor | None = None  # (B, 1) bool: the jittered ground truth instead of the head's box
 
 
 @dataclass
@@ -73,12 +68,28 @@ class Prediction:
     text_box: torch.Tensor | None  # (4,) parsed from the spatial answer, None if it holds no box
     box_agreement: float | None  # IoU of the two boxes
     mask_logits: torch.Tensor  # (H, W) at the image's original resolution
-    stopped: dict[str, bool]  # whether each stage produced its [SEM] / [LOC] token
+    stopped: dict[str, bool]  # whether each stage generated its [SEM] / [LOC] token
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
 
     @property
     def mask(self) -> torch.Tensor:
         return self.mask_logits > 0
+
+
+def sam_box_choice(boxes: torch.Tensor, keys: list[str], step: int, share: float,
+                   jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample, whether SAM gets a jittered ground-truth box instead of the head's (with probability
+    ``share``) and that box: centre moved by N(0, jitter) box sides, sides scaled by exp(N(0, jitter)).
+    Drawn from (key, step), so a resumed run draws the same. Early in training the head's boxes are
+    poor, and a mask decoder trained on them would learn to ignore the box."""
+    gt, use = boxes.clone().float(), torch.zeros(len(keys), 1, dtype=torch.bool)
+    for i, key in enumerate(keys):
+        rng = np.random.default_rng(zlib.crc32(f"{key}:{step}".encode()))
+        use[i, 0] = bool(rng.random() < share)
+        n = rng.normal(0.0, jitter, 4) if jitter > 0 else np.zeros(4)
+        gt[i, :2] += torch.from_numpy(n[:2]).float() * gt[i, 2:]
+        gt[i, 2:] *= torch.from_numpy(np.exp(n[2:])).float()
+    return gt.clamp(0.0, 1.0), use
 
 
 class PPCRModel(nn.Module):
@@ -87,6 +98,7 @@ class PPCRModel(nn.Module):
         self.cfg, self.loss_weights, self.processor = cfg, loss, processor
         self.tokenizer = processor.tokenizer
         self.ids = add_ppcr_tokens(self.tokenizer, mllm)
+        self.digit_ids = digit_token_ids(self.tokenizer)  # for the CE-by-digit-role diagnostic
         self.image_token_id = image_token_id(mllm)
         if cfg.gradient_checkpointing:
             mllm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -102,6 +114,8 @@ class PPCRModel(nn.Module):
         self.box_head = BoxHead(hidden, cfg.box_head_hidden)
         self.sam = sam
         self.preprocess = Preprocessor.from_config(cfg)
+        # Stage 2 ends at [LOC], or at the end of a box text written after it ("[LOC] {box}").
+        self.spatial_stops = (self.ids.loc,) if cfg.templates.spatial_answer.rstrip().endswith(LOC) else (self.ids.box_close,)
         apply_policy(self, cfg.trainable)
 
     @classmethod
@@ -117,48 +131,9 @@ class PPCRModel(nn.Module):
 
     def encode(self, prompts: list[str], answers: list[str] | None, images: list[torch.Tensor],
                marker: int | None = None) -> tuple[StageInputs, dict]:
-        """Chat-template the prompts and expand their image tokens (one call of the MLLM's processor for
-        the batch), append the answer tokens with labels, pad right. Positions, the image-token count
-        and the position of ``marker`` in each answer are worked out here on the host, so that the
-        device work needs no synchronisation. Returns the stage inputs and the processor's image
-        inputs, both on the model's device."""
-        conv = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
-        texts = [self.processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conv]
-        enc = self.processor(text=texts, images=list(images), return_tensors="pt", padding=True)
-        keys = self.family.text_keys()
-        keep = enc["attention_mask"].bool()  # the prompt's tokens, whichever side the processor padded
-        prompt_ids = [enc["input_ids"][i][keep[i]] for i in range(len(texts))]
-        answer_ids = (self.tokenizer(answers, add_special_tokens=False)["input_ids"] if answers is not None
-                      else [[] for _ in texts])
-        b, length = len(texts), max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        input_ids = torch.full((b, length), pad, dtype=torch.long)
-        attention = torch.zeros((b, length), dtype=torch.long)
-        labels = torch.full((b, length), -100, dtype=torch.long)
-        text_extra = {k: torch.zeros((b, length), dtype=torch.long) for k in keys}
-        for i, (ids, answer) in enumerate(zip(prompt_ids, answer_ids)):
-            n, m = len(ids), len(answer)
-            input_ids[i, :n] = ids
-            input_ids[i, n: n + m] = torch.tensor(answer, dtype=torch.long)
-            attention[i, : n + m] = 1
-            labels[i, n: n + m] = input_ids[i, n: n + m]
-            for k in keys:
-                text_extra[k][i, :n] = enc[k][i][keep[i]]
-        vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask") and k not in keys}
-        positions = self.family.positions(input_ids, attention, vision, text_extra)
-        where = None
-        if marker is not None:
-            hits = input_ids == marker
-            if not bool((hits.sum(-1) == 1).all()):
-                name = self.tokenizer.convert_ids_to_tokens(marker)
-                raise ValueError(f"every answer must hold exactly one {name}; counts {hits.sum(-1).tolist()}")
-            where = hits.int().argmax(-1)
-        dev = self.device
-        stage = StageInputs(input_ids.to(dev), attention.to(dev), positions.to(dev),
-                            image_tokens=int((input_ids == self.image_token_id).sum()),
-                            labels=labels.to(dev) if answers is not None else None,
-                            marker=where.to(dev) if where is not None else None)
-        return stage, {k: v.to(dev) for k, v in vision.items()}
+        """One stage's batch on the model's device (:func:`ppcr.model.inputs.encode_stage`)."""
+        return encode_stage(self.processor, self.family, self.image_token_id, prompts, answers, images,
+                            marker=marker, device=self.device)
 
     def vision_features(self, vision: dict) -> torch.Tensor:
         """Image features of every image token, computed once per step for both stages."""
@@ -193,7 +168,7 @@ class PPCRModel(nn.Module):
         """Host side of a training step: render and tokenise both stages, then move everything to the
         device once."""
         with mark("encode"):
-            texts = [render_prompts(self.cfg.templates, e, c, b)
+            texts = [render_prompts(self.cfg.templates, e, c, b, self.cfg.box_bins)
                      for e, c, b in zip(batch["expressions"], batch["categories"], batch["boxes"])]
             images = list(batch["mllm_images"])
             s1, vision = self.encode([t["semantic_prompt"] for t in texts], [t["semantic_answer"] for t in texts],
@@ -201,8 +176,13 @@ class PPCRModel(nn.Module):
             s2, _ = self.encode([t["spatial_prompt"] for t in texts], [t["spatial_answer"] for t in texts], images,
                                 marker=self.ids.loc)
             dev = self.device
+            gt_boxes = use_gt = None
+            if batch.get("gt_box_share", 0.0) > 0:
+                gt_boxes, use_gt = sam_box_choice(batch["boxes"], batch["keys"], batch["step"], batch["gt_box_share"],
+                                                  batch["gt_box_jitter"])
+                gt_boxes, use_gt = gt_boxes.to(dev), use_gt.to(dev)
             return TrainInputs(s1, s2, vision, batch["sam_images"].to(dev), batch["sam_masks"].to(dev),
-                               batch["input_sizes"].to(dev), batch["boxes"].to(dev))
+                               batch["input_sizes"].to(dev), batch["boxes"].to(dev), gt_boxes, use_gt)
 
     def compute(self, x: TrainInputs) -> dict[str, torch.Tensor]:
         """Device side of a training step. ppcr's code in it never reads a value back from the device (no
@@ -210,24 +190,58 @@ class PPCRModel(nn.Module):
         with mark("vision"):
             features = self.vision_features(x.vision)
 
-        with mark("stage1"):
-            use_branch(self.mllm, "semantic")
-            h1 = self.run_language_model(self.embed(x.semantic, features, None), x.semantic)
-            ce_sem = text_ce(self.token_rows.logits(h1), x.semantic.labels)
-            semsp = self.at_marker(h1, x.semantic)
+        h = self.language_stages(x.semantic, x.spatial, features)
+        ce_sem = text_ce(self.token_rows.logits(h["h1"]), x.semantic.labels)
+        ce_spa = text_ce(self.token_rows.logits(h["h2"]), x.spatial.labels)
+        semsp, boxes = h["semsp"], self.box_head(h["spasp"])
+        l1, giou = box_losses(boxes.float(), x.boxes.float())
 
-        with mark("stage2"):
-            use_branch(self.mllm, "spatial")
-            h2 = self.run_language_model(self.embed(x.spatial, features, self.sem_to_llm(semsp)), x.spatial)
-            ce_spa = text_ce(self.token_rows.logits(h2), x.spatial.labels)
-            boxes = self.box_head(self.at_marker(h2, x.spatial))
-            l1, giou = box_losses(boxes.float(), x.boxes.float())
-
-        low = self.segment(x.sam_images, boxes.detach(), semsp, x.input_sizes)
+        sam_boxes = boxes.detach()
+        if x.use_gt_box is not None:
+            sam_boxes = torch.where(x.use_gt_box, x.sam_gt_boxes.to(sam_boxes.dtype), sam_boxes)
+        low = self.segment(x.sam_images, sam_boxes, semsp, x.input_sizes)
         with mark("mask_losses"):
             bce, dice = mask_losses(low, x.sam_masks, x.input_sizes)
         terms = {"ce_sem": ce_sem, "ce_spa": ce_spa, "l1": l1, "giou": giou, "bce": bce, "dice": dice}
         return {"loss": total_loss(terms, self.loss_weights), **terms, "boxes": boxes, "mask_logits": low}
+
+    def language_stages(self, semantic: StageInputs, spatial: StageInputs, features: torch.Tensor) -> dict:
+        """Both stages teacher-forced: last-layer hidden states h1 (B, L1, H) and h2 (B, L2, H), SemSP and
+        SpaSP (B, H) at [SEM] and [LOC]."""
+        with mark("stage1"):
+            use_branch(self.mllm, "semantic")
+            h1 = self.run_language_model(self.embed(semantic, features, None), semantic)
+            semsp = self.at_marker(h1, semantic)
+        with mark("stage2"):
+            use_branch(self.mllm, "spatial")
+            h2 = self.run_language_model(self.embed(spatial, features, self.sem_to_llm(semsp)), spatial)
+        return {"h1": h1, "semsp": semsp, "h2": h2, "spasp": self.at_marker(h2, spatial)}
+
+    @torch.no_grad()
+    def teacher_forced_spatial(self, mllm_images: list[torch.Tensor], expressions: list[str], categories: list[str],
+                               boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The training view of the spatial stage, for diagnostics, with the ground-truth answers
+        teacher-forced: SpaSP (B, H), the head's boxes (B, 4), and per sample the summed cross-entropy and
+        count of the answer tokens by role (``ce_sums``, ``ce_counts``: (B, R) in
+        :data:`ppcr.model.tokens.CE_ROLES` order: the fixed tokens, then the 1st, 2nd, 3rd... digit of each coordinate). The averaged CE
+        hides whether the leading digits, the ones that matter, are learned."""
+        texts = [render_prompts(self.cfg.templates, e, c, b, self.cfg.box_bins)
+                 for e, c, b in zip(expressions, categories, boxes)]
+        images = list(mllm_images)
+        s1, vision = self.encode([t["semantic_prompt"] for t in texts], [t["semantic_answer"] for t in texts], images,
+                                 marker=self.ids.sem)
+        s2, _ = self.encode([t["spatial_prompt"] for t in texts], [t["spatial_answer"] for t in texts], images,
+                            marker=self.ids.loc)
+        h = self.language_stages(s1, s2, self.vision_features(vision))
+        labels = s2.labels[:, 1:]
+        ce = F.cross_entropy(self.token_rows.logits(h["h2"])[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                             ignore_index=-100, reduction="none").view_as(labels)
+        roles = digit_roles(labels, self.digit_ids)
+        n, answer = len(CE_ROLES), (roles >= 0).float()
+        slot = (torch.arange(len(labels), device=ce.device)[:, None] * n + roles.clamp(min=0)).flatten()
+        sums = torch.zeros(len(labels) * n, device=ce.device).index_add_(0, slot, (ce * answer).flatten()).view(-1, n)
+        counts = torch.zeros(len(labels) * n, device=ce.device).index_add_(0, slot, answer.flatten()).view(-1, n)
+        return {"spasp": h["spasp"], "boxes": self.box_head(h["spasp"]), "ce_sums": sums, "ce_counts": counts}
 
     def run_language_model(self, embeds: torch.Tensor, stage: StageInputs) -> torch.Tensor:
         out = self.family.language_model(inputs_embeds=embeds, attention_mask=stage.attention_mask,
@@ -252,33 +266,6 @@ class PPCRModel(nn.Module):
     # ------------------------------------------------------------------ prediction
 
     @torch.no_grad()
-    def generate(self, stage: StageInputs, features: torch.Tensor, semsp_embed: torch.Tensor | None,
-                 stop: int, all_steps: bool = False) -> tuple[list[int], torch.Tensor, bool]:
-        """Greedy decoding of one sequence until ``stop``; returns the generated ids, the last-layer
-        hidden state at ``stop`` (fed back once, as in training) or at the last token, and whether
-        ``stop`` came. ``all_steps`` decodes max_new_tokens steps whatever comes, so that ZeRO-3 ranks,
-        which gather parameters together, run the same number of forwards."""
-        lm = self.family.language_model
-        out = lm(inputs_embeds=self.embed(stage, features, semsp_embed), attention_mask=stage.attention_mask,
-                 position_ids=stage.positions, use_cache=True)
-        cache, hidden, pos = out.past_key_values, out.last_hidden_state[:, -1], stage.positions
-        generated: list[int] = []
-        result: tuple[list[int], torch.Tensor, bool] | None = None
-        for _ in range(self.cfg.max_new_tokens):
-            token = self.token_rows.logits(hidden).argmax(-1)  # (1,)
-            if result is None:
-                generated.append(int(token))
-            pos = self.family.next_position(pos)
-            out = lm(inputs_embeds=self.token_rows(token[:, None]), position_ids=pos, past_key_values=cache,
-                     use_cache=True)
-            cache, hidden = out.past_key_values, out.last_hidden_state[:, -1]
-            if result is None and generated[-1] == stop:
-                result = (generated, hidden, True)
-                if not all_steps:
-                    break
-        return result if result is not None else (generated, hidden, False)
-
-    @torch.no_grad()
     def predict(self, images: list[np.ndarray], expressions: list[str]) -> list[Prediction]:
         """Segment what each expression refers to in its (H, W, 3) uint8 RGB image, by generation only."""
         if len(images) != len(expressions):
@@ -287,13 +274,14 @@ class PPCRModel(nn.Module):
         return self.predict_prepared(items, expressions)
 
     @torch.no_grad()
-    def predict_prepared(self, items: list[dict], expressions: list[str], all_steps: bool = False,
+    def predict_prepared(self, items: list[dict], expressions: list[str], *, agree: Agree | None = None,
                          box_source: str = "head", prompts: str = "box+semsp",
                          gt_box: torch.Tensor | None = None) -> list[Prediction]:
         """:meth:`predict` on images already through the :class:`Preprocessor` (e.g. loader items).
 
-        Ablations: SAM's box from the box head, from the answer text, or ``gt_box`` (an oracle, for
-        analysis only); SAM prompted by box and SemSP, the box alone, or SemSP alone."""
+        ``agree`` keeps ZeRO-3 ranks decoding in step (:mod:`ppcr.model.generation`). Ablations: SAM's
+        box from the box head, from the answer text, or ``gt_box`` (an oracle, for analysis only); SAM
+        prompted by box and SemSP, the box alone, or SemSP alone."""
         if box_source not in BOX_SOURCES or prompts not in SAM_PROMPTS:
             raise ValueError(f"unknown ablation box_source={box_source!r} prompts={prompts!r}")
         if box_source == "gt" and gt_box is None:
@@ -314,15 +302,19 @@ class PPCRModel(nn.Module):
             features = self.vision_features(vision)
             lap("vision")
             use_branch(self.mllm, "semantic")
-            ids1, semsp, stop1 = self.generate(s1, features, None, self.ids.sem, all_steps)
+            d1 = greedy_stage(self, s1, features, None, marker=self.ids.sem, stops=(self.ids.sem,),
+                              max_new_tokens=self.cfg.max_new_tokens, agree=agree)
+            semsp = d1.marker_hidden
             lap("semantic")
             s2, _ = self.encode([texts["spatial_prompt"]], None, [item["mllm_image"]])
             use_branch(self.mllm, "spatial")
-            ids2, spasp, stop2 = self.generate(s2, features, self.sem_to_llm(semsp), self.ids.loc, all_steps)
-            box = self.box_head(spasp)[0]
+            d2 = greedy_stage(self, s2, features, self.sem_to_llm(semsp), marker=self.ids.loc,
+                              stops=self.spatial_stops, max_new_tokens=self.cfg.max_new_tokens, agree=agree)
+            ids1, ids2 = d1.ids, d2.ids
+            box = self.box_head(d2.marker_hidden)[0]
             lap("spatial")
             answer2 = self.tokenizer.decode(ids2, skip_special_tokens=False)
-            text_box = parse_box_text(answer2)
+            text_box = parse_box_text(answer2, self.cfg.box_bins)
             # An answer without a parsable box falls back to the head's box: the same SAM call on every
             # rank keeps ZeRO-3's gathers in step.
             sam_box = {"head": box, "text": text_box if text_box is not None else box, "gt": gt_box}[box_source]
@@ -332,12 +324,10 @@ class PPCRModel(nn.Module):
                                None if prompts == "box" else semsp, torch.tensor([input_size]))
             mask_logits = self.sam.to_original(low[0], input_size, original_size)
             lap("sam")
-            agreement = None
-            if text_box is not None:
-                pair = box_convert(torch.stack([box.float().cpu(), text_box]), "cxcywh", "xyxy")
-                agreement = float(box_iou(pair[:1], pair[1:])[0, 0])
+            agreement = box_pair_iou(box, text_box) if text_box is not None else None
             results.append(Prediction(
                 semantic_answer=self.tokenizer.decode(ids1, skip_special_tokens=False), spatial_answer=answer2,
                 box=box.float().cpu(), text_box=text_box, box_agreement=agreement,
-                mask_logits=mask_logits.float().cpu(), stopped={"semantic": stop1, "spatial": stop2}, timings=timings))
+                mask_logits=mask_logits.float().cpu(), stopped={"semantic": d1.found, "spatial": d2.found},
+                timings=timings))
         return results

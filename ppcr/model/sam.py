@@ -15,6 +15,7 @@ import deepspeed
 import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ppcr.config import ModelConfig
@@ -36,8 +37,11 @@ def load_sam(cfg: ModelConfig) -> Sam:
             sam = build_tiny_sam(cfg.sam_arch, cfg.sam_image_size)
         else:
             sam = sam_model_registry[cfg.sam_type](checkpoint=None)
-        with open(path, "rb") as f:  # as segment_anything's _build_sam does, but never unpickling code
-            state = torch.load(f, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            with open(path, "rb") as f:  # as segment_anything's _build_sam does, but never unpickling code
+                state = torch.load(f, map_location="cpu", weights_only=True)
         sam.load_state_dict(state)
     except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain containers
         raise ValueError(f"SAM checkpoint {path} holds more than weights, so it is not loaded (it could run "
@@ -55,6 +59,18 @@ def load_sam(cfg: ModelConfig) -> Sam:
         raise ValueError(f"model.sam_image_size {cfg.sam_image_size} differs from the SAM encoder's "
                          f"{sam.image_encoder.img_size}")
     return sam
+
+
+def save_sam_state(state: dict[str, torch.Tensor], path: str | Path) -> Path:
+    """A SAM state dict in the layout of Meta's checkpoints: ``torch.save`` for ``.pth``, safetensors for
+    ``.safetensors`` (how SAM checkpoints are also published); :func:`load_sam` reads both."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file({k: v.detach().contiguous() for k, v in state.items()}, path)
+    else:
+        torch.save(state, path)
+    return path
 
 
 class SamSegmenter(nn.Module):

@@ -32,8 +32,9 @@ from transformers import (
     Qwen2VLVideoProcessor,
 )
 
-from ppcr.config import SamArchConfig
+from ppcr.config import SamArchConfig, TinyMllmConfig
 from ppcr.data import synthetic
+from ppcr.model.tokens import BOX_CLOSE, BOX_OPEN
 
 FAMILIES = ("qwen2_5_vl", "llava")
 
@@ -71,7 +72,9 @@ def _corpus() -> list[str]:
 
 
 def build_tokenizer(special: list[str], family: str) -> PreTrainedTokenizerFast:
-    """A byte-level BPE (like Qwen2's and Llama's) with digits split one by one, trained offline."""
+    """A byte-level BPE (like Qwen2's and Llama's) with digits split one by one, trained offline. The box
+    text's delimiters are tokens of their own, as Qwen2-VL's <|box_start|> / <|box_end|> are."""
+    special = special + [BOX_OPEN, BOX_CLOSE]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
                                                  pre_tokenizers.ByteLevel(add_prefix_space=False)])
@@ -89,15 +92,17 @@ def build_tokenizer(special: list[str], family: str) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=2048, padding_side="right", **kw)
 
 
-def build_tiny_mllm(family: str, out: str | Path, image_size: int = 112, hidden: int = 128, layers: int = 2,
+def build_tiny_mllm(family: str, out: str | Path, image_size: int = 112, arch: TinyMllmConfig | None = None,
                     seed: int = 0) -> Path:
     """Write a tiny random-initialised MLLM of ``family`` (model, tokenizer, processor) to ``out``."""
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny family '{family}' (choose from {', '.join(FAMILIES)})")
+    a = arch or TinyMllmConfig()
     torch.manual_seed(seed)
     out = Path(out)
-    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=2048)
+    text = dict(hidden_size=a.hidden, intermediate_size=2 * a.hidden, num_hidden_layers=a.layers,
+                num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, max_position_embeddings=2048)
+    patch_size = a.patch_size
     if family == "qwen2_5_vl":
         tokenizer = build_tokenizer(QWEN_SPECIAL, family)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
@@ -105,9 +110,11 @@ def build_tiny_mllm(family: str, out: str | Path, image_size: int = 112, hidden:
             text_config=dict(vocab_size=len(tokenizer), rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                              "mrope_section": [4, 6, 6]}, tie_word_embeddings=False,
                              bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], **text),
-            vision_config=dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=14,
-                               spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=hidden,
-                               fullatt_block_indexes=[1]),
+            vision_config=dict(depth=a.vision_depth, hidden_size=a.vision_hidden,
+                               intermediate_size=a.vision_mlp_ratio * a.vision_hidden, num_heads=a.vision_heads,
+                               patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
+                               window_size=4 * patch_size, out_hidden_size=a.hidden,
+                               fullatt_block_indexes=list(range(1, a.vision_depth, 2))),
             image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
             tie_word_embeddings=False,
@@ -116,20 +123,21 @@ def build_tiny_mllm(family: str, out: str | Path, image_size: int = 112, hidden:
     else:
         tokenizer = build_tokenizer(LLAVA_SPECIAL, family)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL}
-        patch = 14
+        patch = patch_size
         config = LlavaConfig(
-            vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=image_size, patch_size=patch,
-                                           projection_dim=64),
+            vision_config=CLIPVisionConfig(hidden_size=a.vision_hidden,
+                                           intermediate_size=a.vision_mlp_ratio * a.vision_hidden,
+                                           num_hidden_layers=a.vision_depth, num_attention_heads=a.vision_heads,
+                                           image_size=image_size, patch_size=patch, projection_dim=a.vision_hidden),
             text_config=LlamaConfig(vocab_size=len(tokenizer), bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
                                     pad_token_id=ids["<pad>"], **text),
             image_token_index=ids["<image>"], image_seq_length=(image_size // patch) ** 2,
-            vision_feature_layer=-2, vision_feature_select_strategy="default",
+            vision_feature_layer=-1, vision_feature_select_strategy="default",  # every tiny layer counts
         )
         model = LlavaForConditionalGeneration(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    build_processor(family, image_size, tokenizer, patch_size=14).save_pretrained(out)
+    build_processor(family, image_size, tokenizer, patch_size=patch_size).save_pretrained(out)
     return out
 
 
@@ -176,11 +184,10 @@ def build_tiny_sam(arch: SamArchConfig, image_size: int) -> Sam:
 
 def save_tiny_sam(arch: SamArchConfig, image_size: int, path: str | Path, seed: int = 0) -> Path:
     """A tiny SAM checkpoint: a plain state_dict, as Meta's sam_vit_*.pth files are."""
+    from ppcr.model.sam import save_sam_state
+
     torch.manual_seed(seed)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(build_tiny_sam(arch, image_size).state_dict(), path)
-    return path
+    return save_sam_state(build_tiny_sam(arch, image_size).state_dict(), path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -202,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: model.tiny_family is not set: this recipe loads a real checkpoint", file=sys.stderr)
         return 2
     if args.force or not (Path(m.mllm_path) / "config.json").is_file():
-        build_tiny_mllm(m.tiny_family, m.mllm_path, image_size=m.mllm_image_size, seed=cfg.train.seed)
+        build_tiny_mllm(m.tiny_family, m.mllm_path, image_size=m.mllm_image_size, arch=m.tiny_mllm, seed=cfg.train.seed)
         print(f"wrote tiny {m.tiny_family} to {m.mllm_path}")
     if m.sam_type == "tiny" and (args.force or not Path(m.sam_checkpoint).is_file()):
         save_tiny_sam(m.sam_arch, m.sam_image_size, m.sam_checkpoint, seed=cfg.train.seed)

@@ -28,6 +28,7 @@ class TokenIds:
     sem: int
     loc: int
     semp: int
+    box_close: int
     new: tuple[int, ...]  # every PPCR token, in NEW_TOKENS order
 
 
@@ -45,36 +46,57 @@ def add_ppcr_tokens(tokenizer, model: nn.Module) -> TokenIds:
     rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions hold size-0 tensors
     if max(ids.values()) >= rows:
         model.resize_token_embeddings(max(len(tokenizer), max(ids.values()) + 1), mean_resizing=True)
-    return TokenIds(sem=ids[SEM], loc=ids[LOC], semp=ids[SEMP], new=tuple(ids[t] for t in NEW_TOKENS))
+    return TokenIds(sem=ids[SEM], loc=ids[LOC], semp=ids[SEMP], box_close=ids[BOX_CLOSE], new=tuple(ids[t] for t in NEW_TOKENS))
 
 
-def box_text(box_cxcywh: torch.Tensor | list[float]) -> str:
-    """Normalised (cx, cy, w, h) -> '<box>(x1,y1),(x2,y2)</box>' with integers in [0, 1000)."""
+def box_text(box_cxcywh: torch.Tensor | list[float], bins: int = BOX_BINS) -> str:
+    """Normalised (cx, cy, w, h) -> '<box>(x1,y1),(x2,y2)</box>' with integers in [0, bins) (Qwen2-VL's
+    1000 by default)."""
     cx, cy, w, h = (float(v) for v in box_cxcywh)
     # Rounding first keeps float32 noise (0.5 - 0.1 = 0.39999998) out of the bin choice.
-    q = [min(max(math.floor(round(v * BOX_BINS, 3)), 0), BOX_BINS - 1)
+    q = [min(max(math.floor(round(v * bins, 3)), 0), bins - 1)
          for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)]
     return f"{BOX_OPEN}({q[0]},{q[1]}),({q[2]},{q[3]}){BOX_CLOSE}"
 
 
-def parse_box_text(text: str) -> torch.Tensor | None:
+def parse_box_text(text: str, bins: int = BOX_BINS) -> torch.Tensor | None:
     """The first '<box>(x1,y1),(x2,y2)</box>' of a generated answer as normalised (cx, cy, w, h)."""
     m = _BOX_TEXT.search(text.replace(" ", ""))
     if not m:
         return None
-    x1, y1, x2, y2 = ((int(v) + 0.5) / BOX_BINS for v in m.groups())
+    x1, y1, x2, y2 = ((min(int(v), bins - 1) + 0.5) / bins for v in m.groups())
     return torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2, abs(x2 - x1), abs(y2 - y1)])
 
 
+CE_ROLES = ("fixed", "digit1", "digit2", "digit3", "digit4")  # answer-token roles of the CE diagnostic
+
+
+def digit_token_ids(tokenizer) -> torch.Tensor:
+    """Ids of the digits 0-9 where each is one token of its own (Qwen2's and Llama's tokenizers split
+    numbers into digits), else an empty tensor."""
+    ids = [tokenizer(str(d), add_special_tokens=False)["input_ids"] for d in range(10)]
+    return torch.tensor([i[0] for i in ids]) if all(len(i) == 1 for i in ids) else torch.zeros(0, dtype=torch.long)
+
+
+def digit_roles(labels: torch.Tensor, digit_ids: torch.Tensor) -> torch.Tensor:
+    """Per answer token (B, L), its index in :data:`CE_ROLES`: 0 for a fixed token, k for the k-th digit
+    of a number (the last role for any further digit); -1 outside the answer (label -100)."""
+    is_digit = torch.isin(labels, digit_ids.to(labels.device))
+    count = is_digit.long().cumsum(-1)
+    before_run = torch.where(is_digit, torch.zeros_like(count), count).cummax(-1).values
+    roles = torch.where(is_digit, (count - before_run).clamp(max=len(CE_ROLES) - 1), torch.zeros_like(count))
+    return torch.where(labels == -100, torch.full_like(roles, -1), roles)
+
+
 def render_prompts(t: TemplateConfig, expression: str, category: str | None = None,
-                   box: torch.Tensor | None = None) -> dict[str, str]:
+                   box: torch.Tensor | None = None, bins: int = BOX_BINS) -> dict[str, str]:
     """The user text of both stages, and their answers when the ground truth is given (training)."""
     out = {"semantic_prompt": t.semantic_prompt.format(expression=expression),
            "spatial_prompt": t.spatial_prompt.format(expression=expression, semantic=SEMP)}
     if category is not None:
         out["semantic_answer"] = t.semantic_answer.format(category=category)
     if box is not None:
-        out["spatial_answer"] = t.spatial_answer.format(box=box_text(box))
+        out["spatial_answer"] = t.spatial_answer.format(box=box_text(box, bins))
     return out
 
 

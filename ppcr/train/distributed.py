@@ -117,6 +117,11 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def all_ranks_done(done: bool) -> bool:
+    """Whether ``done`` holds on every rank (collective: every rank calls it at the same point)."""
+    return int(all_reduce_sum(torch.tensor([0 if done else 1], device=device()))) == 0
+
+
 def cpu_group() -> dist.ProcessGroup:
     """A gloo group over all ranks for small host-side agreements: the default group on CPU, a new
     one beside NCCL on GPUs. Collective: every rank must call it at the same point."""

@@ -54,7 +54,8 @@ class Window:
         return out
 
 
-def optimizer_step(engine, batches, guard: NonfiniteGuard, window: Window, grad_accum: int) -> int:
+def optimizer_step(engine, batches, guard: NonfiniteGuard, window: Window, grad_accum: int,
+                   sam_boxes: dict | None = None) -> int:
     """One optimizer step over ``grad_accum`` micro-batches; returns how many had a finite loss.
 
     A micro-batch whose loss is not finite on some rank gets no backward on any rank. It still counts
@@ -67,6 +68,8 @@ def optimizer_step(engine, batches, guard: NonfiniteGuard, window: Window, grad_
         t0 = time.perf_counter()
         with mark("data"):
             batch = next(batches)
+        if sam_boxes:
+            batch.update(sam_boxes)
         t1 = time.perf_counter()
         out = engine(batch)
         if not guard.finite(out):
@@ -106,8 +109,10 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
     try:
         while step < t.max_steps:
             profiler.begin(step + 1)
+            share = max(0.0, 1.0 - step / t.sam_gt_box_steps) if t.sam_gt_box_steps else 0.0
+            sam_boxes = {"gt_box_share": share, "gt_box_jitter": t.sam_box_jitter, "step": step + 1}
             with mark("step"):
-                finite = optimizer_step(engine, batches, guard, window, t.grad_accum)
+                finite = optimizer_step(engine, batches, guard, window, t.grad_accum, sam_boxes)
             step += 1
             bar.update(1)
             guard.end_step(step, finite, t.grad_accum)
@@ -139,6 +144,10 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
             if validator is not None and (step % t.val_every == 0 or step == t.max_steps):
                 result, image = validator.run(engine.module)
                 log.scalars(step, result, prefix=f"val/{validator.name}")
+                if dist.is_main:
+                    shown = ("cIoU", "gIoU", "BoxAcc@0.5", "TextBoxAcc@0.5", "tf_BoxAcc@0.5", "image_dependence_spasp")
+                    tqdm.write(f"step {step} validation {validator.name}: "
+                               + " ".join(f"{k} {result[k]:.3f}" for k in shown if k in result))
                 if image is not None and (step % t.image_every == 0 or step == t.max_steps):
                     log.image(step, f"val/{validator.name}/masks", image)
             if step == t.halt_at_step:

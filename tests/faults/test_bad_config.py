@@ -23,7 +23,7 @@ def test_unknown_key_names_key_and_valid_choices(tmp_path):
     bad.write_text("model:\n  sam_image_sise: 4\n")
     with pytest.raises(ConfigError, match=r"model\.sam_image_sise.*sam_image_size"):
         load_config(bad)
-    with pytest.raises(ConfigError, match=r"unknown config key 'trian.seed'.*data, model, train, eval, paths"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian.seed'.*data, model, train, eval, pretrain, paths"):
         load_config(RECIPE, ["trian.seed=1"])
 
 

@@ -1,0 +1,71 @@
+"""One stage's token batch: the chat-templated prompt with its image tokens, the answer and its labels.
+
+Shared by PPCR's two stages and by the tiny MLLM's pretraining, so that both tokenise alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ppcr.model.mllm import Family
+
+
+@dataclass
+class StageInputs:
+    """One stage's token batch, right-padded; ``labels`` is -100 outside the answers."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L)
+    positions: torch.Tensor  # (B, L) or (3, B, L)
+    image_tokens: int  # image tokens in the batch, counted on the host
+    labels: torch.Tensor | None = None
+    marker: torch.Tensor | None = None  # (B,) position of each answer's [SEM] / [LOC], found on the host
+
+
+def encode_stage(processor, family: Family, image_token_id: int, prompts: list[str], answers: list[str] | None,
+                 images: list[torch.Tensor], *, marker: int | None = None,
+                 device: torch.device | str = "cpu") -> tuple[StageInputs, dict]:
+    """Chat-template the prompts and expand their image tokens (one call of the MLLM's processor for
+    the batch), append the answer tokens with labels, pad right. Positions, the image-token count
+    and the position of ``marker`` in each answer are worked out here on the host, so that the
+    device work needs no synchronisation. Returns the stage inputs and the processor's image
+    inputs, both on ``device``."""
+    tokenizer = processor.tokenizer
+    conv = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
+    texts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conv]
+    enc = processor(text=texts, images=list(images), return_tensors="pt", padding=True)
+    keys = family.text_keys()
+    keep = enc["attention_mask"].bool()  # the prompt's tokens, whichever side the processor padded
+    prompt_ids = [enc["input_ids"][i][keep[i]] for i in range(len(texts))]
+    answer_ids = (tokenizer(answers, add_special_tokens=False)["input_ids"] if answers is not None
+                  else [[] for _ in texts])
+    b, length = len(texts), max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((b, length), pad, dtype=torch.long)
+    attention = torch.zeros((b, length), dtype=torch.long)
+    labels = torch.full((b, length), -100, dtype=torch.long)
+    text_extra = {k: torch.zeros((b, length), dtype=torch.long) for k in keys}
+    for i, (ids, answer) in enumerate(zip(prompt_ids, answer_ids)):
+        n, m = len(ids), len(answer)
+        input_ids[i, :n] = ids
+        input_ids[i, n: n + m] = torch.tensor(answer, dtype=torch.long)
+        attention[i, : n + m] = 1
+        labels[i, n: n + m] = input_ids[i, n: n + m]
+        for k in keys:
+            text_extra[k][i, :n] = enc[k][i][keep[i]]
+    vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask") and k not in keys}
+    positions = family.positions(input_ids, attention, vision, text_extra)
+    where = None
+    if marker is not None:
+        hits = input_ids == marker
+        if not bool((hits.sum(-1) == 1).all()):
+            name = tokenizer.convert_ids_to_tokens(marker)
+            raise ValueError(f"every answer must hold exactly one {name}; counts {hits.sum(-1).tolist()}")
+        where = hits.int().argmax(-1)
+    stage = StageInputs(input_ids.to(device), attention.to(device), positions.to(device),
+                        image_tokens=int((input_ids == image_token_id).sum()),
+                        labels=labels.to(device) if answers is not None else None,
+                        marker=where.to(device) if where is not None else None)
+    return stage, {k: v.to(device) for k, v in vision.items()}
