@@ -8,7 +8,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.ppcr-installed
 SHARDS     := shards/synthetic_unc/manifest.json
 
-.PHONY: install test shards models train eval bench soak clean-data
+.PHONY: install test shards models pretrain train eval bench soak clean-data
 
 # Reinstalled when the package metadata or this file changes (the stamp is then stale).
 $(STAMP): setup.cfg pyproject.toml Makefile
@@ -32,12 +32,18 @@ $(SHARDS): $(CONFIG) | $(STAMP)
 
 shards: $(SHARDS)
 
-# The tiny random-initialised MLLM and SAM the default recipe names (written when missing).
-MODELS := checkpoints/tiny-qwen2.5-vl/config.json
+# The tiny MLLM and SAM the default recipe names: committed pretrained weights (make pretrain remakes
+# them); ppcr-tiny writes random-initialised ones only where a recipe's are missing.
+MODELS := launch/pretrained/tiny-llava/config.json
 $(MODELS): $(CONFIG) | $(STAMP)
 	$(VENV)/bin/ppcr-tiny --config $(CONFIG)
 
 models: $(MODELS)
+
+# Pretrain the tiny backbones the recipe names (ppcr-pretrain: vision tower, grounding, SAM) on
+# synthetic scenes of their own seed; rewrites model.mllm_path and model.sam_checkpoint.
+pretrain: | $(STAMP)
+	$(VENV)/bin/ppcr-pretrain --config $(CONFIG) $(ARGS)
 
 clean-data:
 	rm -rf data/refer/synthetic data/images/synthetic shards/synthetic_unc
