@@ -69,3 +69,10 @@ def encode_stage(processor, family: Family, image_token_id: int, prompts: list[s
                         labels=labels.to(device) if answers is not None else None,
                         marker=where.to(device) if where is not None else None)
     return stage, {k: v.to(device) for k, v in vision.items()}
+
+
+def scatter_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
+                           features: torch.Tensor) -> torch.Tensor:
+    """(B, L, H) input embeddings with the image features (N, H) put at the N image tokens, in order."""
+    mask = (input_ids == image_token_id).unsqueeze(-1).expand_as(embeds)
+    return embeds.masked_scatter(mask, features.to(embeds.dtype))

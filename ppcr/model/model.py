@@ -29,7 +29,7 @@ from ppcr.config import LossWeights, ModelConfig
 from ppcr.data.transforms import Preprocessor, box_pair_iou
 from ppcr.model.generation import Agree, greedy_stage
 from ppcr.model.heads import MLP, BoxHead
-from ppcr.model.inputs import StageInputs, encode_stage
+from ppcr.model.inputs import StageInputs, encode_stage, scatter_image_features
 from ppcr.model.lora import add_branches, use_branch
 from ppcr.model.losses import box_losses, mask_losses, text_ce, total_loss
 from ppcr.model.mllm import family_of, image_token_id, load_mllm
@@ -135,6 +135,19 @@ class PPCRModel(nn.Module):
         return encode_stage(self.processor, self.family, self.image_token_id, prompts, answers, images,
                             marker=marker, device=self.device)
 
+    def encode_answers(self, mllm_images, expressions: list[str], categories: list[str],
+                       boxes: torch.Tensor) -> tuple[StageInputs, StageInputs, dict]:
+        """Both stages with their ground-truth answers (training's view): the semantic and spatial stage
+        inputs and the processor's image inputs, on the model's device."""
+        texts = [render_prompts(self.cfg.templates, e, c, b, self.cfg.box_bins)
+                 for e, c, b in zip(expressions, categories, boxes)]
+        images = list(mllm_images)
+        s1, vision = self.encode([t["semantic_prompt"] for t in texts], [t["semantic_answer"] for t in texts], images,
+                                 marker=self.ids.sem)
+        s2, _ = self.encode([t["spatial_prompt"] for t in texts], [t["spatial_answer"] for t in texts], images,
+                            marker=self.ids.loc)
+        return s1, s2, vision
+
     def vision_features(self, vision: dict) -> torch.Tensor:
         """Image features of every image token, computed once per step for both stages."""
         trainable = any(p.requires_grad for m in self.family.vision_modules for p in m.parameters())
@@ -145,9 +158,7 @@ class PPCRModel(nn.Module):
         """(B, L, H) input embeddings: token rows, image features at image tokens, SemSP at [SEMP]."""
         if stage.image_tokens != features.shape[0]:
             raise ValueError(f"{stage.image_tokens} image tokens but {features.shape[0]} image features")
-        e = self.token_rows(stage.input_ids)
-        image_mask = stage.input_ids == self.image_token_id
-        e = e.masked_scatter(image_mask.unsqueeze(-1).expand_as(e), features.to(e.dtype))
+        e = scatter_image_features(self.token_rows(stage.input_ids), stage.input_ids, self.image_token_id, features)
         if semsp_embed is not None:
             e = torch.where((stage.input_ids == self.ids.semp).unsqueeze(-1), semsp_embed[:, None, :].to(e.dtype), e)
         return e
@@ -168,13 +179,8 @@ class PPCRModel(nn.Module):
         """Host side of a training step: render and tokenise both stages, then move everything to the
         device once."""
         with mark("encode"):
-            texts = [render_prompts(self.cfg.templates, e, c, b, self.cfg.box_bins)
-                     for e, c, b in zip(batch["expressions"], batch["categories"], batch["boxes"])]
-            images = list(batch["mllm_images"])
-            s1, vision = self.encode([t["semantic_prompt"] for t in texts], [t["semantic_answer"] for t in texts],
-                                     images, marker=self.ids.sem)
-            s2, _ = self.encode([t["spatial_prompt"] for t in texts], [t["spatial_answer"] for t in texts], images,
-                                marker=self.ids.loc)
+            s1, s2, vision = self.encode_answers(batch["mllm_images"], batch["expressions"], batch["categories"],
+                                                 batch["boxes"])
             dev = self.device
             gt_boxes = use_gt = None
             if batch.get("gt_box_share", 0.0) > 0:
@@ -225,13 +231,7 @@ class PPCRModel(nn.Module):
         count of the answer tokens by role (``ce_sums``, ``ce_counts``: (B, R) in
         :data:`ppcr.model.tokens.CE_ROLES` order: the fixed tokens, then the 1st, 2nd, 3rd... digit of each coordinate). The averaged CE
         hides whether the leading digits, the ones that matter, are learned."""
-        texts = [render_prompts(self.cfg.templates, e, c, b, self.cfg.box_bins)
-                 for e, c, b in zip(expressions, categories, boxes)]
-        images = list(mllm_images)
-        s1, vision = self.encode([t["semantic_prompt"] for t in texts], [t["semantic_answer"] for t in texts], images,
-                                 marker=self.ids.sem)
-        s2, _ = self.encode([t["spatial_prompt"] for t in texts], [t["spatial_answer"] for t in texts], images,
-                            marker=self.ids.loc)
+        s1, s2, vision = self.encode_answers(mllm_images, expressions, categories, boxes)
         h = self.language_stages(s1, s2, self.vision_features(vision))
         labels = s2.labels[:, 1:]
         ce = F.cross_entropy(self.token_rows.logits(h["h2"])[:, :-1].flatten(0, 1).float(), labels.flatten(),

@@ -102,7 +102,6 @@ def build_tiny_mllm(family: str, out: str | Path, image_size: int = 112, arch: T
     out = Path(out)
     text = dict(hidden_size=a.hidden, intermediate_size=2 * a.hidden, num_hidden_layers=a.layers,
                 num_attention_heads=a.heads, num_key_value_heads=a.kv_heads, max_position_embeddings=2048)
-    patch_size = a.patch_size
     if family == "qwen2_5_vl":
         tokenizer = build_tokenizer(QWEN_SPECIAL, family)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
@@ -112,8 +111,8 @@ def build_tiny_mllm(family: str, out: str | Path, image_size: int = 112, arch: T
                              bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"], **text),
             vision_config=dict(depth=a.vision_depth, hidden_size=a.vision_hidden,
                                intermediate_size=a.vision_mlp_ratio * a.vision_hidden, num_heads=a.vision_heads,
-                               patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
-                               window_size=4 * patch_size, out_hidden_size=a.hidden,
+                               patch_size=a.patch_size, spatial_merge_size=2, temporal_patch_size=2,
+                               window_size=4 * a.patch_size, out_hidden_size=a.hidden,
                                fullatt_block_indexes=list(range(1, a.vision_depth, 2))),
             image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
             vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
@@ -123,21 +122,20 @@ def build_tiny_mllm(family: str, out: str | Path, image_size: int = 112, arch: T
     else:
         tokenizer = build_tokenizer(LLAVA_SPECIAL, family)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in LLAVA_SPECIAL}
-        patch = patch_size
         config = LlavaConfig(
             vision_config=CLIPVisionConfig(hidden_size=a.vision_hidden,
                                            intermediate_size=a.vision_mlp_ratio * a.vision_hidden,
                                            num_hidden_layers=a.vision_depth, num_attention_heads=a.vision_heads,
-                                           image_size=image_size, patch_size=patch, projection_dim=a.vision_hidden),
+                                           image_size=image_size, patch_size=a.patch_size, projection_dim=a.vision_hidden),
             text_config=LlamaConfig(vocab_size=len(tokenizer), bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
                                     pad_token_id=ids["<pad>"], **text),
-            image_token_index=ids["<image>"], image_seq_length=(image_size // patch) ** 2,
+            image_token_index=ids["<image>"], image_seq_length=(image_size // a.patch_size) ** 2,
             vision_feature_layer=-1, vision_feature_select_strategy="default",  # every tiny layer counts
         )
         model = LlavaForConditionalGeneration(config)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    build_processor(family, image_size, tokenizer, patch_size=patch_size).save_pretrained(out)
+    build_processor(family, image_size, tokenizer, patch_size=a.patch_size).save_pretrained(out)
     return out
 
 

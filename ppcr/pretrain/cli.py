@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ppcr.config import Config, ConfigError, load_config
-from ppcr.data.transforms import Preprocessor
+from ppcr.data.transforms import Preprocessor, box_pair_iou
 from ppcr.model.mllm import family_of, image_token_id, load_mllm
 from ppcr.model.sam import SamSegmenter, save_sam_state
 from ppcr.model.tiny import build_tiny_mllm, build_tiny_sam
@@ -127,15 +127,12 @@ class MllmPretraining:
 
         @torch.no_grad()
         def evaluate() -> dict:
-            from torchvision.ops import box_convert, box_iou
-
             ce = sum(float(step_loss(held[j: j + 16])[0]) for j in range(0, len(held), 16)) / len(range(0, len(held), 16))
             hits = 0
             for image, prompt, _, box in questions:
                 pred = grounding_box(self.mllm, self.processor, self.family, self.image_token, image, prompt, self.bins)
                 if pred is not None:
-                    pair = box_convert(torch.stack([pred, torch.tensor(box)]), "cxcywh", "xyxy")
-                    hits += float(box_iou(pair[:1], pair[1:])[0, 0]) >= 0.5
+                    hits += box_pair_iou(pred, torch.tensor(box)) >= 0.5
             return {"ce": ce, "box_acc50": hits / max(len(questions), 1)}
 
         loader = _loader(SceneStream(self.scenes, self._grounding_items), st.batch_size,

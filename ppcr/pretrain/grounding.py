@@ -17,10 +17,10 @@ from __future__ import annotations
 import random
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ppcr.model.inputs import StageInputs, encode_stage
+from ppcr.model.inputs import StageInputs, encode_stage, scatter_image_features
+from ppcr.model.losses import text_ce
 from ppcr.model.mllm import Family
 from ppcr.model.generation import decode
 from ppcr.model.tokens import BOX_CLOSE, box_text, parse_box_text
@@ -55,9 +55,7 @@ def grounding_examples(scene: PretrainScene, bins: int) -> list[tuple[str, str, 
 def language_model_logits(mllm: nn.Module, family: Family, image_token_id: int, stage: StageInputs,
                           features: torch.Tensor) -> torch.Tensor:
     """(B, L, V) logits of the bare MLLM on a stage batch, image features at the image tokens."""
-    e = mllm.get_input_embeddings()(stage.input_ids)
-    mask = (stage.input_ids == image_token_id).unsqueeze(-1).expand_as(e)
-    e = e.masked_scatter(mask, features.to(e.dtype))
+    e = scatter_image_features(mllm.get_input_embeddings()(stage.input_ids), stage.input_ids, image_token_id, features)
     h = family.language_model(inputs_embeds=e, attention_mask=stage.attention_mask, position_ids=stage.positions,
                               use_cache=False).last_hidden_state
     return mllm.get_output_embeddings()(h)
@@ -69,7 +67,7 @@ def grounding_loss(mllm: nn.Module, processor, family: Family, image_token_id: i
     images, prompts, answers = zip(*examples)
     stage, vision = encode_stage(processor, family, image_token_id, list(prompts), list(answers), list(images))
     logits = language_model_logits(mllm, family, image_token_id, stage, family.image_features(vision))
-    ce = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), stage.labels[:, 1:].flatten(), ignore_index=-100)
+    ce = text_ce(logits, stage.labels)
     return ce, {"ce": ce.detach()}
 
 
@@ -78,9 +76,8 @@ def grounding_box(mllm: nn.Module, processor, family: Family, image_token_id: in
                   prompt: str, bins: int, max_new_tokens: int = 24) -> torch.Tensor | None:
     """Greedy answer to one grounding question, parsed as a normalised (cx, cy, w, h) box."""
     stage, vision = encode_stage(processor, family, image_token_id, [prompt], None, [image])
-    e = mllm.get_input_embeddings()(stage.input_ids)
-    mask = (stage.input_ids == image_token_id).unsqueeze(-1).expand_as(e)
-    e = e.masked_scatter(mask, family.image_features(vision).to(e.dtype))
+    e = scatter_image_features(mllm.get_input_embeddings()(stage.input_ids), stage.input_ids, image_token_id,
+                               family.image_features(vision))
     stop = processor.tokenizer.convert_tokens_to_ids(BOX_CLOSE)
     out = decode(family, e, stage, embed=mllm.get_input_embeddings(), logits=mllm.get_output_embeddings(),
                  stops=(stop,), max_new_tokens=max_new_tokens)
