@@ -24,8 +24,8 @@ from ppcr.eval.evaluate import ABLATIONS, Ablation, evaluate_items, filler_item,
 from ppcr.eval.metrics import THRESHOLDS
 from ppcr.eval.visualize import grid
 from ppcr.model.saving import load_checkpoint
-from ppcr.train.distributed import device, init_distributed
-from ppcr.train.logger import RunLogger
+from ppcr.common.distributed import device, init_distributed
+from ppcr.common.logger import RunLogger
 
 COLUMNS = ["cIoU", "gIoU", *[f"Prec@{t}" for t in THRESHOLDS], "BoxAcc@0.5", "TextBoxAcc@0.5", "Agreement", "count"]
 

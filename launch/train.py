@@ -23,14 +23,14 @@ from ppcr.data.stream import build_train_loader
 from ppcr.model.model import PPCRModel
 from ppcr.model.params import parameter_table
 from ppcr.train import checkpoint
-from ppcr.train.distributed import init_distributed
+from ppcr.common.distributed import init_distributed
 from ppcr.train.ds_config import zero_stage
-from ppcr.train.logger import RunLogger
+from ppcr.common.logger import RunLogger
 from ppcr.train.loop import train
 from ppcr.train.nonfinite import NonfiniteLossError
 from ppcr.train.optim import build_optimizer, build_scheduler
 from ppcr.train.preflight import check_run_inputs
-from ppcr.train.validate import Validator
+from ppcr.eval.validate import Validator
 
 RECIPES = Path(__file__).parent / "configs"
 

@@ -12,7 +12,7 @@ import psutil
 import torch
 
 from ppcr.bench.report import Figure
-from ppcr.train.distributed import usable_cores
+from ppcr.common.distributed import usable_cores
 
 
 def _cpu_model() -> str:

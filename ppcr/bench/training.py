@@ -25,7 +25,7 @@ from ppcr.config import Config
 from ppcr.data.stream import build_train_loader
 from ppcr.model.model import PPCRModel
 from ppcr.profiling import mark, stage_split
-from ppcr.train.distributed import free_port
+from ppcr.common.distributed import free_port
 from ppcr.train.optim import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[2]

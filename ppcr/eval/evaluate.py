@@ -13,7 +13,7 @@ from ppcr.config import Config, ShardSetConfig
 from ppcr.data.stream import EvalStream, ShardSet
 from ppcr.data.transforms import Preprocessor
 from ppcr.eval.metrics import SegmentationMetrics
-from ppcr.train.distributed import DistInfo, all_ranks_done, all_reduce_sum, device
+from ppcr.common.distributed import DistInfo, all_ranks_done, all_reduce_sum, device
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ppcr.data.transforms import box_pair_iou
-from ppcr.train.distributed import all_reduce_sum, device
+from ppcr.common.distributed import all_reduce_sum, device
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 

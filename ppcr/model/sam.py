@@ -9,9 +9,9 @@ pixel mean and std so that the two cannot drift apart.
 from __future__ import annotations
 
 import pickle
+import sys
 from pathlib import Path
 
-import deepspeed
 import torch
 from segment_anything import sam_model_registry
 from segment_anything.modeling import Sam
@@ -81,10 +81,13 @@ class SamSegmenter(nn.Module):
         self.sam = sam
         # SAM's prompt encoder reads its child embeddings' weights directly instead of calling them. Under
         # ZeRO-3 those weights must be gathered with the prompt encoder, also outside the engine's forward
-        # (validation, prediction); elsewhere this is inert.
-        pe = sam.prompt_encoder
-        for child in (*pe.point_embeddings, pe.not_a_point_embed, pe.no_mask_embed):
-            deepspeed.zero.register_external_parameter(pe, child.weight)
+        # (validation, prediction); elsewhere this is inert. Training loads DeepSpeed before it builds the
+        # model; inference and export never import it, so there is nothing to register there.
+        deepspeed = sys.modules.get("deepspeed")
+        if deepspeed is not None:
+            pe = sam.prompt_encoder
+            for child in (*pe.point_embeddings, pe.not_a_point_embed, pe.no_mask_embed):
+                deepspeed.zero.register_external_parameter(pe, child.weight)
 
     @property
     def prompt_dim(self) -> int:

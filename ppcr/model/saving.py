@@ -18,7 +18,7 @@ from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from ppcr.config import Config, dump_config, load_config
-from ppcr.train.checkpoint import latest_tag
+from ppcr.common.checkpoint_paths import latest_tag
 from ppcr.model.lora import BRANCHES
 from ppcr.model.model import PPCRModel
 from ppcr.model.sam import SamSegmenter, load_sam

@@ -20,24 +20,8 @@ from pathlib import Path
 
 import torch
 
-from ppcr.train.distributed import DistInfo, barrier
-
-LATEST = "latest"
-
-
-def tag_of(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    path = ckpt_dir / LATEST
-    if not path.is_file():
-        return None
-    tag = path.read_text().strip()
-    if not (ckpt_dir / tag).is_dir():
-        raise FileNotFoundError(f"{path} names {tag}, which is not in {ckpt_dir}")
-    return tag
-
+from ppcr.common.checkpoint_paths import LATEST, latest_tag, tag_of
+from ppcr.common.distributed import DistInfo, barrier
 
 def save(engine, ckpt_dir: Path, step: int, loader, dist: DistInfo, keep_last: int) -> Path:
     tag = tag_of(step)

@@ -14,12 +14,11 @@ from ppcr.config import Config
 from ppcr.model.losses import TERMS
 from ppcr.profiling import StepProfiler, mark
 from ppcr.train import checkpoint
-from ppcr.train.distributed import DistInfo, all_reduce_sum, device
-from ppcr.train.logger import RunLogger
+from ppcr.common.distributed import DistInfo, all_reduce_sum, device
+from ppcr.common.logger import RunLogger
 from ppcr.train.memory import host_memory_gb, model_state_bytes
 from ppcr.train.nonfinite import NonfiniteGuard
 from ppcr.train.preempt import Preemption
-from ppcr.train.validate import Validator
 
 
 @dataclass
@@ -91,10 +90,15 @@ def optimizer_step(engine, batches, guard: NonfiniteGuard, window: Window, grad_
 
 
 def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step: int, log: RunLogger,
-          validator: Validator | None) -> tuple[str, int, dict[str, int]]:
+          validator=None) -> tuple[str, int, dict[str, int]]:
     """Run from ``start_step`` to train.max_steps; returns ("done" | "halted" | "preempted", last step,
     run totals for the summary: samples skipped over all ranks, steps without update). Raises
-    :class:`NonfiniteLossError` when the loss stays NaN or Inf."""
+    :class:`NonfiniteLossError` when the loss stays NaN or Inf.
+
+    ``validator`` (:class:`ppcr.eval.validate.Validator`, built by the entry point: training does not
+    import evaluation) has ``name`` and ``run(model, should_stop) -> (metrics, image) | None``; it asks
+    ``should_stop`` between its batches, so that a preemption during validation checkpoints and exits
+    within a batch."""
     t = cfg.train
     ckpt_dir = run_dir / "checkpoints"
     preempt = Preemption()
@@ -142,7 +146,13 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
                 status = "preempted"
                 break
             if validator is not None and (step % t.val_every == 0 or step == t.max_steps):
-                result, image = validator.run(engine.module)
+                done = validator.run(engine.module, should_stop=preempt.agreed_now)
+                if done is None:  # preempted during validation: this step's checkpoint, then out
+                    if step % t.save_every and step != t.max_steps and not guard.in_streak:
+                        checkpoint.save(engine, ckpt_dir, step, loader, dist, t.keep_last)
+                    status = "preempted"
+                    break
+                result, image = done
                 log.scalars(step, result, prefix=f"val/{validator.name}")
                 if dist.is_main:
                     shown = ("cIoU", "gIoU", "BoxAcc@0.5", "TextBoxAcc@0.5", "tf_BoxAcc@0.5", "image_dependence_spasp")

@@ -12,7 +12,7 @@ import logging
 import torch
 
 from ppcr.model.losses import TERMS
-from ppcr.train.distributed import all_reduce_sum
+from ppcr.common.distributed import all_reduce_sum
 
 log = logging.getLogger(__name__)
 NAMES = ("loss",) + TERMS

@@ -13,7 +13,7 @@ import signal
 import torch
 import torch.distributed as dist
 
-from ppcr.train.distributed import cpu_group
+from ppcr.common.distributed import cpu_group
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -39,6 +39,19 @@ class Preemption:
         flag = torch.tensor([1.0 if self.received is not None else 0.0])
         self.pending = (dist.all_reduce(flag, group=self.group, async_op=True), flag)
         return decided
+
+    def agreed_now(self) -> bool:
+        """Collective, synchronous: whether any rank has received a signal by now. For points inside a
+        step (between validation batches), where waiting one step for the answer would be too late."""
+        if self.pending is not None:
+            work, flag = self.pending
+            work.wait()
+            self.pending = None
+            if flag[0] > 0:
+                return True
+        flag = torch.tensor([1.0 if self.received is not None else 0.0])
+        dist.all_reduce(flag, group=self.group)
+        return bool(flag[0] > 0)
 
     def close(self) -> None:
         """Complete the last started all-reduce (every rank started the same number)."""

@@ -10,7 +10,7 @@ from ppcr.config import Config, ConfigError
 from ppcr.data.shards import split_shards
 from ppcr.model.mllm import check_mllm_path
 from ppcr.model.sam import check_sam_checkpoint
-from ppcr.train import checkpoint
+from ppcr.common.checkpoint_paths import latest_tag
 from ppcr.train.ds_config import build_ds_config
 
 
@@ -45,7 +45,7 @@ def check_run_inputs(cfg: Config, world_size: int, run_dir: Path) -> dict:
                 split_shards(Path(cfg.paths.shards_root) / spec.name, spec.split)
             except (FileNotFoundError, ValueError) as e:
                 raise FileNotFoundError(f"{key} '{spec.name}/{spec.split}' under paths.shards_root: {e}") from e
-        checkpoint.latest_tag(run_dir / "checkpoints")  # a 'latest' that names a missing checkpoint
+        latest_tag(run_dir / "checkpoints")  # a 'latest' that names a missing checkpoint
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from e
     return ds

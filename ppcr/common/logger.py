@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.tensorboard import SummaryWriter
 
-from ppcr.train.distributed import DistInfo
+from ppcr.common.distributed import DistInfo
 
 
 class RunLogger:

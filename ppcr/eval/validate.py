@@ -18,7 +18,7 @@ from ppcr.data.transforms import box_pair_iou
 from ppcr.eval.evaluate import evaluate_items, filler_item, split_items
 from ppcr.eval.visualize import grid
 from ppcr.model.tokens import CE_ROLES
-from ppcr.train.distributed import DistInfo, all_reduce_sum, device
+from ppcr.common.distributed import DistInfo, all_reduce_sum, device
 
 
 def other_images(images: list[torch.Tensor]) -> list[torch.Tensor]:

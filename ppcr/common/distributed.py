@@ -12,10 +12,8 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
-import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.accelerator import get_accelerator
 
 
 @dataclass(frozen=True)
@@ -55,6 +53,9 @@ def init_distributed() -> DistInfo:
     if "RANK" not in os.environ:  # plain `python launch/train.py`
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
+    import deepspeed  # only here: evaluation, export and inference run without DeepSpeed loaded
+    from deepspeed.accelerator import get_accelerator
+
     backend = get_accelerator().communication_backend_name()
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend=backend)
@@ -84,7 +85,7 @@ def _unlink_shm_buffer() -> None:
     RAM after a day of runs here). Once every rank has mapped every buffer (they do so during
     init_distributed; the barrier waits for all), each rank unlinks its own: the mappings stay valid
     and the memory is freed when the job ends, however it ends."""
-    if get_accelerator().device_name() != "cpu":
+    if device().type != "cpu":
         return
     barrier()
     name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
@@ -106,8 +107,11 @@ def usable_cores() -> int:
 
 
 def device() -> torch.device:
-    name = get_accelerator().device_name()
-    return torch.device(name, int(os.environ.get("LOCAL_RANK", "0"))) if name == "cuda" else torch.device(name)
+    """This rank's device: its local GPU where CUDA is usable (DeepSpeed's accelerator choice on the
+    machines ppcr supports), else the CPU."""
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR", "cuda") == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Shared by every layer above: rank/world facts and collectives, logging sinks, checkpoint paths."""
