@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ppcr.train.distributed import free_port
+from ppcr.common.distributed import free_port
 
 ROOT = Path(__file__).parent.parent
 VENV_BIN = Path(sys.executable).parent

@@ -22,7 +22,7 @@ from ppcr.bench.memory import (
     stage_tokens,
     zero3_scaling_rows,
 )
-from ppcr.train.distributed import free_port
+from ppcr.common.distributed import free_port
 
 ROOT = Path(__file__).parent.parent
 
