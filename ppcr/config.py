@@ -70,6 +70,10 @@ class DataConfig:
     shard_max_samples: int = 200  # samples per shard when building
     shard_max_mb: float = 256.0  # bytes per shard when building, whichever limit comes first
     max_reject_share: float = 0.05  # a shard build exits non-zero past this share of rejected refs
+    # Drop every training ref whose image is in a split of eval.sets. RefCOCO, RefCOCO+ and RefCOCOg share
+    # COCO train2014 images, so one set's train split holds another's val and test images; MDETR, SeqTR
+    # and PolyFormer remove them (ppcr/data/overlap.py). Rank 0 prints what was dropped.
+    exclude_eval_images: bool = True
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 

@@ -183,3 +183,54 @@ def handmade(tmp_path):
             _ref(9, 16)]
     _write_refer(tmp_path, images, annotations, refs)
     return tmp_path, img_dir
+
+
+def write_refer(root: Path, dataset: str, split_by: str, *, images: list[dict], annotations: list[dict],
+                refs: list[dict]) -> None:
+    """REFER files of one dataset and split scheme under ``root``: instances.json and refs(<split_by>).p."""
+    d = root / dataset
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations,
+                                                  "categories": [{"id": 1, "name": "thing", "supercategory": "x"}]}))
+    with open(d / f"refs({split_by}).p", "wb") as f:
+        pickle.dump(refs, f)
+
+
+def coco_image(img_dir: Path, image_id: int, h: int = 48, w: int = 64) -> dict:
+    """A plain JPEG named like a COCO train2014 image, and its COCO image entry."""
+    name = f"COCO_train2014_{image_id:012d}.jpg"
+    if not (img_dir / name).exists():
+        Image.fromarray(np.full((h, w, 3), (37 * image_id) % 256, np.uint8)).save(img_dir / name)
+    return {"id": image_id, "file_name": name, "height": h, "width": w}
+
+
+def square_annotation(ann_id: int, image_id: int, x: int = 4, y: int = 4, side: int = 12) -> dict:
+    return {"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0, "bbox": [x, y, side, side],
+            "area": side * side, "segmentation": [[x, y, x + side, y, x + side, y + side, x, y + side]]}
+
+
+@pytest.fixture(scope="session")
+def coco_pool(tmp_path_factory) -> dict:
+    """Two shard sets of the COCO train2014 pool, refcoco_unc and refcocog_umd, built from REFER files
+    made here. refcocog_umd/train shows image 2, one of refcoco_unc/val's images (refs 200 and 201),
+    and image 1, one of refcoco_unc/train's (ref 205), beside images of its own."""
+    root = tmp_path_factory.mktemp("coco_pool")
+    img_dir = root / "train2014"
+    img_dir.mkdir()
+    layout = {
+        ("refcoco", "unc"): [(100, 1, "train"), (101, 1, "train"), (102, 5, "train"), (110, 2, "val"),
+                             (111, 2, "val"), (120, 3, "testA"), (130, 4, "testB")],
+        ("refcocog", "umd"): [(200, 2, "train"), (201, 2, "train"), (202, 6, "train"), (203, 6, "train"),
+                              (204, 7, "train"), (205, 1, "train"), (210, 8, "val"), (220, 9, "test")],
+    }
+    shards = root / "shards"
+    for (dataset, split_by), refs in layout.items():
+        image_ids = sorted({image_id for _, image_id, _ in refs})
+        write_refer(root / "refer", dataset, split_by, images=[coco_image(img_dir, i) for i in image_ids],
+                    annotations=[square_annotation(ref_id, image_id, x=2 + ref_id % 7 * 5)
+                                 for ref_id, image_id, _ in refs],
+                    refs=[_ref(ref_id, ref_id, image_id=image_id, split=split,
+                               sents=(f"the thing {ref_id}", f"object {ref_id}")) for ref_id, image_id, split in refs])
+        build_shards(root / "refer", dataset, split_by, img_dir, shards / f"{dataset}_{split_by}", workers=1,
+                     max_samples=2)
+    return {"shards_root": shards, "layout": layout, "refer_root": root / "refer", "images": img_dir}

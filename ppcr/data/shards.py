@@ -8,6 +8,16 @@ A shard set is a directory with ``<split>-NNNNNN.tar`` files and a ``manifest.js
 - ``json``: ref_id, ann_id, image_id, category_id, category, sentences, bbox [x, y, w, h], height,
   width, dataset, split_by, split.
 
+Each split's manifest entry also says what the REFER file held, so that evaluation can tell a
+complete split from a partial one (``ppcr.data.counts``) and training can leave out the images of
+the evaluation splits (``ppcr.data.overlap``):
+
+- ``source``: refs and expressions of the split in the refs file, before any rejection;
+- ``rejected``: refs of the split rejected at build, and their expressions;
+- ``blank_expressions``: empty expressions dropped from refs that were kept, so that
+  source = written (``expressions``) + rejected + blank;
+- ``image_ids``: the split's images (sorted, distinct) and ``image_refs``, refs written per image.
+
 Shards hold no pickles. Building is deterministic: the same input gives byte-identical shards.
 """
 
@@ -30,7 +40,8 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from ppcr.data.refer import ReferRecord, Rejection, read_refer, refer_files, segmentation_to_mask
+from ppcr.data.refer import (DATASET_SPLITS, ReferRecord, Rejection, load_refs, read_refer, refer_files,
+                              segmentation_to_mask)
 from ppcr.data.transforms import decode_image
 
 FORMAT_VERSION = 1
@@ -191,6 +202,48 @@ class _ShardRoller:
             info.sha256 = sha256_file(path)
 
 
+def _source_counts(refs_path: Path, valid_splits: tuple[str, ...],
+                   splits: list[str] | None) -> tuple[dict[str, dict[str, int]], dict[int, tuple[str, int]]]:
+    """Refs and expressions per split as the refs file holds them, before any check, and each such
+    ref's (split, expressions) by ref_id, to attribute rejections to their split.
+
+    Counted from the raw file rather than from the records read from it: a ref rejected for any
+    reason still belongs to its split's published count."""
+    counts: dict[str, dict[str, int]] = {}
+    by_ref: dict[int, tuple[str, int]] = {}
+    for ref in load_refs(refs_path):
+        split = ref.get("split") if isinstance(ref, dict) else None
+        if split not in valid_splits or (splits and split not in splits):
+            continue  # an unknown split is rejected by read_refer and belongs to no split
+        sentences = ref.get("sentences")
+        n = len(sentences) if isinstance(sentences, list) else 0
+        c = counts.setdefault(split, {"refs": 0, "expressions": 0})
+        c["refs"] += 1
+        c["expressions"] += n
+        if isinstance(ref.get("ref_id"), int):
+            by_ref[ref["ref_id"]] = (split, n)
+    return counts, by_ref
+
+
+def _split_entry(*, shards: list[ShardInfo], source: dict[str, int], rejected: list[tuple[str, int]],
+                 image_refs: dict[int, int]) -> dict:
+    """One split's manifest entry: what was written, what the refs file held and what was rejected
+    (``rejected``: (split, expressions) of each rejected ref of the split)."""
+    written = {"samples": sum(s.samples for s in shards), "expressions": sum(s.expressions for s in shards)}
+    rejected_expressions = sum(n for _, n in rejected)
+    ids = sorted(image_refs)
+    return {
+        **written,
+        "bytes": sum(s.bytes for s in shards),
+        "shards": [asdict(s) for s in shards],
+        "source": dict(source),
+        "rejected": {"refs": len(rejected), "expressions": rejected_expressions},
+        "blank_expressions": source["expressions"] - written["expressions"] - rejected_expressions,
+        "image_ids": ids,
+        "image_refs": [image_refs[i] for i in ids],
+    }
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -219,25 +272,28 @@ def build_shards(refer_root: str | Path, dataset: str, split_by: str, images_dir
     by_split: dict[str, list[ReferRecord]] = {}
     for rec in records:
         by_split.setdefault(rec.split, []).append(rec)
+    source, source_refs = _source_counts(refs_path, DATASET_SPLITS[(dataset, split_by)], splits)
     manifest_splits = {}
     pool = mp.get_context().Pool(workers) if workers > 1 else None  # the platform default: fork on Linux
     try:
-        for split in sorted(by_split):
+        # Every split the refs file holds gets an entry, even one whose refs were all rejected.
+        for split in sorted(set(by_split) | set(source)):
             roller = _ShardRoller(partial, split, max_samples, int(max_mb * 2**20))
-            jobs = [_Job(r, dataset, split_by, str(refs_path)) for r in by_split[split]]
+            jobs = [_Job(r, dataset, split_by, str(refs_path)) for r in by_split.get(split, [])]
             results = pool.imap(_encode_record, jobs, chunksize=16) if pool else map(_encode_record, jobs)
-            for res in tqdm(results, total=len(jobs), desc=f"{dataset}/{split_by} {split}", unit="ref"):
+            image_refs: dict[int, int] = {}
+            for job, res in zip(jobs, tqdm(results, total=len(jobs), desc=f"{dataset}/{split_by} {split}", unit="ref")):
                 if isinstance(res, Rejection):
                     rejected.append(res)
                 else:
                     roller.write(res)
+                    image_refs[job.record.image_id] = image_refs.get(job.record.image_id, 0) + 1
             roller.close()
-            manifest_splits[split] = {
-                "samples": sum(s.samples for s in roller.shards),
-                "expressions": sum(s.expressions for s in roller.shards),
-                "bytes": sum(s.bytes for s in roller.shards),
-                "shards": [asdict(s) for s in roller.shards],
-            }
+            split_rejected = [source_refs[r.ref_id] for r in rejected if isinstance(r.ref_id, int)
+                              and source_refs.get(r.ref_id, ("",))[0] == split]
+            manifest_splits[split] = _split_entry(shards=roller.shards,
+                                                  source=source.get(split, {"refs": 0, "expressions": 0}),
+                                                  rejected=split_rejected, image_refs=image_refs)
     finally:
         if pool:
             pool.close()

@@ -19,10 +19,15 @@ number of workers, batch size and data config; a mismatch is refused with a mess
 A sample that does not decode, or a shard that breaks off, is skipped, counted and logged with its
 shard and key; a batch with dropped samples is smaller. Should all samples of a group fail, the worker
 takes the next group in its place, and a resume reproduces that too.
+
+With ``data.exclude_eval_images`` a training set drops, before grouping, every sample whose image
+is in a split of ``eval.sets`` (``ppcr.data.overlap``): the groups stay a function of data and config,
+and the dropped images are part of the identity a resume checks.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -36,6 +41,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ppcr.config import Config, ShardSetConfig
+from ppcr.data.overlap import fingerprint, plan_exclusions, raw_image_id
 from ppcr.data.shards import SampleError, decode_sample, split_shards
 from ppcr.data.transforms import Preprocessor, hflip
 
@@ -49,6 +55,7 @@ class ShardSet:
     name: str
     shards: list[dict]  # manifest entries with "path"
     ratio: float = 1.0
+    exclude_images: frozenset[int] = frozenset()  # image ids whose samples are dropped (data.exclude_eval_images)
 
     @classmethod
     def open(cls, shards_root: str | Path, spec: ShardSetConfig) -> "ShardSet":
@@ -91,6 +98,8 @@ def set_stream(shard_set: ShardSet, set_index: int, seed: int, slot: int, num_sl
             wds.SimpleShardList([s["path"] for s in mine]),
             wds.tarfile_to_samples(handler=errors.tar_handler),
         ).iterator()
+        if shard_set.exclude_images:  # before the shuffle buffer, which then holds only samples that are used
+            src = (r for r in src if raw_image_id(r) not in shard_set.exclude_images)
         if shuffle:
             rng = random.Random(f"{seed}-{set_index}-{epoch}-{slot}")
             src = wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(src)
@@ -100,8 +109,10 @@ def set_stream(shard_set: ShardSet, set_index: int, seed: int, slot: int, num_sl
             seen += 1
             yield raw
         if seen == 0 and epochs is None:
+            excluded = (f", or data.exclude_eval_images dropped all {len(shard_set.exclude_images)} of their "
+                        f"images" if shard_set.exclude_images else "")
             raise RuntimeError(f"shard set {shard_set.name}: slot {slot} read no sample in epoch {epoch} "
-                               f"(all its shards are empty or broken)")
+                               f"(all its shards are empty or broken{excluded})")
         epoch += 1
 
 
@@ -259,8 +270,13 @@ class ResumableLoader:
 
     def _identity(self) -> dict:
         s = self.stream
-        return {"world_size": s.world_size, "rank": s.rank, "num_workers": self.num_workers,
-                "batch_size": s.batch_size, "seed": s.seed, "sets": [(x.name, x.ratio, len(x.shards)) for x in s.sets]}
+        identity = {"world_size": s.world_size, "rank": s.rank, "num_workers": self.num_workers,
+                    "batch_size": s.batch_size, "seed": s.seed,
+                    "sets": [(x.name, x.ratio, len(x.shards)) for x in s.sets]}
+        excluded = {x.name: fingerprint(x.exclude_images) for x in s.sets if x.exclude_images}
+        if excluded:  # only then: a state saved without exclusions matches a stream that drops nothing
+            identity["excluded_images"] = excluded
+        return identity
 
     def state_dict(self) -> dict:
         return {"batches": self.batches, "worker_groups": list(self.worker_groups),
@@ -268,10 +284,10 @@ class ResumableLoader:
 
     def load_state_dict(self, state: dict) -> None:
         mine, theirs = json.loads(json.dumps(self._identity())), state["identity"]
-        for k in mine:
-            if json.loads(json.dumps(theirs.get(k))) != mine[k]:
+        for k in list(mine) + [k for k in theirs if k not in mine]:  # a key only one side has differs too
+            if json.loads(json.dumps(theirs.get(k))) != mine.get(k):
                 raise ValueError(f"cannot resume the data stream: '{k}' was {theirs.get(k)!r} when saved and is "
-                                 f"{mine[k]!r} now; the same order needs the same setting")
+                                 f"{mine.get(k)!r} now; the same order needs the same setting")
         self.batches = int(state["batches"])
         self.worker_groups = list(state["worker_groups"])
         self.skipped_samples = int(state["skipped_samples"])
@@ -293,7 +309,13 @@ class ResumableLoader:
 
 
 def build_train_loader(cfg: Config, rank: int, world_size: int) -> ResumableLoader:
+    """The training loader of one rank; with data.exclude_eval_images rank 0 prints what it drops."""
     sets = [ShardSet.open(cfg.paths.shards_root, s) for s in cfg.data.train_sets]
+    if cfg.data.exclude_eval_images:
+        plan = plan_exclusions(cfg.paths.shards_root, cfg.data.train_sets, cfg.eval.sets)
+        sets = [dataclasses.replace(s, exclude_images=x.image_ids) for s, x in zip(sets, plan.sets)]
+        if rank == 0:
+            print("\n".join(plan.report()), flush=True)
     stream = TrainStream(sets, Preprocessor.from_config(cfg.model), cfg.train.micro_batch_size, cfg.train.seed,
                          rank, world_size, cfg.data.shuffle_buffer, cfg.data.flip_prob)
     return ResumableLoader(stream, cfg.data.num_workers)

@@ -1,0 +1,160 @@
+"""Training refs whose image an evaluation split shows: found from the manifests, left out of training.
+
+RefCOCO, RefCOCO+ and RefCOCOg take their images from one pool, COCO train2014, and each made its own
+split of it: an image of RefCOCOg/umd's train split can be one of RefCOCO/unc's val or test images,
+with other objects and expressions. A model trained on the mixture has then seen evaluation images,
+which the published numbers of MDETR, SeqTR and PolyFormer avoid by removing those images from
+training. With ``data.exclude_eval_images`` (the default) the training stream drops every sample
+whose image is in a split of ``eval.sets``. An image is (pool, image_id): the pool is COCO train2014
+for the RefCOCO family and the dataset itself otherwise (the synthetic set draws its own images).
+
+The images of a split come from its manifest (``image_ids`` and ``image_refs``, recorded at build); a
+set built before they were recorded is read from its shards' json members instead. The filter is a
+predicate on raw samples before the stream groups them into batches, so the groups a loader worker
+forms, and with them resume (which counts groups), stay a function of data and config. A training
+set that is itself one of the eval splits is not filtered against itself, which would empty it:
+training on an eval split is then what the recipe asks for, and the report says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ppcr.config import ShardSetConfig
+from ppcr.data.shards import load_manifest
+
+COCO_POOL = "coco_train2014"
+COCO_DATASETS = frozenset({"refcoco", "refcoco+", "refcocog"})
+PREFIX = "exclude_eval_images:"
+
+
+def image_pool(dataset: str) -> str:
+    """The pool a dataset's image ids number: images of one pool with one id are the same image."""
+    return COCO_POOL if dataset in COCO_DATASETS else dataset
+
+
+def raw_image_id(raw: dict) -> int | None:
+    """The image_id of an undecoded shard sample; None where its json is missing or broken (the
+    decoder then skips and counts the sample, as it does without the filter)."""
+    try:
+        return int(json.loads(raw["json"])["image_id"])
+    except (KeyError, TypeError, ValueError, UnicodeDecodeError):
+        return None
+
+
+def _shard_image_ids(path: Path) -> list[int]:
+    """image_id of every sample of one shard, read from the json members only."""
+    ids = []
+    try:
+        with tarfile.open(path, mode="r:") as tar:  # seekable: image and mask members are skipped, not read
+            for member in tar:
+                if member.isreg() and member.name.endswith(".json"):
+                    ids.append(int(json.loads(tar.extractfile(member).read())["image_id"]))
+    except (tarfile.TarError, OSError, EOFError, KeyError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read the image ids of its samples ({e}); rebuild the shard set") from e
+    return ids
+
+
+def split_images(shard_dir: Path, split: str) -> tuple[str, dict[int, int]] | None:
+    """(pool, {image_id: refs in the shards}) of one split of a shard set; None where the set or the
+    split does not exist."""
+    try:
+        manifest = load_manifest(shard_dir)
+    except FileNotFoundError:
+        return None
+    entry = manifest["splits"].get(split)
+    if entry is None:
+        return None
+    pool = image_pool(manifest["source"]["dataset"])
+    if "image_ids" in entry:
+        return pool, dict(zip(entry["image_ids"], entry["image_refs"]))
+    refs: dict[int, int] = {}  # a set built before image ids were recorded
+    for shard in entry["shards"]:
+        for image_id in _shard_image_ids(Path(shard_dir) / shard["name"]):
+            refs[image_id] = refs.get(image_id, 0) + 1
+    return pool, refs
+
+
+def fingerprint(image_ids: frozenset[int]) -> str:
+    """A short exact identity of an image set, for the loader's resume check."""
+    digest = hashlib.sha256(",".join(map(str, sorted(image_ids))).encode()).hexdigest()
+    return f"{len(image_ids)} images, sha256 {digest[:16]}"
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    """What one training set leaves out."""
+
+    train: str  # "name/split"
+    image_ids: frozenset[int] = frozenset()
+    refs: int = 0  # training refs dropped, each once however many eval splits show its image
+    by_eval: tuple[tuple[str, int], ...] = ()  # (eval "name/split", training refs whose image it shows)
+    is_eval: bool = False  # the training set is also an eval split: not filtered against itself
+
+
+@dataclass(frozen=True)
+class ExclusionPlan:
+    """One :class:`Exclusion` per training set, in order, and the eval splits that could not be read."""
+
+    sets: list[Exclusion]
+    missing: list[str] = field(default_factory=list)  # eval "name/split" without a manifest or split
+    shards_root: str = ""
+
+    def report(self) -> list[str]:
+        """The lines rank 0 prints when the training loader is built."""
+        lines = []
+        for x in self.sets:
+            if x.refs:
+                where = ", ".join(f"{name} ({n} refs)" for name, n in x.by_eval)
+                lines.append(f"{PREFIX} dropped {x.refs} training refs of {x.train} ({len(x.image_ids)} images) "
+                             f"whose image is in {where}")
+            else:
+                lines.append(f"{PREFIX} no training image of {x.train} is in an eval split")
+            if x.is_eval:
+                lines.append(f"{PREFIX} {x.train} is also in eval.sets; it is not filtered against itself")
+        if self.missing:
+            lines.append(f"{PREFIX} eval split(s) {', '.join(self.missing)} not found under {self.shards_root}: "
+                         f"their images could not be left out of training")
+        return lines
+
+
+def _name(spec: ShardSetConfig) -> str:
+    return f"{spec.name}/{spec.split}"
+
+
+def plan_exclusions(shards_root: str | Path, train_sets: list[ShardSetConfig],
+                    eval_sets: list[ShardSetConfig]) -> ExclusionPlan:
+    """Which images and refs each training set drops so that no training image is an eval image."""
+    root = Path(shards_root)
+    evals: list[tuple[str, str, dict[int, int]]] = []
+    missing = []
+    for spec in eval_sets:
+        found = split_images(root / spec.name, spec.split)
+        if found is None:
+            missing.append(_name(spec))
+        elif _name(spec) not in [e[0] for e in evals]:
+            evals.append((_name(spec), *found))
+    plans = []
+    for spec in train_sets:
+        name = _name(spec)
+        found = split_images(root / spec.name, spec.split)
+        if found is None:  # the stream names the missing set when it opens it
+            plans.append(Exclusion(train=name))
+            continue
+        pool, train_refs = found
+        dropped: set[int] = set()
+        by_eval = []
+        for eval_name, eval_pool, eval_refs in evals:
+            if eval_name == name or eval_pool != pool:
+                continue
+            shared = train_refs.keys() & eval_refs.keys()
+            if shared:
+                dropped |= shared
+                by_eval.append((eval_name, sum(train_refs[i] for i in shared)))
+        plans.append(Exclusion(train=name, image_ids=frozenset(dropped), refs=sum(train_refs[i] for i in dropped),
+                               by_eval=tuple(by_eval), is_eval=any(e[0] == name for e in evals)))
+    return ExclusionPlan(sets=plans, missing=missing, shards_root=str(root))

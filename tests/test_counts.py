@@ -1,0 +1,166 @@
+"""Expression counts checked against the REFER source and the published tables, and training images
+that an evaluation split shows left out of training."""
+
+import itertools
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import _ref, coco_image, make_config, square_annotation, write_refer
+from ppcr.data import counts
+from ppcr.data.counts import expected_expressions
+from ppcr.data.overlap import COCO_POOL, image_pool, plan_exclusions, split_images
+from ppcr.data.shards import build_shards, load_manifest, sample_key
+from ppcr.data.stream import build_train_loader
+
+
+@pytest.fixture
+def rejecting(tmp_path):
+    """refcoco/unc with a train split of four refs, two of them rejected (a zero-area mask found at
+    encoding, a box outside the image found at reading), and a val ref with one blank expression."""
+    img_dir = tmp_path / "train2014"
+    img_dir.mkdir()
+    images = [coco_image(img_dir, 1), coco_image(img_dir, 2)]
+    annotations = [square_annotation(10, 1), square_annotation(12, 1, x=30), square_annotation(14, 2),
+                   {**square_annotation(11, 1), "segmentation": [[5, 5, 5, 5, 5, 5]]},  # zero area
+                   square_annotation(13, 1, x=60)]  # box runs 8 px past the right edge
+    refs = [_ref(0, 10, sents=("the left thing", "thing on the left")),
+            _ref(1, 11, sents=("the flat thing", "a line", "nothing at all")),
+            _ref(2, 12, sents=("the right thing",)),
+            _ref(3, 13, sents=("the thing past the edge",)),
+            _ref(4, 14, image_id=2, split="val", sents=("the other thing", "  "))]
+    write_refer(tmp_path / "refer", "refcoco", "unc", images=images, annotations=annotations, refs=refs)
+    out = tmp_path / "shards" / "refcoco_unc"
+    build_shards(tmp_path / "refer", "refcoco", "unc", img_dir, out, workers=1, max_reject_share=1.0)
+    return out
+
+
+def test_manifest_counts_the_source_split_with_its_rejected_refs(rejecting, monkeypatch):
+    train = load_manifest(rejecting)["splits"]["train"]
+    assert train["source"] == {"refs": 4, "expressions": 7}  # the rejected refs 1 and 3 included
+    assert train["samples"] == 2 and train["expressions"] == 3  # refs 0 and 2 written
+    assert train["rejected"] == {"refs": 2, "expressions": 4}
+    assert train["image_ids"] == [1] and train["image_refs"] == [2]
+
+    monkeypatch.setattr(counts, "OFFICIAL_EXPRESSIONS", {("refcoco", "unc", "train"): 7})
+    c = expected_expressions(rejecting, "train")
+    assert (c.source, c.written, c.rejected, c.official) == (7, 3, 4, 7)
+    assert c.source - c.written == c.rejected
+    # A blank expression of a kept ref is neither written nor rejected: counted apart.
+    v = expected_expressions(rejecting, "val")
+    assert (v.source, v.written, v.rejected, v.blank, v.official) == (2, 1, 0, 1, None)
+
+
+def test_a_source_count_that_differs_from_the_published_one_is_refused(rejecting):
+    with pytest.raises(ValueError) as e:
+        expected_expressions(rejecting, "train")  # the real table: refcoco/unc train has 120624
+    msg = str(e.value)
+    assert "'train'" in msg and " 7 expressions" in msg and "120624" in msg and str(rejecting) in msg
+    with pytest.raises(ValueError, match="has no split 'testC'"):
+        expected_expressions(rejecting, "testC")
+
+
+def test_a_manifest_without_source_counts_asks_for_a_rebuild(rejecting, tmp_path):
+    old = tmp_path / "old_unc"
+    shutil.copytree(rejecting, old)
+    manifest = load_manifest(old)
+    for entry in manifest["splits"].values():
+        for k in ("source", "rejected", "blank_expressions", "image_ids", "image_refs"):
+            del entry[k]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"split 'val' has no source counts.*make clean-data shards.*ppcr-shards build"):
+        expected_expressions(old, "val")
+
+
+def test_the_synthetic_set_has_no_published_count_and_drops_nothing(tiny_shards):
+    c = expected_expressions(tiny_shards, "val")
+    assert c.official is None and c.source == c.written == load_manifest(tiny_shards)["splits"]["val"]["expressions"]
+    assert c.rejected == 0
+    # The default recipe trains on synthetic train and evaluates on its other splits: no image shared.
+    plan = plan_exclusions(tiny_shards.parent, make_config(tiny_shards).data.train_sets,
+                           make_config(tiny_shards).eval.sets)
+    assert plan.sets[0].refs == 0 and plan.sets[0].image_ids == frozenset() and plan.missing == []
+
+
+def keys(dataset, split_by, ref_ids):
+    return {sample_key(dataset, split_by, r) for r in ref_ids}
+
+
+def take(loader, n):
+    return list(itertools.islice(iter(loader), n))
+
+
+def pool_config(coco_pool, *overrides):
+    return make_config(coco_pool["shards_root"] / "refcocog_umd", "data.flip_prob=0.0",
+                       "eval.sets=[{name: refcoco_unc, split: val}, {name: refcoco_unc, split: testA}, "
+                       "{name: refcocog_umd, split: val}]", *overrides)
+
+
+def test_images_are_one_pool_across_the_refcoco_family():
+    assert image_pool("refcoco") == image_pool("refcoco+") == image_pool("refcocog") == COCO_POOL
+    assert image_pool("synthetic") == "synthetic"
+
+
+def test_training_drops_exactly_the_refs_whose_image_an_eval_split_shows(coco_pool, capsys):
+    cfg = pool_config(coco_pool)
+    loader = build_train_loader(cfg, 0, 1)
+    report = capsys.readouterr().out
+    assert ("exclude_eval_images: dropped 2 training refs of refcocog_umd/train (1 images) whose image is in "
+            "refcoco_unc/val (2 refs)") in report
+    seen = {k for b in take(loader, 8) for k in b["keys"]}  # 24 samples: six passes over the 4 kept refs
+    assert seen == keys("refcocog", "umd", [202, 203, 204, 205])  # 205 shows a refcoco *train* image: kept
+    build_train_loader(cfg, 1, 2)
+    assert capsys.readouterr().out == ""  # printed by rank 0 only
+
+
+def test_nothing_is_dropped_with_exclude_eval_images_false(coco_pool, capsys):
+    cfg = pool_config(coco_pool, "data.exclude_eval_images=false")
+    seen = {k for b in take(build_train_loader(cfg, 0, 1), 8) for k in b["keys"]}
+    assert seen == keys("refcocog", "umd", [200, 201, 202, 203, 204, 205])
+    assert "exclude_eval_images" not in capsys.readouterr().out
+
+
+def test_every_training_set_is_checked_and_the_report_counts_per_set(coco_pool):
+    root = coco_pool["shards_root"]
+    cfg = pool_config(coco_pool, "data.train_sets=[{name: refcoco_unc, split: train}, "
+                                 "{name: refcocog_umd, split: train}, {name: refcoco_unc, split: val}]",
+                      "eval.sets=[{name: refcoco_unc, split: val}, {name: refcoco_nope, split: val}]")
+    plan = plan_exclusions(root, cfg.data.train_sets, cfg.eval.sets)
+    assert [x.refs for x in plan.sets] == [0, 2, 0]  # refcoco_unc/train shares image 1 only with a training split
+    assert plan.sets[1].image_ids == frozenset({2}) and plan.sets[1].by_eval == (("refcoco_unc/val", 2),)
+    assert plan.sets[2].is_eval  # trained on an eval split: kept, and said so
+    assert plan.missing == ["refcoco_nope/val"]
+    report = "\n".join(plan.report())
+    assert "refcoco_unc/val is also in eval.sets" in report and "refcoco_nope/val not found" in report
+
+
+def test_resume_with_excluded_images_is_exact_and_a_state_without_them_is_refused(coco_pool):
+    cfg = pool_config(coco_pool)
+    full = take(build_train_loader(cfg, 0, 1), 6)
+    first = build_train_loader(cfg, 0, 1)
+    head = take(first, 3)
+    resumed = build_train_loader(cfg, 0, 1)
+    resumed.load_state_dict(first.state_dict())
+    for x, y in zip(head + take(resumed, 3), full):
+        assert x["keys"] == y["keys"] and x["expressions"] == y["expressions"]
+        assert torch.equal(x["sam_images"], y["sam_images"])
+
+    unfiltered = build_train_loader(pool_config(coco_pool, "data.exclude_eval_images=false"), 0, 1)
+    with pytest.raises(ValueError, match="excluded_images"):
+        build_train_loader(cfg, 0, 1).load_state_dict(unfiltered.state_dict())
+    with pytest.raises(ValueError, match="excluded_images"):
+        unfiltered.load_state_dict(first.state_dict())
+
+
+def test_image_ids_of_a_set_built_before_they_were_recorded_come_from_its_shards(coco_pool, tmp_path):
+    old = tmp_path / "refcoco_unc"
+    shutil.copytree(coco_pool["shards_root"] / "refcoco_unc", old)
+    manifest = load_manifest(old)
+    for entry in manifest["splits"].values():
+        del entry["image_ids"], entry["image_refs"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    for split in ("train", "val"):
+        assert split_images(old, split) == split_images(coco_pool["shards_root"] / "refcoco_unc", split)
+    assert split_images(old, "train") == (COCO_POOL, {1: 2, 5: 1})
