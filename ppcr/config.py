@@ -228,8 +228,11 @@ class EvalConfig:
             ShardSetConfig(split="testB"),
         ]
     )
-    batch_size: int = 4
+    batch_size: int = 8  # expressions decoded together per rank (validation too)
     max_expressions: Optional[int] = None  # per split, over all ranks; None evaluates every expression
+    # an expression of the source split missing from the shards (rejected at build, unreadable): stop the
+    # evaluation, or score it as a miss and flag it in the table (ppcr.eval.splits)
+    on_missing: Literal["fail", "score_zero"] = "fail"
 
 
 @dataclass

@@ -9,6 +9,7 @@ from peft import PeftModel
 from PIL import Image
 from transformers import AutoModelForImageTextToText
 
+from ppcr.model.predict import predict
 from ppcr.data.shards import decode_sample, iter_tar_samples, load_manifest
 from ppcr.eval.infer import main as infer_main
 from ppcr.model.export import main as export_main
@@ -38,7 +39,7 @@ def test_export_predicts_the_checkpoints_masks(trained_run, exported, tiny_shard
     samples = val_samples(tiny_shards, 3)
     images = [s["image"] for s in samples]
     expressions = [s["meta"]["sentences"][0] for s in samples]
-    a, b = from_ckpt.predict(images, expressions), from_export.predict(images, expressions)
+    a, b = predict(from_ckpt, images, expressions), predict(from_export, images, expressions)
     for x, y in zip(a, b):
         assert x.semantic_answer == y.semantic_answer and x.spatial_answer == y.spatial_answer
         assert torch.allclose(x.box, y.box, atol=1e-5)

@@ -45,3 +45,18 @@ def test_reduce_without_a_process_group_keeps_the_counts():
     metrics = SegmentationMetrics()
     metrics.update(m(2, 2, (0, 1, 0, 1)), m(2, 2, (0, 1, 0, 2)))
     assert metrics.reduce().result()["cIoU"] == pytest.approx(0.5)
+
+
+def test_one_rule_for_masks_and_boxes_an_iou_at_the_threshold_is_a_hit_and_missing_ones_are_misses():
+    m = SegmentationMetrics()
+    target, pred = torch.zeros(2, 4, dtype=torch.bool), torch.zeros(2, 4, dtype=torch.bool)
+    target[0, :4], pred[0, :2] = True, True  # I = 2, U = 4
+    box, half = torch.tensor([0.5, 0.5, 0.5, 0.5]), torch.tensor([0.375, 0.5, 0.25, 0.5])  # IoU exactly 0.5
+    assert m.update(pred, target, half, box) == 0.5
+    r = m.result()
+    assert r["Prec@0.5"] == 1.0 and r["Prec@0.6"] == 0.0 and r["BoxAcc@0.5"] == 1.0
+    m.add_missing(3)
+    r = m.result()
+    assert r["count"] == 4 and r["missing"] == 3
+    assert r["gIoU"] == pytest.approx(0.5 / 4) and r["Prec@0.5"] == 0.25 and r["BoxAcc@0.5"] == 0.25
+    assert r["cIoU"] == pytest.approx(0.5)  # the missing ones' pixels are unknown: cIoU leaves them out

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import box_convert, box_iou
 
 from conftest import model_config
+from ppcr.model.predict import predict
 from ppcr.data.shards import decode_sample, iter_tar_samples, load_manifest
 from ppcr.data.stream import build_train_loader
 from ppcr.model.lora import use_branch
@@ -168,7 +169,7 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_shards, tiny_models, 
         assert torch.allclose(before[k], after[k], atol=1e-5), k
     image = np.zeros((80, 100, 3), np.uint8)
     image[20:60, 30:70] = (200, 40, 40)
-    a, b = model.predict([image], ["the red square"])[0], loaded.predict([image], ["the red square"])[0]
+    a, b = predict(model, [image], ["the red square"])[0], predict(loaded, [image], ["the red square"])[0]
     assert a.semantic_answer == b.semantic_answer and a.spatial_answer == b.spatial_answer
     assert torch.allclose(a.mask_logits, b.mask_logits, atol=1e-4)
 
@@ -212,7 +213,7 @@ def test_overfit_one_batch_then_predict_reproduces_it_by_generation(tiny_shards,
         for raw in iter_tar_samples(tiny_shards / shard["name"]):
             if raw["__key__"] in batch["keys"]:
                 samples[raw["__key__"]] = decode_sample(raw)["image"].permute(1, 2, 0).numpy()  # (H, W, 3)
-    preds = model.predict([samples[k] for k in batch["keys"]], batch["expressions"])
+    preds = predict(model, [samples[k] for k in batch["keys"]], batch["expressions"])
     for i, p in enumerate(preds):
         assert p.stopped == {"semantic": True, "spatial": True}
         assert p.semantic_answer.strip() == f"the {batch['categories'][i]} [SEM]"

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ppcr.bench import data, machine, memory, training
+from ppcr.bench import data, evaluation, machine, memory, training
 from ppcr.bench.report import Figure, table
 from ppcr.config import load_config
 from ppcr.profiling import STAGES
@@ -47,6 +47,7 @@ def run(recipe: str, overrides: list[str], out: Path, plan: Plan = Plan()) -> di
     measured = {results[name]["ranks"]: results[name]["memory"][0] for name in ("zero3_1", "zero3_2")}
     results["memory_small"] = memory.zero3_scaling_rows(measured, results["plain"]["trainable_params"],
                                                         results["plain"]["frozen_params"], cfg.train.precision)
+    results["eval"] = evaluation.run(cfg, plan.reps)
     results["seconds"] = time.perf_counter() - t0
     return results
 
@@ -134,6 +135,14 @@ def render(r: dict) -> str:
             table(["ranks", "step ms", "samples/s", "speed-up over 1 rank"],
                   [["1", z31["step_ms"].fmt(0), z31["samples_per_s"].fmt(), "1.00"],
                    ["2", z3["step_ms"].fmt(0), z3["samples_per_s"].fmt(), f"{speedup:.2f}"]])]
+    ev = r["eval"]
+    out += [f"\n## 6. Evaluation by generation, 1 process on {ev['device']} ({ev['expressions']} expressions of "
+            f"{ev['split']}; the recipe's base weights, PPCR heads untrained)\n",
+            table(["batch", "expressions/s", "LM forwards per expression", "speed-up (paired)"],
+                  [["1", ev["batch_1"].fmt(2), f"{ev['forwards_batch_1']:.1f}", "1.00"],
+                   [str(ev["batch_size"]), ev["batched"].fmt(2), f"{ev['forwards_batched']:.2f}", ev["speedup"].fmt(2)]]),
+            f"\nSame answers and masks at batch 1 and batch {ev['batch_size']} (8 expressions checked): "
+            f"{'yes' if ev['same_answers_and_masks'] else '**no**'}."]
     if not m["gpus"]:
-        out.append("\n## 6. GPU\n\nNo GPU on this machine: the bf16 GPU runs were not made.")
+        out.append("\n## 7. GPU\n\nNo GPU on this machine: the bf16 GPU runs were not made.")
     return "\n".join(out)

@@ -228,8 +228,25 @@ class TrainStream(IterableDataset):
             yield batch
 
 
+def sample_ranges(shards: list[dict], slot: int, num_slots: int) -> list[tuple[dict, int, int]]:
+    """A slot's contiguous, balanced share of a split's samples, counted by the manifest: (shard, first,
+    end) local indices per shard it touches. Contiguous keeps a ref's expressions, and mostly an image's
+    refs, together (a batch shares their image work); by samples, not by shards, so that ranks get the
+    same share however few shards a split has."""
+    total = sum(s["samples"] for s in shards)
+    start, end = slot * total // num_slots, (slot + 1) * total // num_slots
+    out, offset = [], 0
+    for s in shards:
+        lo, hi = max(start - offset, 0), min(end - offset, s["samples"])
+        if lo < hi:
+            out.append((s, lo, hi))
+        offset += s["samples"]
+    return out
+
+
 class EvalStream(IterableDataset):
-    """One pass over a split, every expression once, split over ranks and workers without padding."""
+    """One pass over a split, every expression once, split over ranks and workers without padding
+    (:func:`sample_ranges`)."""
 
     def __init__(self, shard_set: ShardSet, pre: Preprocessor, batch_size: int, rank: int, world_size: int) -> None:
         super().__init__()
@@ -242,7 +259,7 @@ class EvalStream(IterableDataset):
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         errors = _Errors()
         items: list[dict] = []
-        for r in set_stream(self.set, 0, 0, slot, num_slots, 1, errors, shuffle=False, epochs=1):
+        for r in self._raw(slot, num_slots, errors):
             try:
                 sample = decode_sample(r)
             except SampleError as e:
@@ -256,6 +273,16 @@ class EvalStream(IterableDataset):
                     items = []
         if items:
             yield dict(collate(items), skipped_samples=errors.take())
+
+    def _raw(self, slot: int, num_slots: int, errors: _Errors) -> Iterator[dict]:
+        for shard, lo, hi in sample_ranges(self.set.shards, slot, num_slots):
+            src = wds.DataPipeline(wds.SimpleShardList([shard["path"]]),
+                                   wds.tarfile_to_samples(handler=errors.tar_handler)).iterator()
+            for i, raw in enumerate(src):
+                if i >= hi:
+                    break
+                if i >= lo:
+                    yield raw
 
 
 class ResumableLoader:

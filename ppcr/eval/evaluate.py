@@ -1,79 +1,173 @@
-"""Evaluation of a split by generation (never teacher-forced), spread over ranks without padding the
-counts: every expression is predicted on exactly one rank; under ZeRO-3 a rank with fewer
-expressions runs repeats of its last one, whose results are thrown away, so that all ranks run the
-same forwards."""
+"""Evaluation of a split by generation (never teacher-forced), streamed in batches and spread over
+ranks without padding the counts: every expression is predicted on exactly one rank.
+
+Under ZeRO-3 (``synced``) every forward gathers parameters collectively, so ranks run the same
+forwards: before each batch they agree whether any rank still has one, and a rank that has run out
+runs a one-expression filler batch whose results it throws away; inside a batch they agree at every
+decoding step (:mod:`ppcr.model.generation`).
+
+The ablations share one generation per batch and differ only in SAM's prompts
+(:mod:`ppcr.model.predict`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
+import numpy as np
 import torch
+from pycocotools import mask as mask_utils
+from tqdm import tqdm
 
-from ppcr.config import Config, ShardSetConfig
-from ppcr.data.stream import EvalStream, ShardSet
-from ppcr.data.transforms import Preprocessor
-from ppcr.eval.metrics import SegmentationMetrics
 from ppcr.common.distributed import DistInfo, all_ranks_done, all_reduce_sum, device
+from ppcr.config import Config, ShardSetConfig
+from ppcr.data.shards import split_shards
+from ppcr.data.stream import EvalStream, ShardSet
+from ppcr.data.transforms import Preprocessor, box_pair_iou
+from ppcr.eval.metrics import SegmentationMetrics
+from ppcr.model.predict import PPCR, Ablation, predict_items
+
+def batch_items(batch: dict) -> list[dict]:
+    """A collated loader batch back into one dict per expression."""
+    out = []
+    for i in range(len(batch["expressions"])):
+        out.append({
+            "sam_image": batch["sam_images"][i], "mllm_image": batch["mllm_images"][i],
+            "input_size": tuple(batch["input_sizes"][i].tolist()),
+            "original_size": tuple(batch["original_sizes"][i].tolist()), "mask": batch["masks"][i],
+            "box": batch["boxes"][i], "expression": batch["expressions"][i], "category": batch["categories"][i],
+            "key": batch["keys"][i], "ref_id": batch["ref_ids"][i], "dataset": batch["datasets"][i]})
+    return out
 
 
-@dataclass(frozen=True)
-class Ablation:
-    """Where SAM's box comes from and which prompts SAM gets; ("head", "box+semsp") is PPCR."""
-
-    box_source: str = "head"
-    prompts: str = "box+semsp"
-
-    @property
-    def name(self) -> str:
-        return f"box={self.box_source},sam={self.prompts}"
-
-
-ABLATIONS = [Ablation("head", "box+semsp"), Ablation("text", "box+semsp"), Ablation("gt", "box+semsp"),
-             Ablation("head", "box"), Ablation("head", "semsp")]
-
-
-def split_items(cfg: Config, spec: ShardSetConfig, dist: DistInfo, limit: int | None = None) -> list[dict]:
-    """This rank's share of a split as single expressions; ``limit`` caps the total over ranks."""
+def split_batches(cfg: Config, spec: ShardSetConfig, dist: DistInfo, *, batch_size: int,
+                  limit: int | None = None) -> Iterator[list[dict]]:
+    """This rank's share of a split, streamed, in batches of ``batch_size`` expressions; ``limit`` caps
+    the total over ranks."""
     pre = Preprocessor.from_config(cfg.model)
     share = None
     if limit is not None:
         share = limit // dist.world_size + (1 if dist.rank < limit % dist.world_size else 0)
-    out: list[dict] = []
-    for b in EvalStream(ShardSet.open(cfg.paths.shards_root, spec), pre, 1, dist.rank, dist.world_size):
-        if share is not None and len(out) >= share:
-            break
-        out.append({"sam_image": b["sam_images"][0], "mllm_image": b["mllm_images"][0],
-                    "input_size": tuple(b["input_sizes"][0].tolist()),
-                    "original_size": tuple(b["original_sizes"][0].tolist()), "mask": b["masks"][0],
-                    "box": b["boxes"][0], "expression": b["expressions"][0], "category": b["categories"][0],
-                    "key": b["keys"][0]})
-    return out
+    given = 0
+    for b in EvalStream(ShardSet.open(cfg.paths.shards_root, spec), pre, batch_size, dist.rank, dist.world_size):
+        items = batch_items(b)
+        if share is not None:
+            items = items[: share - given]
+        if not items:
+            return
+        given += len(items)
+        yield items
+
+
+def split_size(cfg: Config, spec: ShardSetConfig, limit: int | None = None) -> int:
+    """Expressions in a split's shards (the manifest's count), capped at ``limit``."""
+    n = sum(s["expressions"] for s in split_shards(Path(cfg.paths.shards_root) / spec.name, spec.split))
+    return n if limit is None else min(n, limit)
 
 
 def filler_item(cfg: Config, spec: ShardSetConfig) -> dict:
     """An expression any rank can run (and discard) to keep in step when its own share has run out."""
-    return split_items(cfg, spec, DistInfo(rank=0, world_size=1, local_rank=0, node_rank=0), limit=1)[0]
+    one = DistInfo(rank=0, world_size=1, local_rank=0, node_rank=0)
+    return next(split_batches(cfg, spec, one, batch_size=1, limit=1))[0]
+
+
+def mask_rle(mask: torch.Tensor) -> dict:
+    """COCO run-length encoding of a boolean (H, W) mask, JSON-ready."""
+    rle = mask_utils.encode(np.asfortranarray(mask.numpy().astype(np.uint8)))
+    return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+
+
+@dataclass
+class SplitResult:
+    """Metrics per ablation (reduced over ranks), language-model forwards and expressions (this rank),
+    a few (item, prediction) pairs of the PPCR row to show, and this rank's per-expression records."""
+
+    metrics: dict[str, SegmentationMetrics]  # per ablation name, reduced over ranks
+    forwards: int = 0
+    expressions: int = 0
+    shown: list = field(default_factory=list)
+    records: list[dict] = field(default_factory=list)
 
 
 @torch.no_grad()
-def evaluate_items(model, items: list[dict], filler: dict, dist: DistInfo, synced: bool,
-                   ablation: Ablation = Ablation(), keep: int = 0) -> tuple[dict[str, float], list]:
-    """Metrics over every rank's ``items`` (reduced), and up to ``keep`` (item, prediction) pairs."""
-    counts = torch.zeros(dist.world_size, dtype=torch.long, device=device())
-    counts[dist.rank] = len(items)
-    most = int(all_reduce_sum(counts).max()) if synced else len(items)
+def evaluate_batches(model, batches: Iterable[list[dict]], *, filler: dict, dist: DistInfo, synced: bool,
+                     ablations: list[Ablation] | tuple[Ablation, ...] = (PPCR,), keep: int = 0,
+                     records: bool = False, progress: tqdm | None = None,
+                     should_stop: Callable[[], bool] | None = None) -> SplitResult | None:
+    """Metrics over every rank's ``batches``. ``records``: one JSON-ready dict per expression (answers,
+    boxes, IoUs, the PPCR mask as COCO RLE). ``should_stop`` (collective, all ranks agree) is asked
+    before each batch; when it says stop, returns None."""
     was_training = model.training
     model.eval()
-    metrics = SegmentationMetrics()
-    kept = []
-    for i in range(most):
-        item = items[i] if i < len(items) else filler
-        pred = model.predict_prepared([item], [item["expression"]], agree=all_ranks_done if synced else None,
-                                      box_source=ablation.box_source, prompts=ablation.prompts,
-                                      gt_box=item["box"] if ablation.box_source == "gt" else None)[0]
-        if i < len(items):
-            metrics.update(pred.mask, item["mask"] > 0, pred.box, item["box"], pred.text_box)
-            if len(kept) < keep:
-                kept.append((item, pred))
-    model.train(was_training)
-    return metrics.reduce().result(), kept
+    metrics = {ab: SegmentationMetrics() for ab in ablations}
+    out = SplitResult(metrics={})
+    agree = all_ranks_done if synced else None
+    it = iter(batches)
+    try:
+        while True:
+            if should_stop is not None and should_stop():
+                return None
+            items = next(it, None)
+            if synced and all_ranks_done(items is None):
+                break
+            if not synced and items is None:
+                break
+            real = items is not None
+            items = items if real else [filler]
+            preds, gen = predict_items(model, items, [x["expression"] for x in items], agree=agree, ablations=ablations)
+            if not real:
+                continue
+            out.forwards += gen.forwards
+            out.expressions += len(items)
+            ious = {ab: [metrics[ab].update(p.mask, x["mask"] > 0, p.box, x["box"], p.text_box)
+                         for p, x in zip(rows, items)] for ab, rows in zip(ablations, preds)}
+            main = preds[list(ablations).index(PPCR)] if PPCR in ablations else preds[0]
+            for x, p in zip(items, main):
+                if len(out.shown) < keep:
+                    out.shown.append((x, p))
+            if records:
+                for i, (x, p) in enumerate(zip(items, main)):
+                    out.records.append({
+                        "dataset": x["dataset"], "ref_id": x["ref_id"], "key": x["key"], "sentence": x["expression"],
+                        "semantic_answer": p.semantic_answer, "spatial_answer": p.spatial_answer,
+                        "box": [round(v, 5) for v in p.box.tolist()],
+                        "text_box": None if p.text_box is None else [round(v, 5) for v in p.text_box.tolist()],
+                        "gt_box": [round(v, 5) for v in x["box"].tolist()],
+                        "box_iou": round(box_pair_iou(p.box, x["box"]), 5),
+                        "text_box_iou": None if p.text_box is None else round(box_pair_iou(p.text_box, x["box"]), 5),
+                        "iou": {ab.name: round(ious[ab][i], 5) for ab in ablations}, "mask": mask_rle(p.mask)})
+            if progress is not None:
+                progress.update(len(items) * dist.world_size)
+    finally:
+        model.train(was_training)
+    out.metrics = {ab.name: metrics[ab].reduce() for ab in ablations}
+    return out
+
+
+def forwards_per_expression(result: SplitResult) -> float:
+    """Language-model forwards per expression, over all ranks."""
+    sums = all_reduce_sum(torch.tensor([result.forwards, result.expressions], dtype=torch.float64, device=device()))
+    return float(sums[0] / sums[1]) if sums[1] else 0.0
+
+
+def write_records(records: list[dict], out: Path, dist: DistInfo) -> None:
+    """This rank's records to ``out``.rank<R> (the caller merges them once every rank is done)."""
+    with open(f"{out}.rank{dist.rank}", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+
+
+def merge_records(out: Path, world_size: int) -> int:
+    """Concatenate the ranks' record files into ``out``; returns the number of records."""
+    n = 0
+    with open(out, "w") as f:
+        for rank in range(world_size):
+            part = Path(f"{out}.rank{rank}")
+            for line in part.read_text().splitlines():
+                f.write(line + "\n")
+                n += 1
+            part.unlink()
+    return n

@@ -23,6 +23,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ppcr.config import ConfigError
+from ppcr.model.predict import predict
 from ppcr.model.saving import load_checkpoint
 
 
@@ -78,6 +79,19 @@ def overlay(image: np.ndarray, mask: np.ndarray, box: torch.Tensor) -> Image.Ima
     return pil
 
 
+def write_outputs(out: Path, name: str, *, req: dict, image: np.ndarray, expression: str, pred) -> None:
+    mask = pred.mask.numpy()
+    Image.fromarray(mask).save(out / f"{name}.mask.png")
+    overlay(image, mask, pred.box).save(out / f"{name}.overlay.png")
+    (out / f"{name}.json").write_text(json.dumps({
+        "image": str(req["image"]), "expression": expression, "semantic_answer": pred.semantic_answer,
+        "spatial_answer": pred.spatial_answer, "box_cxcywh": pred.box.tolist(),
+        "text_box_cxcywh": None if pred.text_box is None else pred.text_box.tolist(),
+        "box_agreement_iou": pred.box_agreement, "mask_area": int(mask.sum()), "timings_s": pred.timings,
+        "stopped": pred.stopped}, indent=1))
+    print(f"{name}: {expression!r} -> mask of {int(mask.sum())} px, box {[round(v, 3) for v in pred.box.tolist()]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="ppcr-infer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,10 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jsonl", help="many requests, one JSON object per line")
     p.add_argument("--out", required=True)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=8, help="requests decoded together (answers do not depend on it)")
     p.add_argument("--device-map", help="'auto' spreads a large MLLM over the visible GPUs (saved models)")
     args = p.parse_args(argv)
     if (args.jsonl is None) == (args.image is None):
         p.error("give either --image with --expression, or --jsonl")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be at least 1, not {args.batch_size}")
     try:
         requests = read_requests(args)
         model, _, _, _ = load_checkpoint(args.checkpoint, device_map=args.device_map)
@@ -102,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    failed = 0
+    failed, good = 0, []
     for i, (where, req, error) in enumerate(requests):
         try:
             if error:
@@ -112,18 +129,13 @@ def main(argv: list[str] | None = None) -> int:
             failed += 1
             print(f"error: {where}: {e}", file=sys.stderr)
             continue
-        pred = model.predict([image], [expression])[0]
         name = req.get("id") or f"{Path(req['image']).stem}" + (f"_{i}" if args.jsonl else "")
-        mask = pred.mask.numpy()
-        Image.fromarray(mask).save(out / f"{name}.mask.png")
-        overlay(image, mask, pred.box).save(out / f"{name}.overlay.png")
-        (out / f"{name}.json").write_text(json.dumps({
-            "image": str(req["image"]), "expression": expression, "semantic_answer": pred.semantic_answer,
-            "spatial_answer": pred.spatial_answer, "box_cxcywh": pred.box.tolist(),
-            "text_box_cxcywh": None if pred.text_box is None else pred.text_box.tolist(),
-            "box_agreement_iou": pred.box_agreement, "mask_area": int(mask.sum()), "timings_s": pred.timings,
-            "stopped": pred.stopped}, indent=1))
-        print(f"{name}: {expression!r} -> mask of {int(mask.sum())} px, box {[round(v, 3) for v in pred.box.tolist()]}")
+        good.append((name, req, image, expression))
+    for start in range(0, len(good), args.batch_size):
+        chunk = good[start: start + args.batch_size]
+        preds = predict(model, [g[2] for g in chunk], [g[3] for g in chunk], batch_size=args.batch_size)
+        for (name, req, image, expression), pred in zip(chunk, preds):
+            write_outputs(out, name, req=req, image=image, expression=expression, pred=pred)
     return 1 if failed else 0
 
 

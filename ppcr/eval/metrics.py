@@ -3,10 +3,18 @@
 - cIoU (overall IoU): sum of intersections / sum of unions over all expressions;
 - gIoU (mean IoU): mean over expressions of I / U, where an empty prediction of an empty target
   scores 1;
-- Prec@X: share of expressions whose IoU exceeds X, for X in 0.5 ... 0.9;
-- Box Acc@0.5: share of predicted boxes with IoU >= 0.5 against the ground-truth box;
+- Prec@X: share of expressions whose mask IoU is at least X, for X in 0.5 ... 0.9;
+- Box Acc@0.5: share of predicted boxes with IoU at least 0.5 against the ground-truth box;
 - TextBoxAcc@0.5: the same for the box written in the spatial answer (no box written: a miss), and
   Agreement: the mean IoU between the head's box and the written one, over answers that hold one.
+
+One comparison rule for every threshold, masks and boxes alike: a hit is IoU >= X (as LAVT's and
+MDETR's evaluation code count them; an IoU exactly at X is rare in practice and counts).
+
+An expression of the split that could not be evaluated (its ref rejected when the shards were built,
+or its sample unreadable) can be scored as a miss (:meth:`SegmentationMetrics.add_missing`): IoU 0
+for gIoU and Prec@X, no box hit, and counted under ``missing``; cIoU leaves it out, as its target's
+pixels are unknown.
 
 Counts and pixel sums are int64 and are summed over ranks, so each expression counts once whatever
 the number of ranks.
@@ -35,15 +43,15 @@ class SegmentationMetrics:
 
     def __init__(self) -> None:
         # count, sum I, sum U, sum of per-expression IoU (x 1e6, integer), Prec@X hits, box hits,
-        # text box hits, answers with a text box, sum of head/text IoU (x 1e6)
-        self.ints = torch.zeros(4 + len(THRESHOLDS) + 4, dtype=torch.int64)
+        # text box hits, answers with a text box, sum of head/text IoU (x 1e6), missing expressions
+        self.ints = torch.zeros(4 + len(THRESHOLDS) + 5, dtype=torch.int64)
 
     def update(self, pred_mask: torch.Tensor, target_mask: torch.Tensor, pred_box: torch.Tensor | None = None,
                target_box: torch.Tensor | None = None, text_box: torch.Tensor | None = None) -> float:
         """Add one expression; boxes are normalised (cx, cy, w, h). Returns its IoU."""
         inter, union = mask_iou_parts(pred_mask, target_mask)
         iou = 1.0 if union == 0 else inter / union
-        row = [1, inter, union, round(iou * 1_000_000)] + [int(iou > t) for t in THRESHOLDS]
+        row = [1, inter, union, round(iou * 1_000_000)] + [int(iou >= t) for t in THRESHOLDS]
         box_hit = text_hit = 0
         if pred_box is not None and target_box is not None:
             box_hit = int(box_pair_iou(pred_box, target_box) >= 0.5)
@@ -51,8 +59,13 @@ class SegmentationMetrics:
         if text_box is not None:
             text_hit = int(target_box is not None and box_pair_iou(text_box, target_box) >= 0.5)
             agreement = round(box_pair_iou(text_box, pred_box) * 1_000_000) if pred_box is not None else 0
-        self.ints += torch.tensor(row + [box_hit, text_hit, int(text_box is not None), agreement], dtype=torch.int64)
+        self.ints += torch.tensor(row + [box_hit, text_hit, int(text_box is not None), agreement, 0], dtype=torch.int64)
         return iou
+
+    def add_missing(self, n: int) -> None:
+        """Score ``n`` expressions that could not be evaluated as misses (see the module docstring)."""
+        self.ints[0] += n
+        self.ints[-1] += n
 
     def reduce(self) -> "SegmentationMetrics":
         self.ints = all_reduce_sum(self.ints.to(device())).cpu()
@@ -63,8 +76,9 @@ class SegmentationMetrics:
         out = {"count": n, "cIoU": inter / union if union else 1.0, "gIoU": iou_sum / 1_000_000 / n if n else 0.0}
         for i, t in enumerate(THRESHOLDS):
             out[f"Prec@{t}"] = int(self.ints[4 + i]) / n if n else 0.0
-        box_hits, text_hits, with_text, agreement = (int(v) for v in self.ints[-4:])
+        box_hits, text_hits, with_text, agreement, missing = (int(v) for v in self.ints[-5:])
         out["BoxAcc@0.5"] = box_hits / n if n else 0.0
         out["TextBoxAcc@0.5"] = text_hits / n if n else 0.0
         out["Agreement"] = agreement / 1_000_000 / with_text if with_text else 0.0
+        out["missing"] = missing
         return out

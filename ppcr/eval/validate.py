@@ -10,12 +10,15 @@ changes (each item given the next different image of the slice). A model that ig
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ppcr.config import Config
 from ppcr.data.transforms import box_pair_iou
-from ppcr.eval.evaluate import evaluate_items, filler_item, split_items
+from ppcr.eval.evaluate import evaluate_batches, filler_item, forwards_per_expression, split_batches
 from ppcr.eval.visualize import grid
 from ppcr.model.tokens import CE_ROLES
 from ppcr.common.distributed import DistInfo, all_reduce_sum, device
@@ -37,7 +40,10 @@ class Validator:
     def __init__(self, cfg: Config, dist: DistInfo, synced: bool) -> None:
         spec = cfg.eval.sets[0]
         self.name = f"{spec.name}/{spec.split}"
-        self.items = split_items(cfg, spec, dist, limit=cfg.train.val_samples)
+        self.batch_size = cfg.eval.batch_size
+        self.items = [x for b in split_batches(cfg, spec, dist, batch_size=self.batch_size, limit=cfg.train.val_samples)
+                      for x in b]
+        self.total = min(cfg.train.val_samples, sum(all_reduce_sum(torch.tensor([len(self.items)], device=device())).tolist()))
         self.filler = filler_item(cfg, spec)
         self.dist, self.synced = dist, synced
         # The same number of items on every rank (ZeRO-3 ranks run their forwards together): a rank whose
@@ -45,10 +51,20 @@ class Validator:
         self.probe_size = cfg.train.val_samples // dist.world_size
         self.probe = self.items[: self.probe_size]
 
-    def run(self, model) -> tuple[dict[str, float], np.ndarray | None]:
-        result, shown = evaluate_items(model, self.items, self.filler, self.dist, self.synced, keep=4)
+    def run(self, model, should_stop: Callable[[], bool] | None = None) -> tuple[dict[str, float], np.ndarray | None] | None:
+        """Metrics (generation, and the diagnostics below) and a picture; None when ``should_stop`` (asked
+        between batches, collectively) says so."""
+        batches = (self.items[i: i + self.batch_size] for i in range(0, len(self.items), self.batch_size))
+        with tqdm(total=self.total, disable=not self.dist.is_main, desc=f"validate {self.name}", unit="expr",
+                  leave=False, dynamic_ncols=True) as bar:
+            done = evaluate_batches(model, batches, filler=self.filler, dist=self.dist, synced=self.synced, keep=4,
+                                    progress=bar, should_stop=should_stop)
+        if done is None:
+            return None
+        result = next(iter(done.metrics.values())).result()
+        result["lm_forwards_per_expression"] = forwards_per_expression(done)
         result.update(self.spatial_diagnostics(model))
-        return result, grid(shown) if shown else None
+        return result, grid(done.shown) if done.shown else None
 
     @torch.no_grad()
     def spatial_diagnostics(self, model) -> dict[str, float]:

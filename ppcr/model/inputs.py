@@ -14,7 +14,8 @@ from ppcr.model.mllm import Family
 
 @dataclass
 class StageInputs:
-    """One stage's token batch, right-padded; ``labels`` is -100 outside the answers."""
+    """One stage's token batch: right-padded with answers (training), left-padded without (generation,
+    so that every row's next token is in the last column); ``labels`` is -100 outside the answers."""
 
     input_ids: torch.Tensor  # (B, L)
     attention_mask: torch.Tensor  # (B, L)
@@ -28,7 +29,7 @@ def encode_stage(processor, family: Family, image_token_id: int, prompts: list[s
                  images: list[torch.Tensor], *, marker: int | None = None,
                  device: torch.device | str = "cpu") -> tuple[StageInputs, dict]:
     """Chat-template the prompts and expand their image tokens (one call of the MLLM's processor for
-    the batch), append the answer tokens with labels, pad right. Positions, the image-token count
+    the batch), append the answer tokens with labels and pad right; without answers, pad left. Positions, the image-token count
     and the position of ``marker`` in each answer are worked out here on the host, so that the
     device work needs no synchronisation. Returns the stage inputs and the processor's image
     inputs, both on ``device``."""
@@ -49,12 +50,13 @@ def encode_stage(processor, family: Family, image_token_id: int, prompts: list[s
     text_extra = {k: torch.zeros((b, length), dtype=torch.long) for k in keys}
     for i, (ids, answer) in enumerate(zip(prompt_ids, answer_ids)):
         n, m = len(ids), len(answer)
-        input_ids[i, :n] = ids
-        input_ids[i, n: n + m] = torch.tensor(answer, dtype=torch.long)
-        attention[i, : n + m] = 1
-        labels[i, n: n + m] = input_ids[i, n: n + m]
+        at = 0 if answers is not None else length - n  # where the row starts
+        input_ids[i, at: at + n] = ids
+        input_ids[i, at + n: at + n + m] = torch.tensor(answer, dtype=torch.long)
+        attention[i, at: at + n + m] = 1
+        labels[i, at + n: at + n + m] = input_ids[i, at + n: at + n + m]
         for k in keys:
-            text_extra[k][i, :n] = enc[k][i][keep[i]]
+            text_extra[k][i, at: at + n] = enc[k][i][keep[i]]
     vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask") and k not in keys}
     positions = family.positions(input_ids, attention, vision, text_extra)
     where = None

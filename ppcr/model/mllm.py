@@ -59,6 +59,14 @@ class Family:
         """Processor image outputs -> (total image tokens, H), in the order of the image tokens."""
         raise NotImplementedError
 
+    def select_images(self, vision: dict, index: list[int]) -> dict:
+        """The processor's image outputs of the images ``index`` only (one entry per image along dim 0)."""
+        return {k: v[index] for k, v in vision.items()}
+
+    def split_features(self, features: torch.Tensor, vision: dict) -> list[torch.Tensor]:
+        """:meth:`image_features` of several images -> one (tokens, H) tensor per image."""
+        return list(features.chunk(len(vision["pixel_values"])))
+
     def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: dict,
                   text: dict) -> torch.Tensor:
         """Position ids of a right-padded prompt batch: (B, L), or (3, B, L) for M-RoPE."""
@@ -83,6 +91,17 @@ class QwenVLFamily(Family):
     def image_features(self, vision: dict) -> torch.Tensor:
         out = self.core.get_image_features(vision["pixel_values"], vision["image_grid_thw"])
         return torch.cat(list(out.pooler_output), dim=0)
+
+    def _patches(self, vision: dict) -> list[int]:
+        return vision["image_grid_thw"].prod(-1).tolist()  # flattened patches per image
+
+    def select_images(self, vision, index):
+        patches = vision["pixel_values"].split(self._patches(vision))
+        return {"pixel_values": torch.cat([patches[i] for i in index]), "image_grid_thw": vision["image_grid_thw"][index]}
+
+    def split_features(self, features, vision):
+        merge = self.core.visual.spatial_merge_size ** 2
+        return list(features.split([n // merge for n in self._patches(vision)]))
 
     def positions(self, input_ids, attention_mask, vision, text):
         pos, _ = self.core.get_rope_index(input_ids, text["mm_token_type_ids"], image_grid_thw=vision["image_grid_thw"],

@@ -9,15 +9,14 @@ One MLLM with two LoRA branches on its language model, a box head, SemSP project
    hidden state at [LOC] (SpaSP) goes through the box head;
 3. SAM's mask decoder takes the box and a projection of SemSP as sparse prompts.
 
-Training is teacher-forced (:meth:`PPCRModel.forward`); prediction generates (:meth:`PPCRModel.predict`)
+Training is teacher-forced (:meth:`PPCRModel.forward`); prediction generates (:mod:`ppcr.model.predict`)
 and never sees the ground truth. The image's vision features are computed once and serve both stages.
 """
 
 from __future__ import annotations
 
-import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,8 +25,7 @@ from torch import nn
 from torchvision.ops import box_convert
 
 from ppcr.config import LossWeights, ModelConfig
-from ppcr.data.transforms import Preprocessor, box_pair_iou
-from ppcr.model.generation import Agree, greedy_stage
+from ppcr.data.transforms import Preprocessor
 from ppcr.model.heads import MLP, BoxHead
 from ppcr.model.inputs import StageInputs, encode_stage, scatter_image_features
 from ppcr.model.lora import add_branches, use_branch
@@ -35,12 +33,8 @@ from ppcr.model.losses import box_losses, mask_losses, text_ce, total_loss
 from ppcr.model.mllm import family_of, image_token_id, load_mllm
 from ppcr.model.params import apply_policy
 from ppcr.model.sam import SamSegmenter, load_sam
-from ppcr.model.tokens import CE_ROLES, LOC, TokenRows, add_ppcr_tokens, digit_roles, digit_token_ids, parse_box_text, render_prompts
+from ppcr.model.tokens import CE_ROLES, LOC, TokenRows, add_ppcr_tokens, digit_roles, digit_token_ids, render_prompts
 from ppcr.profiling import mark
-
-
-BOX_SOURCES = ("head", "text", "gt")  # where SAM's box comes from when predicting
-SAM_PROMPTS = ("box+semsp", "box", "semsp")  # which prompts SAM gets when predicting
 
 
 @dataclass
@@ -58,22 +52,6 @@ class TrainInputs:
     # SAM's box per sample, when the loop asks for jittered ground-truth boxes (train.sam_gt_box_steps):
     sam_gt_boxes: torch.Tensor | None = None  # (B, 4) jittered ground truth
     use_gt_box: torch.Tensor | None = None  # (B, 1) bool: the jittered ground truth instead of the head's box
-
-
-@dataclass
-class Prediction:
-    semantic_answer: str
-    spatial_answer: str
-    box: torch.Tensor  # (4,) normalised (cx, cy, w, h) from the box head
-    text_box: torch.Tensor | None  # (4,) parsed from the spatial answer, None if it holds no box
-    box_agreement: float | None  # IoU of the two boxes
-    mask_logits: torch.Tensor  # (H, W) at the image's original resolution
-    stopped: dict[str, bool]  # whether each stage generated its [SEM] / [LOC] token
-    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
-
-    @property
-    def mask(self) -> torch.Tensor:
-        return self.mask_logits > 0
 
 
 def sam_box_choice(boxes: torch.Tensor, keys: list[str], step: int, share: float,
@@ -122,6 +100,11 @@ class PPCRModel(nn.Module):
     def from_config(cls, cfg: ModelConfig, loss: LossWeights) -> "PPCRModel":
         mllm, processor = load_mllm(cfg.mllm_path, cfg.dtype)
         return cls(mllm, processor, SamSegmenter(load_sam(cfg)), cfg, loss)
+
+    def for_inference(self) -> "PPCRModel":
+        """Every part (SAM and the heads too, not only the MLLM) in ``model.dtype``, as DeepSpeed trains
+        them under bf16, and in eval mode."""
+        return self.to(getattr(torch, self.cfg.dtype)).eval()
 
     @property
     def device(self) -> torch.device:
@@ -254,80 +237,17 @@ class PPCRModel(nn.Module):
         returns (B, S/4, S/4) mask logits."""
         with mark("sam_encoder"):
             embeddings = self.sam.encode(sam_images, input_sizes.to(sam_images.device))
+        return self.decode_masks(embeddings, boxes, semsp, input_sizes)
+
+    def decode_masks(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, semsp: torch.Tensor | None,
+                     input_sizes: torch.Tensor) -> torch.Tensor:
+        """SAM's mask decoder on image embeddings (B, C, h, w) (:meth:`segment`)."""
         with mark("sam_decoder"):
             sam_boxes = None
             if boxes is not None:
-                hw = input_sizes.to(boxes.device, boxes.dtype)
+                hw = input_sizes.to(boxes.device, torch.float32)
                 scale = torch.stack([hw[:, 1], hw[:, 0], hw[:, 1], hw[:, 0]], dim=-1)
-                sam_boxes = box_convert(boxes, "cxcywh", "xyxy") * scale  # pixels of SAM's input frame
+                # pixels of SAM's input frame, in fp32 whatever the model's dtype (see SamSegmenter._apply)
+                sam_boxes = box_convert(boxes.float(), "cxcywh", "xyxy") * scale
             sem = self.sem_to_sam(semsp) if semsp is not None else None
             return self.sam.decode(embeddings, sam_boxes, sem)
-
-    # ------------------------------------------------------------------ prediction
-
-    @torch.no_grad()
-    def predict(self, images: list[np.ndarray], expressions: list[str]) -> list[Prediction]:
-        """Segment what each expression refers to in its (H, W, 3) uint8 RGB image, by generation only."""
-        if len(images) != len(expressions):
-            raise ValueError(f"{len(images)} images but {len(expressions)} expressions")
-        items = [self.preprocess(torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)) for image in images]
-        return self.predict_prepared(items, expressions)
-
-    @torch.no_grad()
-    def predict_prepared(self, items: list[dict], expressions: list[str], *, agree: Agree | None = None,
-                         box_source: str = "head", prompts: str = "box+semsp",
-                         gt_box: torch.Tensor | None = None) -> list[Prediction]:
-        """:meth:`predict` on images already through the :class:`Preprocessor` (e.g. loader items).
-
-        ``agree`` keeps ZeRO-3 ranks decoding in step (:mod:`ppcr.model.generation`). Ablations: SAM's
-        box from the box head, from the answer text, or ``gt_box`` (an oracle, for analysis only); SAM
-        prompted by box and SemSP, the box alone, or SemSP alone."""
-        if box_source not in BOX_SOURCES or prompts not in SAM_PROMPTS:
-            raise ValueError(f"unknown ablation box_source={box_source!r} prompts={prompts!r}")
-        if box_source == "gt" and gt_box is None:
-            raise ValueError("box_source 'gt' needs gt_box")
-        results = []
-        for item, expression in zip(items, expressions):
-            timings: dict[str, float] = {}
-            clock = time.perf_counter()
-
-            def lap(name: str) -> None:
-                nonlocal clock
-                now = time.perf_counter()
-                timings[name] = now - clock
-                clock = now
-
-            texts = render_prompts(self.cfg.templates, expression)
-            s1, vision = self.encode([texts["semantic_prompt"]], None, [item["mllm_image"]])
-            features = self.vision_features(vision)
-            lap("vision")
-            use_branch(self.mllm, "semantic")
-            d1 = greedy_stage(self, s1, features, None, marker=self.ids.sem, stops=(self.ids.sem,),
-                              max_new_tokens=self.cfg.max_new_tokens, agree=agree)
-            semsp = d1.marker_hidden
-            lap("semantic")
-            s2, _ = self.encode([texts["spatial_prompt"]], None, [item["mllm_image"]])
-            use_branch(self.mllm, "spatial")
-            d2 = greedy_stage(self, s2, features, self.sem_to_llm(semsp), marker=self.ids.loc,
-                              stops=self.spatial_stops, max_new_tokens=self.cfg.max_new_tokens, agree=agree)
-            ids1, ids2 = d1.ids, d2.ids
-            box = self.box_head(d2.marker_hidden)[0]
-            lap("spatial")
-            answer2 = self.tokenizer.decode(ids2, skip_special_tokens=False)
-            text_box = parse_box_text(answer2, self.cfg.box_bins)
-            # An answer without a parsable box falls back to the head's box: the same SAM call on every
-            # rank keeps ZeRO-3's gathers in step.
-            sam_box = {"head": box, "text": text_box if text_box is not None else box, "gt": gt_box}[box_source]
-            sam_box = sam_box.to(box.device, box.dtype)[None]
-            input_size, original_size = tuple(item["input_size"]), tuple(item["original_size"])
-            low = self.segment(item["sam_image"][None].to(self.device), None if prompts == "semsp" else sam_box,
-                               None if prompts == "box" else semsp, torch.tensor([input_size]))
-            mask_logits = self.sam.to_original(low[0], input_size, original_size)
-            lap("sam")
-            agreement = box_pair_iou(box, text_box) if text_box is not None else None
-            results.append(Prediction(
-                semantic_answer=self.tokenizer.decode(ids1, skip_special_tokens=False), spatial_answer=answer2,
-                box=box.float().cpu(), text_box=text_box, box_agreement=agreement,
-                mask_logits=mask_logits.float().cpu(), stopped={"semantic": d1.found, "spatial": d2.found},
-                timings=timings))
-        return results

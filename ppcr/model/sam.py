@@ -89,6 +89,15 @@ class SamSegmenter(nn.Module):
             for child in (*pe.point_embeddings, pe.not_a_point_embed, pe.no_mask_embed):
                 deepspeed.zero.register_external_parameter(pe, child.weight)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Casts (``.to(bfloat16)``, DeepSpeed's bf16 engine) leave SAM's random Fourier features of prompt
+        coordinates in fp32: in bf16 (8-bit mantissa) a box corner in SAM's 1024-px frame would move by
+        up to 4 px, and segment_anything multiplies fp32 coordinates by that matrix."""
+        super()._apply(fn, recurse)
+        pe = self.sam.prompt_encoder.pe_layer
+        pe.positional_encoding_gaussian_matrix = pe.positional_encoding_gaussian_matrix.float()
+        return self
+
     @property
     def prompt_dim(self) -> int:
         return self.sam.prompt_encoder.embed_dim
@@ -118,7 +127,8 @@ class SamSegmenter(nn.Module):
         b = embeddings.shape[0]
         pe, md = self.sam.prompt_encoder, self.sam.mask_decoder
         sparse, dense = pe(points=None, boxes=boxes, masks=None)  # (B or 1, n, C), (B or 1, C, h, w)
-        sparse, dense = sparse.expand(b, -1, -1), dense.expand(b, -1, -1, -1)
+        dtype = embeddings.dtype  # the prompt encoding is fp32 (see _apply); the decoder runs in the model's dtype
+        sparse, dense = sparse.expand(b, -1, -1).to(dtype), dense.expand(b, -1, -1, -1).to(dtype)
         if sem is not None:
             sparse = torch.cat([sparse, sem[:, None].to(sparse.dtype)], dim=1)
         # The output tokens (IoU, then the masks') through the embeddings' forward, so that ZeRO-3 gathers them.
@@ -126,7 +136,7 @@ class SamSegmenter(nn.Module):
         output_tokens = torch.cat([md.iou_token(index[:1]), md.mask_tokens(index)], dim=0)  # (1 + masks, C)
         tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
         src = embeddings + dense
-        pos = pe.get_dense_pe().expand(b, -1, -1, -1)
+        pos = pe.get_dense_pe().expand(b, -1, -1, -1).to(dtype)
         hs, src = md.transformer(src, pos, tokens)  # (B, tokens, C), (B, h*w, C)
         _, c, h, w = embeddings.shape
         upscaled = md.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))  # (B, C/8, 4h, 4w)
