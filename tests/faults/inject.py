@@ -6,6 +6,9 @@ launcher. PPCR_FAULT (JSON) says which:
                                         states of checkpoint TAG
     {"nan": TERM, "calls": [...], "rank": R}   on rank R, loss term TERM (l1 or giou) is NaN in the
                                         listed forward calls (1-based; grad_accum calls per step)
+    {"sigterm_in_validation": N, "rank": R, "out": PATH}   rank R sends itself SIGTERM while it predicts
+                                        its N-th validation batch, and writes to PATH how many batches it
+                                        predicted after that one
 """
 
 import io
@@ -69,9 +72,27 @@ def nan_loss() -> None:
     model.box_losses = patched
 
 
+def sigterm_in_validation() -> None:
+    import atexit
+
+    import ppcr.eval.evaluate as evaluate
+
+    predict_items, calls = evaluate.predict_items, [0]
+
+    def patched(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == FAULT["sigterm_in_validation"]:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return predict_items(*args, **kwargs)
+
+    evaluate.predict_items = patched
+    atexit.register(lambda: Path(FAULT["out"]).write_text(str(calls[0] - FAULT["sigterm_in_validation"])))
+
+
+KINDS = {"stop_after_step": stop_after_step, "die_in_save": die_in_save, "nan": nan_loss,
+         "sigterm_in_validation": sigterm_in_validation}
 if MINE:
-    {"stop_after_step": stop_after_step, "die_in_save": die_in_save, "nan": nan_loss}[
-        next(k for k in ("stop_after_step", "die_in_save", "nan") if k in FAULT)]()
+    KINDS[next(k for k in KINDS if k in FAULT)]()
 
 from train import main  # noqa: E402  (launch/train.py, after the patches)
 

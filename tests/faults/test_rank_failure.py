@@ -109,3 +109,19 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tiny_shards, tiny_mo
     again = run(deepspeed_cmd(args[:-3] + [f"train.max_steps={step + 1}", "train.save_every=1000", "train.run_name=pre"]))
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from step {step}" in again.stdout and f"done at step {step + 1}" in again.stdout
+
+
+def test_sigterm_during_validation_checkpoints_and_exits_before_validation_ends(tiny_shards, tiny_models, tmp_path):
+    """Validation asks the preemption flag between its batches: a signal in its 2nd batch (of 18) stops it
+    there, on every rank, and the step's checkpoint is written."""
+    args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=4", "train.save_every=1000",
+                     "train.val_every=2", "train.val_samples=36", "eval.batch_size=1", "train.run_name=preval")
+    after = tmp_path / "batches_after_signal"
+    env = dict(os.environ, PPCR_FAULT=json.dumps({"sigterm_in_validation": 2, "rank": 1, "out": str(after)}))
+    done = run(deepspeed_cmd(args, INJECT), env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "preempted at step 2" in done.stdout
+    assert after.read_text() == "0"  # the batch after the signalled one never started
+    assert (tmp_path / "preval/checkpoints/latest").read_text() == "step_00000002"
+    logged = [json.loads(line) for line in (tmp_path / "preval/metrics.jsonl").read_text().splitlines()]
+    assert not [d for d in logged if d["kind"].startswith("val")]  # no half-done validation is logged
