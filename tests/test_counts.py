@@ -164,3 +164,25 @@ def test_image_ids_of_a_set_built_before_they_were_recorded_come_from_its_shards
     for split in ("train", "val"):
         assert split_images(old, split) == split_images(coco_pool["shards_root"] / "refcoco_unc", split)
     assert split_images(old, "train") == (COCO_POOL, {1: 2, 5: 1})
+
+
+def test_evaluation_stops_on_missing_expressions_or_scores_them_as_misses(rejecting, tiny_shards, tiny_models,
+                                                                        monkeypatch):
+    from conftest import model_config
+    from ppcr.common.distributed import DistInfo
+    from ppcr.eval.splits import MissingExpressions, evaluate_splits
+    from ppcr.model.model import PPCRModel
+    from ppcr.model.predict import PPCR
+
+    monkeypatch.setattr(counts, "OFFICIAL_EXPRESSIONS", {("refcoco", "unc", "train"): 7})
+    one = DistInfo(rank=0, world_size=1, local_rank=0, node_rank=0)
+    sets = f"eval.sets=[{{name: {rejecting.name}, split: train}}]"
+    cfg = model_config(tiny_shards, tiny_models, "llava", f"paths.shards_root={rejecting.parent}", sets,
+                       "model.max_new_tokens=4")
+    model = PPCRModel.from_config(cfg.model, cfg.train.loss).for_inference()
+    with pytest.raises(MissingExpressions, match=r"refcoco_unc/train: the shards hold 3 of the source's 7 expressions"):
+        evaluate_splits(model, cfg, one, synced=False, ablations=[PPCR])
+    cfg.eval.on_missing = "score_zero"
+    (row,) = evaluate_splits(model, cfg, one, synced=False, ablations=[PPCR]).rows
+    assert row["count"] == 7 and row["missing"] == 4  # the 3 written are scored, the 4 rejected are misses
+    assert row["Prec@0.5"] <= 3 / 7 and row["BoxAcc@0.5"] <= 3 / 7
