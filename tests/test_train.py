@@ -9,7 +9,9 @@ import pytest
 
 from conftest import model_config
 from launching import ROOT, deepspeed_cmd, free_port, losses, overrides, run
+from test_checkpoint_size import assert_trainable_only
 from ppcr.config import load_config
+from ppcr.model.saving import load_checkpoint
 from ppcr.train.nonfinite import NAMES
 from ppcr.train.optim import lr_factor, param_groups
 
@@ -24,6 +26,9 @@ def test_resume_on_two_ranks_matches_an_uninterrupted_run(tiny_shards, tiny_mode
     second = run(deepspeed_cmd(base + ["train.run_name=split"]))
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 3" in second.stdout and "done at step 6" in second.stdout
+    # It resumed from trained weights alone: the frozen ones came from the base paths.
+    halted = tmp_path / "split/checkpoints/step_00000003"
+    assert_trainable_only(halted, load_checkpoint(halted)[0])
     a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):

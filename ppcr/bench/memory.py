@@ -4,7 +4,9 @@ The two real recipes (Qwen2.5-VL-7B + SAM ViT-H, LLaVA-1.5-7B + SAM ViT-H) are b
 :class:`~ppcr.model.model.PPCRModel` on the meta device from the published configs, so that their
 parameter counts are exactly what training prints. Model-state memory comes from DeepSpeed's own
 estimators, activations from the formulas in :func:`activation_memory`; both are combined into a
-table of ZeRO-2 / ZeRO-3 / ZeRO-3 + offload on 8 x 24 GB and 8 x 80 GB GPUs.
+table of ZeRO-2 / ZeRO-3 / ZeRO-3 + offload on 8 x 24 GB and 8 x 80 GB GPUs, with the size of one
+checkpoint and the memory of a model loaded from one on an eval rank (:func:`checkpoint_bytes`,
+:func:`eval_model_bytes`).
 :func:`expected_zero3_bytes_per_rank` maps the estimator onto the tiny fp32 model, to be put beside
 what :func:`ppcr.train.memory.model_state_bytes` measures at 1 and 2 ranks.
 """
@@ -113,6 +115,7 @@ class RecipeModel:
     processor: object
     counts: OrderedDict[str, tuple[int, int]]  # parameter_counts: component -> (trainable, frozen)
     largest_layer: int  # the most parameters one module owns (DeepSpeed's model_to_params)
+    buffer_bytes: int = 0  # persistent buffers, which every checkpoint holds
 
     @property
     def trainable(self) -> int:
@@ -163,7 +166,14 @@ def build_meta_model(name: str) -> RecipeModel:
     # model_to_params also returns a total, deduplicated by data_ptr(): every meta tensor has data_ptr 0,
     # so that total is wrong on meta; the largest layer (a sum of numel per module) is right.
     _, largest = model_to_params(model)
-    return RecipeModel(name, cfg, mllm_type, model, processor, parameter_counts(model), largest)
+    return RecipeModel(name, cfg, mllm_type, model, processor, parameter_counts(model), largest,
+                       persistent_buffer_bytes(model))
+
+
+def persistent_buffer_bytes(model: nn.Module) -> int:
+    """Bytes of the buffers in ``model.state_dict()`` (meta tensors know their size)."""
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    return sum(v.numel() * v.element_size() for k, v in model.state_dict().items() if k not in params)
 
 
 def model_summary(rm: RecipeModel) -> dict[str, object]:
@@ -355,20 +365,64 @@ def activation_memory(rm: RecipeModel) -> dict[str, object]:
             **activation_bytes(activation_shapes(rm, tokens))}
 
 
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
+# What ZeRO's optimizer saves per trained parameter, partitioned over the ranks (its *_optim_states.pt
+# files): the fp32 master weight and Adam's two fp32 moments, in ZeRO-2 and ZeRO-3 alike.
+OPTIMIZER_CHECKPOINT_BYTES = 4 + 8
+
+
+def checkpoint_bytes(trainable: int, frozen: int, num_gpus: int, stage: str, param_bytes: int,
+                     buffer_bytes: int = 0, frozen_included: bool = False) -> dict[str, int]:
+    """Bytes of one checkpoint as :func:`ppcr.train.checkpoint.save` writes it: ``total`` over all
+    files and ``rank``, the largest one rank writes, for ``stage`` in STAGES on ``num_gpus`` ranks.
+
+    Every rank writes its partition of the optimizer (OPTIMIZER_CHECKPOINT_BYTES per trained
+    parameter, 1/N each). The module state (*_model_states.pt) holds the persistent buffers and,
+    under ZeRO-2, written by rank 0 alone, the trained weights in the parameter dtype; under ZeRO-3
+    every rank writes one, with size-0 placeholders for the weights. ``frozen_included`` is what
+    DeepSpeed saves without exclude_frozen_parameters (ppcr before): the frozen weights in the
+    parameter dtype besides, whole on rank 0 under ZeRO-2 (the frozen fragments share their storage
+    with the module state, so torch.save writes them once), 1/N per rank under ZeRO-3. DeepSpeed's
+    padding and pickled metadata (kilobytes) are left out."""
+    optimizer = math.ceil(OPTIMIZER_CHECKPOINT_BYTES * trainable / num_gpus)
+    if stage == "zero2":
+        module = param_bytes * (trainable + (frozen if frozen_included else 0)) + buffer_bytes
+        return {"total": num_gpus * optimizer + module, "rank": optimizer + module}
+    module = buffer_bytes + (math.ceil(param_bytes * frozen / num_gpus) if frozen_included else 0)
+    return {"total": num_gpus * (optimizer + module), "rank": optimizer + module}
+
+
+def eval_model_bytes(trainable: int, frozen: int, param_bytes: int, consolidate_frozen: bool = False) -> int:
+    """Host memory of :func:`ppcr.model.saving.load_checkpoint` on an eval rank, at its peak: the model
+    built from the base paths in the recipe's dtype, and the trainable parameters consolidated in
+    fp32 by zero_to_fp32 beside it. ``consolidate_frozen``: ppcr before, which consolidated every
+    parameter in fp32 (a lower bound: zero_to_fp32 also holds the frozen fragments it read)."""
+    return param_bytes * (trainable + frozen) + 4 * (trainable + (frozen if consolidate_frozen else 0))
+
+
 # ---------------------------------------------------------------------------------------------- the table
 
 def memory_table(models: list[RecipeModel] | None = None, allowance_gib: float = ALLOWANCE_GIB) -> list[dict]:
     """Rows of recipe x {ZeRO-2, ZeRO-3, ZeRO-3 + offload} x {8x24GB, 8x80GB}: model states + activations
-    + ``allowance_gib`` per GPU (GiB, to 0.1), per-node CPU (GiB) and whether it fits the GPU. ``models``
-    defaults to both real recipes."""
+    + ``allowance_gib`` per GPU (GiB, to 0.1), per-node CPU (GiB) and whether it fits the GPU; one
+    checkpoint's size, in all and on the rank that writes most (GiB, to 0.01), and with the frozen
+    weights included as before; the memory of the model loaded from a checkpoint on an eval rank,
+    and as before (GiB, to 0.1). ``models`` defaults to both real recipes."""
     rows = []
     for rm in models if models is not None else [build_meta_model(name) for name in RECIPES]:
         name = rm.name
         acts = activation_memory(rm)
+        pbytes = DTYPE_BYTES[rm.cfg.model.dtype]
+        evals = {k: eval_model_bytes(rm.trainable, rm.frozen, pbytes, consolidate_frozen=k == "before")
+                 for k in ("now", "before")}
         for setup, (gpus, capacity) in GPU_SETUPS.items():
             states = model_state_memory(rm.trainable, rm.frozen, rm.largest_layer, num_gpus_per_node=gpus)
             for stage in STAGES:
                 s = states[stage]
+                ckpt, before = (checkpoint_bytes(rm.trainable, rm.frozen, gpus, stage, pbytes, rm.buffer_bytes,
+                                                 frozen_included=f) for f in (False, True))
                 per_gpu = (s["gpu"] + acts["peak"]) / GIB + allowance_gib
                 rows.append({
                     "recipe": name, "zero": STAGE_NAMES[stage], "gpus": setup,
@@ -379,18 +433,29 @@ def memory_table(models: list[RecipeModel] | None = None, allowance_gib: float =
                     "estimator_cpu_gib": round(s["estimator_cpu"] / GIB, 1),
                     "frozen_cpu_gib": round(s["frozen_cpu"] / GIB, 1),
                     "cpu_per_node_gib": round(s["cpu"] / GIB, 1), "fits": per_gpu <= capacity,
+                    "checkpoint_gib": round(ckpt["total"] / GIB, 2),
+                    "checkpoint_rank_gib": round(ckpt["rank"] / GIB, 2),
+                    "checkpoint_with_frozen_gib": round(before["total"] / GIB, 2),
+                    "checkpoint_with_frozen_rank_gib": round(before["rank"] / GIB, 2),
+                    "eval_model_gib": round(evals["now"] / GIB, 1),
+                    "eval_model_before_gib": round(evals["before"] / GIB, 1),
                 })
     return rows
 
 
 def render_markdown(rows: list[dict]) -> str:
-    """The table as Markdown; GiB throughout."""
+    """The table as Markdown; GiB throughout. The checkpoint columns read "all files (largest rank)";
+    "before" is with the frozen weights saved and consolidated, as ppcr did before."""
     head = ["recipe", "ZeRO", "GPUs", "estimator GPU", "frozen 16-bit GPU", "activations", "allowance",
-            "per GPU", "estimator CPU", "frozen 16-bit CPU", "CPU per node", "fits"]
+            "per GPU", "estimator CPU", "frozen 16-bit CPU", "CPU per node", "fits",
+            "checkpoint (largest rank)", "checkpoint before", "eval rank model (before)"]
     keys = ["recipe", "zero", "gpus", "estimator_gpu_gib", "frozen_gpu_gib", "activations_gib", "allowance_gib",
             "per_gpu_gib", "estimator_cpu_gib", "frozen_cpu_gib", "cpu_per_node_gib", "fits"]
     return table(head, [[("yes" if r[k] else "no") if k == "fits" else
-                          (f"{r[k]:.1f}" if isinstance(r[k], float) else str(r[k])) for k in keys] for r in rows])
+                          (f"{r[k]:.1f}" if isinstance(r[k], float) else str(r[k])) for k in keys]
+                         + [f"{r['checkpoint_gib']:.2f} ({r['checkpoint_rank_gib']:.2f})",
+                            f"{r['checkpoint_with_frozen_gib']:.2f} ({r['checkpoint_with_frozen_rank_gib']:.2f})",
+                            f"{r['eval_model_gib']:.1f} ({r['eval_model_before_gib']:.1f})"] for r in rows])
 
 
 # ---------------------------------------------------------------------------------------------- in small

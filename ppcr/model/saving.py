@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -103,12 +104,37 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path, Path | None, str | 
     raise FileNotFoundError(f"checkpoint {path}: neither a run directory, a checkpoint directory nor a saved model")
 
 
+def check_trainable_state(model: torch.nn.Module, loaded: Iterable[str], unexpected: Iterable[str],
+                          where: str | Path) -> None:
+    """After ``model.load_state_dict(state, strict=False)`` of a checkpoint without frozen weights: raise
+    RuntimeError unless every key of the checkpoint is in the model (``unexpected`` empty) and every
+    trainable parameter of the model (requires_grad, from model.trainable) came from the checkpoint
+    (is among ``loaded``). Frozen parameters may be missing: they come from the base paths
+    (model.mllm_path, model.sam_checkpoint); an older checkpoint that still holds them loads too."""
+    loaded = set(loaded)
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in loaded]
+    unexpected = list(unexpected)
+    if missing or unexpected:
+        parts = [f"{len(keys)} {what}, first {keys[:3]}" for keys, what in (
+            (missing, "trainable parameter(s) missing from the checkpoint"), (unexpected, "key(s) not in the model"))
+            if keys]
+        raise RuntimeError(f"checkpoint {where} does not fit the model built from its config: " + "; ".join(parts)
+                           + " (are model.trainable and model.lora those the run was trained with?)")
+
+
 def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
                     device_map: str | None = None) -> tuple[PPCRModel, Config, Path | None, str | None]:
     """A model in eval mode from a saved model or a DeepSpeed checkpoint, its config (with
-    ``overrides``), and the run directory and checkpoint tag (None for a saved model). A DeepSpeed checkpoint is consolidated with DeepSpeed's own
-    zero_to_fp32, which reads ZeRO-2 and ZeRO-3 shards of any number of ranks, size-0 partitions
-    included; no engine and no process group are needed."""
+    ``overrides``), and the run directory and checkpoint tag (None for a saved model).
+
+    A DeepSpeed checkpoint holds the trainable parameters only (frozen ones come from the base paths
+    of the config): the model is built from model.mllm_path and model.sam_checkpoint, in model.dtype,
+    and DeepSpeed's own zero_to_fp32 consolidates the trainable fp32 weights alone
+    (exclude_frozen_parameters) into it; it reads ZeRO-2 and ZeRO-3 shards of any number of ranks,
+    size-0 partitions included, with no engine and no process group. Every key of the checkpoint must
+    be in the model and every trainable parameter must come from it (:func:`check_trainable_state`).
+    Older checkpoints that still hold frozen weights load the same way: their frozen weights, equal
+    to the base's, are skipped."""
     kind, config_file, run_dir, tag = resolve_checkpoint(path)
     cfg = load_config(config_file, overrides)
     if kind == "saved":
@@ -116,10 +142,9 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
         return model, cfg, None, None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag)
     model = PPCRModel.from_config(cfg.model, cfg.train.loss)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag,
+                                                     exclude_frozen_parameters=True)
     result = model.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise RuntimeError(f"checkpoint {run_dir}/checkpoints/{tag} does not fit the model: missing "
-                           f"{result.missing_keys[:3]}, unexpected {result.unexpected_keys[:3]}")
+    check_trainable_state(model, state.keys(), result.unexpected_keys, run_dir / "checkpoints" / tag)
     return model.eval(), cfg, run_dir, tag

@@ -8,6 +8,11 @@ Every rank writes its own shard files; only global rank 0 writes ``latest``, aft
 every rank reaches only once its files are written, and by an atomic rename; so ``latest`` never
 names a checkpoint that a crash left half written. Older checkpoints beyond ``keep_last`` go. A
 resume removes what a crash left behind: checkpoint directories newer than ``latest``.
+
+A checkpoint holds the trainable parameters only (DeepSpeed's exclude_frozen_parameters): the frozen
+MLLM base, vision tower and SAM image encoder are those of model.mllm_path and model.sam_checkpoint,
+which a resume and an evaluation build the model from anyway. At 7B that keeps the frozen 16-bit
+weights (15-18 GB) out of every checkpoint. Resume checks that every trainable parameter is in it.
 """
 
 from __future__ import annotations
@@ -16,16 +21,20 @@ import json
 import os
 import random
 import shutil
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from ppcr.common.checkpoint_paths import LATEST, latest_tag, tag_of
 from ppcr.common.distributed import DistInfo, barrier
+from ppcr.model.saving import check_trainable_state
+
 
 def save(engine, ckpt_dir: Path, step: int, loader, dist: DistInfo, keep_last: int) -> Path:
     tag = tag_of(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
+                           exclude_frozen_parameters=True)
     out = ckpt_dir / tag
     state = {"step": step, "loader": loader.state_dict(), "python_random": _py_state()}
     (out / f"ppcr_rank{dist.rank}.json").write_text(json.dumps(state))
@@ -53,8 +62,9 @@ def resume(engine, ckpt_dir: Path, loader, dist: DistInfo) -> int:
     barrier()
     if tag is None:
         return 0
-    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=True)
+    path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True,
+                                          custom_load_fn=partial(load_module, where=ckpt_dir / tag))
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
     mine = ckpt_dir / tag / f"ppcr_rank{dist.rank}.json"
@@ -68,6 +78,17 @@ def resume(engine, ckpt_dir: Path, loader, dist: DistInfo) -> int:
     if client["step"] != state["step"]:
         raise RuntimeError(f"checkpoint {tag}: DeepSpeed state at step {client['step']}, ppcr state at {state['step']}")
     return int(state["step"])
+
+
+def load_module(src: dict, dst: torch.nn.Module, where: Path) -> None:
+    """DeepSpeed's module load (``custom_load_fn`` of engine.load_checkpoint) for a checkpoint without
+    frozen parameters: DeepSpeed's load_module_strict would call their absence an error, and
+    load_module_strict=False would not notice a trainable parameter missing. The frozen ones keep
+    the base weights the model was built from; every trainable one must be in ``src`` and every key
+    of ``src`` in the model, else RuntimeError naming the first ones. (Under ZeRO-3 ``src`` holds
+    size-0 placeholders; the trained weights come from the optimizer's fp32 partitions, loaded next.)"""
+    result = dst.load_state_dict(src, strict=False)
+    check_trainable_state(dst, src.keys(), result.unexpected_keys, where)
 
 
 def remove_incomplete(ckpt_dir: Path, tag: str | None) -> list[str]:
