@@ -26,9 +26,11 @@ def lora_config(s: LoraSettings) -> LoraConfig:
 
 def add_branches(model: nn.Module, s: LoraSettings) -> PeftModel:
     cfg = lora_config(s)
-    peft_model = get_peft_model(model, cfg, adapter_name=BRANCHES[0])
+    # Adapters in the base model's dtype: peft would upcast them to fp32 beside a bf16 model, and ZeRO-3
+    # partitions parameters in flat buffers of one dtype (DeepSpeed's bf16 keeps fp32 master weights).
+    peft_model = get_peft_model(model, cfg, adapter_name=BRANCHES[0], autocast_adapter_dtype=False)
     for name in BRANCHES[1:]:
-        peft_model.add_adapter(name, cfg)
+        peft_model.add_adapter(name, cfg, autocast_adapter_dtype=False)
     n_layers = sum(isinstance(m, BaseTunerLayer) for m in peft_model.modules())
     if n_layers == 0:
         raise ValueError(f"model.lora.target_modules {s.target_modules} match no module of the language model")

@@ -91,6 +91,10 @@ class PPCRModel(nn.Module):
         self.sem_to_sam = MLP([hidden, hidden, sam.prompt_dim])
         self.box_head = BoxHead(hidden, cfg.box_head_hidden)
         self.sam = sam
+        # The MLLM loads in model.dtype; the parts built here follow it, so that the model has one dtype
+        # (DeepSpeed's ZeRO-3 partitions a module's parameters in flat buffers of one dtype).
+        for part in (self.sem_to_llm, self.sem_to_sam, self.box_head, self.sam):
+            part.to(getattr(torch, cfg.dtype))
         self.preprocess = Preprocessor.from_config(cfg)
         # Stage 2 ends at [LOC], or at the end of a box text written after it ("[LOC] {box}").
         self.spatial_stops = (self.ids.loc,) if cfg.templates.spatial_answer.rstrip().endswith(LOC) else (self.ids.box_close,)
