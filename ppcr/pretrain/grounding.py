@@ -81,4 +81,4 @@ def grounding_box(mllm: nn.Module, processor, family: Family, image_token_id: in
     stop = processor.tokenizer.convert_tokens_to_ids(BOX_CLOSE)
     out = decode(family, e, stage, embed=mllm.get_input_embeddings(), logits=mllm.get_output_embeddings(),
                  stops=(stop,), max_new_tokens=max_new_tokens)
-    return parse_box_text(processor.tokenizer.decode(out.ids), bins)
+    return parse_box_text(processor.tokenizer.decode(out.ids[0]), bins)
