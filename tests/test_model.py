@@ -12,7 +12,7 @@ from ppcr.model.predict import predict
 from ppcr.data.shards import decode_sample, iter_tar_samples, load_manifest
 from ppcr.data.stream import build_train_loader
 from ppcr.model.lora import use_branch
-from ppcr.model.losses import TERMS, total_loss
+from ppcr.model.losses import TERMS, text_ce, total_loss
 from ppcr.model.model import PPCRModel
 from ppcr.model.params import component, parameter_counts, parameter_table
 from ppcr.model.saving import load_pretrained, save_pretrained
@@ -268,3 +268,17 @@ def test_the_device_side_of_a_step_never_waits_for_the_device(tiny_shards, tiny_
     with HostSyncs() as syncs:  # the detector sees what the loop used to do: float() of every loss term
         [float(out[t]) for t in TERMS]
     assert len([c for c in syncs.calls if c[2]]) == len(TERMS)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_loss_at_labelled_positions_only_equals_the_full_logits_loss(tiny_shards, tiny_models, family):
+    model, batch, _ = build(tiny_shards, tiny_models, family)
+    x = model.prepare(batch)
+    with torch.no_grad():
+        h = model.language_stages(x.semantic, x.spatial, model.vision_features(x.vision))
+        for hidden, stage in ((h["h1"], x.semantic), (h["h2"], x.spatial)):
+            full = model.token_rows.logits(hidden)  # (B, L, V): what the loss computed before
+            expected = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1).float(),
+                                                         stage.labels[:, 1:].flatten(), ignore_index=-100)
+            assert float(text_ce(hidden, stage, model.token_rows.logits)) == pytest.approx(float(expected), rel=1e-6)
+            assert len(stage.targets) == int((stage.labels != -100).sum()) < 0.5 * stage.labels.numel()

@@ -23,6 +23,10 @@ class StageInputs:
     image_tokens: int  # image tokens in the batch, counted on the host
     labels: torch.Tensor | None = None
     marker: torch.Tensor | None = None  # (B,) position of each answer's [SEM] / [LOC], found on the host
+    # The N labelled tokens, found on the host: flat (B * L) index of the position that predicts each,
+    # and its id. The LM head runs at these positions only (under 10 % of a stage's tokens).
+    target_index: torch.Tensor | None = None  # (N,)
+    targets: torch.Tensor | None = None  # (N,)
 
 
 def encode_stage(processor, family: Family, image_token_id: int, prompts: list[str], answers: list[str] | None,
@@ -66,10 +70,18 @@ def encode_stage(processor, family: Family, image_token_id: int, prompts: list[s
             name = tokenizer.convert_ids_to_tokens(marker)
             raise ValueError(f"every answer must hold exactly one {name}; counts {hits.sum(-1).tolist()}")
         where = hits.int().argmax(-1)
+    target_index = targets = None
+    if answers is not None:
+        predicts = torch.zeros_like(labels, dtype=torch.bool)
+        predicts[:, :-1] = labels[:, 1:] != -100  # position p predicts the token at p + 1
+        target_index = predicts.flatten().nonzero().squeeze(1)
+        targets = labels[:, 1:][predicts[:, :-1]]
     stage = StageInputs(input_ids.to(device), attention.to(device), positions.to(device),
                         image_tokens=int((input_ids == image_token_id).sum()),
                         labels=labels.to(device) if answers is not None else None,
-                        marker=where.to(device) if where is not None else None)
+                        marker=where.to(device) if where is not None else None,
+                        target_index=target_index.to(device) if target_index is not None else None,
+                        targets=targets.to(device) if targets is not None else None)
     return stage, {k: v.to(device) for k, v in vision.items()}
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torchvision.ops import box_convert, generalized_box_iou_loss
@@ -12,9 +14,13 @@ from ppcr.data.transforms import frame_region
 TERMS = ("ce_sem", "ce_spa", "l1", "giou", "bce", "dice")
 
 
-def text_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy over the labelled (answer) tokens. logits (B, L, V), labels (B, L)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+def text_ce(hidden: torch.Tensor, stage, logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy over a stage's labelled (answer) tokens, mean over them. ``hidden``
+    (B, L, H) last-layer states; ``logits`` maps (N, H) to (N, V) and runs only at the N positions that
+    predict a label (``stage.target_index``, found on the host): the full (B, L, V) logits would be
+    mostly thrown away, and at a 150k vocabulary they are the largest activation of the step."""
+    h = hidden.flatten(0, 1).index_select(0, stage.target_index)  # (N, H)
+    return F.cross_entropy(logits(h).float(), stage.targets)
 
 
 def box_losses(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -184,8 +184,8 @@ class PPCRModel(nn.Module):
             features = self.vision_features(x.vision)
 
         h = self.language_stages(x.semantic, x.spatial, features)
-        ce_sem = text_ce(self.token_rows.logits(h["h1"]), x.semantic.labels)
-        ce_spa = text_ce(self.token_rows.logits(h["h2"]), x.spatial.labels)
+        ce_sem = text_ce(h["h1"], x.semantic, self.token_rows.logits)
+        ce_spa = text_ce(h["h2"], x.spatial, self.token_rows.logits)
         semsp, boxes = h["semsp"], self.box_head(h["spasp"])
         l1, giou = box_losses(boxes.float(), x.boxes.float())
 

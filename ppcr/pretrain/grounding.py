@@ -52,13 +52,12 @@ def grounding_examples(scene: PretrainScene, bins: int) -> list[tuple[str, str, 
     return out
 
 
-def language_model_logits(mllm: nn.Module, family: Family, image_token_id: int, stage: StageInputs,
+def language_model_hidden(mllm: nn.Module, family: Family, image_token_id: int, stage: StageInputs,
                           features: torch.Tensor) -> torch.Tensor:
-    """(B, L, V) logits of the bare MLLM on a stage batch, image features at the image tokens."""
+    """(B, L, H) last-layer states of the bare MLLM on a stage batch, image features at the image tokens."""
     e = scatter_image_features(mllm.get_input_embeddings()(stage.input_ids), stage.input_ids, image_token_id, features)
-    h = family.language_model(inputs_embeds=e, attention_mask=stage.attention_mask, position_ids=stage.positions,
-                              use_cache=False).last_hidden_state
-    return mllm.get_output_embeddings()(h)
+    return family.language_model(inputs_embeds=e, attention_mask=stage.attention_mask, position_ids=stage.positions,
+                                 use_cache=False).last_hidden_state
 
 
 def grounding_loss(mllm: nn.Module, processor, family: Family, image_token_id: int,
@@ -66,8 +65,8 @@ def grounding_loss(mllm: nn.Module, processor, family: Family, image_token_id: i
     """Cross-entropy on the answers of (image, prompt, answer) examples."""
     images, prompts, answers = zip(*examples)
     stage, vision = encode_stage(processor, family, image_token_id, list(prompts), list(answers), list(images))
-    logits = language_model_logits(mllm, family, image_token_id, stage, family.image_features(vision))
-    ce = text_ce(logits, stage.labels)
+    hidden = language_model_hidden(mllm, family, image_token_id, stage, family.image_features(vision))
+    ce = text_ce(hidden, stage, mllm.get_output_embeddings())
     return ce, {"ce": ce.detach()}
 
 
