@@ -164,6 +164,9 @@ class ModelConfig:
     box_bins: int = 1000
     gradient_checkpointing: bool = False
     dtype: Literal["float32", "bfloat16"] = "float32"
+    # the MLLM's attention kernel (transformers' attn_implementation): PyTorch's SDPA, the plain one, or
+    # FlashAttention-2 (the flash-attn package, a GPU and bf16; checked before a run starts)
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     max_new_tokens: int = 40  # per stage, when generating
 
 

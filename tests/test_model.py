@@ -282,3 +282,20 @@ def test_text_loss_at_labelled_positions_only_equals_the_full_logits_loss(tiny_s
                                                          stage.labels[:, 1:].flatten(), ignore_index=-100)
             assert float(text_ce(hidden, stage, model.token_rows.logits)) == pytest.approx(float(expected), rel=1e-6)
             assert len(stage.targets) == int((stage.labels != -100).sum()) < 0.5 * stage.labels.numel()
+
+
+def test_attention_kernels_give_the_same_loss_and_flash_attention_is_checked_before_a_run(tiny_shards, tiny_models,
+                                                                                           tmp_path):
+    from ppcr.config import ConfigError
+    from ppcr.train.preflight import check_run_inputs
+
+    losses = []
+    for impl in ("sdpa", "eager"):
+        model, batch, _ = build(tiny_shards, tiny_models, "qwen2_5_vl", f"model.attn_implementation={impl}")
+        assert model.mllm.base_model.model.config._attn_implementation == impl
+        with torch.no_grad():
+            losses.append(float(model(batch)["loss"]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    cfg = model_config(tiny_shards, tiny_models, "qwen2_5_vl", "model.attn_implementation=flash_attention_2")
+    with pytest.raises(ConfigError, match=r"'flash_attention_2' needs the flash-attn package.*a CUDA GPU.*bfloat16"):
+        check_run_inputs(cfg, 1, tmp_path / "run")

@@ -9,6 +9,7 @@ against plain 1-D positions).
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -28,12 +29,28 @@ def check_mllm_path(path: str | Path) -> Path:
     return path
 
 
-def load_mllm(path: str | Path, dtype: str = "float32", device_map: str | None = None) -> tuple[nn.Module, object]:
+def check_attn_implementation(name: str, dtype: str) -> None:
+    """FlashAttention-2 needs its package, a CUDA GPU and a 16-bit dtype; say which is missing."""
+    if name != "flash_attention_2":
+        return
+    missing = [what for what, ok in (("the flash-attn package (pip install flash-attn --no-build-isolation)",
+                                      importlib.util.find_spec("flash_attn") is not None),
+                                     ("a CUDA GPU", torch.cuda.is_available()),
+                                     ("model.dtype bfloat16", dtype == "bfloat16")) if not ok]
+    if missing:
+        raise ValueError(f"model.attn_implementation 'flash_attention_2' needs {', '.join(missing)}; "
+                         "'sdpa' (the default) runs everywhere")
+
+
+def load_mllm(path: str | Path, dtype: str = "float32", *, device_map: str | None = None,
+              attn_implementation: str = "sdpa") -> tuple[nn.Module, object]:
     """Model and processor from a local save_pretrained directory (safetensors weights); never the network."""
     path = check_mllm_path(path)
+    check_attn_implementation(attn_implementation, dtype)
     # safetensors only: a pickled pytorch_model.bin in a downloaded directory is refused, not unpickled.
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True,
-                                                        use_safetensors=True, device_map=device_map)
+                                                        use_safetensors=True, device_map=device_map,
+                                                        attn_implementation=attn_implementation)
     if model.config.model_type not in QWEN_TYPES + LLAVA_TYPES:
         raise ValueError(f"model.mllm_path {path}: model_type '{model.config.model_type}' is not supported "
                          f"(supported: {', '.join(QWEN_TYPES + LLAVA_TYPES)})")

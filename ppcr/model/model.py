@@ -102,7 +102,7 @@ class PPCRModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, loss: LossWeights) -> "PPCRModel":
-        mllm, processor = load_mllm(cfg.mllm_path, cfg.dtype)
+        mllm, processor = load_mllm(cfg.mllm_path, cfg.dtype, attn_implementation=cfg.attn_implementation)
         return cls(mllm, processor, SamSegmenter(load_sam(cfg)), cfg, loss)
 
     def for_inference(self) -> "PPCRModel":

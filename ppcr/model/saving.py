@@ -74,7 +74,8 @@ def load_pretrained(path: str | Path, dtype: str | None = None,
     m = replace(cfg.model, mllm_path=str(path / cfg.model.mllm_path), sam_checkpoint=str(path / cfg.model.sam_checkpoint),
                 dtype=dtype or cfg.model.dtype)
     cfg = replace(cfg, model=m)
-    mllm, processor = load_mllm(m.mllm_path, m.dtype, device_map=device_map)
+    mllm, processor = load_mllm(m.mllm_path, m.dtype, device_map=device_map,
+                                attn_implementation=m.attn_implementation)
     model = PPCRModel(mllm, processor, SamSegmenter(load_sam(m)), m, cfg.train.loss)
     for branch in BRANCHES:
         weights = load_file(path / "adapters" / branch / "adapter_model.safetensors")

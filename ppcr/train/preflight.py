@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ppcr.config import Config, ConfigError
 from ppcr.data.shards import split_shards
-from ppcr.model.mllm import check_mllm_path
+from ppcr.model.mllm import check_attn_implementation, check_mllm_path
 from ppcr.model.sam import check_sam_checkpoint
 from ppcr.common.checkpoint_paths import latest_tag
 from ppcr.train.ds_config import build_ds_config
@@ -34,6 +34,10 @@ def check_run_inputs(cfg: Config, world_size: int, run_dir: Path) -> dict:
     """Resolve the batch, build the DeepSpeed config and check the inputs; returns the DeepSpeed config."""
     resolve_batch(cfg, world_size)
     ds = build_ds_config(cfg, world_size)
+    try:
+        check_attn_implementation(cfg.model.attn_implementation, cfg.model.dtype)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     try:
         check_mllm_path(cfg.model.mllm_path)
         check_sam_checkpoint(cfg.model)
