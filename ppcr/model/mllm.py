@@ -24,8 +24,10 @@ LLAVA_TYPES = ("llava",)
 def check_mllm_path(path: str | Path) -> Path:
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.mllm_path: no MLLM checkpoint at {path} (config.json missing); "
-                                f"for the tiny default run 'ppcr-tiny --config <recipe>'")
+        raise FileNotFoundError(
+            f"model.mllm_path: no MLLM checkpoint at {path} (config.json missing). A real model: "
+            f"'hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir {path}' (or llava-hf/llava-1.5-7b-hf; README, "
+            "'Real data and weights'); the tiny default: 'make models' or 'ppcr-tiny --config <recipe>'")
     return path
 
 

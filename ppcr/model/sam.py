@@ -26,7 +26,10 @@ from ppcr.model.tiny import build_tiny_sam
 def check_sam_checkpoint(cfg: ModelConfig) -> Path:
     path = Path(cfg.sam_checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"model.sam_checkpoint: no SAM checkpoint at {path}")
+        hint = ("'make models' or 'ppcr-tiny --config <recipe>'" if cfg.sam_type == "tiny" else
+                f"Meta's sam_{cfg.sam_type}_*.pth from https://dl.fbaipublicfiles.com/segment_anything/ (README, "
+                "'Real data and weights')")
+        raise FileNotFoundError(f"model.sam_checkpoint: no SAM checkpoint at {path}; get {hint}")
     return path
 
 

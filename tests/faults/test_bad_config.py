@@ -101,7 +101,9 @@ def test_the_launcher_stops_with_one_line_before_any_heavy_work(tiny_shards, tin
         "wrong type": (["train.max_steps=many"], "config key 'train.max_steps': expects an integer, got 'many'"),
         "ds contradicts recipe": ([f"train.ds_config={contradicting}"],
                                   f"{contradicting} sets gradient_clipping = 0.5 but the recipe gives 1.0"),
-        "missing model": ([f"model.mllm_path={tmp_path}/nope"], f"model.mllm_path: no MLLM checkpoint at {tmp_path}/nope"),
+        "missing model": ([f"model.mllm_path={tmp_path}/nope"],
+                          f"model.mllm_path: no MLLM checkpoint at {tmp_path}/nope (config.json missing). A real "
+                          f"model: 'hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir {tmp_path}/nope'"),
         "missing sam": ([f"model.sam_checkpoint={tmp_path}/sam.pth"], f"no SAM checkpoint at {tmp_path}/sam.pth"),
         "missing shards": (["data.train_sets=[{name: absent}]"], "data.train_sets 'absent/train' under paths.shards_root: no"),
         "missing checkpoint": (["train.run_name=stale"], f"{stale}/latest names step_00000009, which is not in"),
