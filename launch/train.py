@@ -28,6 +28,7 @@ from ppcr.train.ds_config import zero_stage
 from ppcr.common.logger import RunLogger
 from ppcr.train.loop import train
 from ppcr.train.nonfinite import NonfiniteLossError
+from ppcr.train.offload import CpuAdamUnavailable, load_cpu_adam, offloads_optimizer
 from ppcr.train.optim import build_optimizer, build_scheduler
 from ppcr.train.preflight import check_run_inputs
 from ppcr.eval.validate import Validator
@@ -64,6 +65,13 @@ def main(argv: list[str] | None = None) -> int:
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    if offloads_optimizer(ds):  # its C++ op, built on first use: before the model, so that a failure is quick
+        try:
+            load_cpu_adam(ds_config=cfg.train.ds_config, announce=dist.is_main)
+        except CpuAdamUnavailable as e:
+            if dist.is_main:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
     torch.manual_seed(cfg.train.seed)
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -74,9 +82,12 @@ def main(argv: list[str] | None = None) -> int:
     model = PPCRModel.from_config(cfg.model, cfg.train.loss)
     if dist.is_main:
         print(parameter_table(model), flush=True)
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer = build_optimizer(model, cfg.train, ds=ds)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds)
+    if dist.is_main:
+        print(f"optimizer: {type(optimizer).__name__}, groups "
+              + ", ".join(g.get("name", "?") for g in optimizer.param_groups), flush=True)
     loader = build_train_loader(cfg, dist.rank, dist.world_size)
     start = checkpoint.resume(engine, run_dir / "checkpoints", loader, dist)
     if dist.is_main and start:

@@ -1,4 +1,6 @@
-"""AdamW with parameter groups and a warmup-then-cosine schedule."""
+"""AdamW with parameter groups and a warmup-then-cosine schedule. AdamW is torch's, or DeepSpeed's
+DeepSpeedCPUAdam (the same AdamW update, in C++ on the CPU) when the DeepSpeed config offloads the
+optimizer to CPU: DeepSpeed refuses ZeRO-Offload with any other client optimizer."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from torch import nn
 
 from ppcr.config import TrainConfig
 from ppcr.model.params import component
+from ppcr.train.offload import offloads_optimizer
 
 # Which learning rate each trained component uses.
 _LR_OF = {
@@ -35,8 +38,18 @@ def param_groups(model: nn.Module, t: TrainConfig) -> list[dict]:
     return list(groups.values())
 
 
-def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(param_groups(model, t), betas=(0.9, 0.95), eps=1e-8)
+BETAS, EPS = (0.9, 0.95), 1e-8
+
+
+def build_optimizer(model: nn.Module, t: TrainConfig, *, ds: dict | None = None) -> torch.optim.Optimizer:
+    """AdamW over :func:`param_groups`; DeepSpeedCPUAdam in AdamW mode, with the same groups (names,
+    learning rates, weight decay), betas and eps, when the DeepSpeed config ``ds`` offloads the
+    optimizer (its cpu_adam op is built on first use: ppcr.train.offload)."""
+    if ds is not None and offloads_optimizer(ds):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups(model, t), betas=BETAS, eps=EPS, adamw_mode=True)
+    return torch.optim.AdamW(param_groups(model, t), betas=BETAS, eps=EPS)
 
 
 def lr_factor(step: int, t: TrainConfig) -> float:
