@@ -125,3 +125,37 @@ def test_sigterm_during_validation_checkpoints_and_exits_before_validation_ends(
     assert (tmp_path / "preval/checkpoints/latest").read_text() == "step_00000002"
     logged = [json.loads(line) for line in (tmp_path / "preval/metrics.jsonl").read_text().splitlines()]
     assert not [d for d in logged if d["kind"].startswith("val")]  # no half-done validation is logged
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_to_every_process_of_the_job_checkpoints_and_exits_zero(sig, tiny_shards, tiny_models, tmp_path):
+    """What SLURM does on preemption or scancel: the signal reaches every process of the job step, both
+    ranks and all their loader workers. The workers leave it to their rank (a worker that died of it
+    would crash the rank: "DataLoader worker ... is killed by signal"); the ranks checkpoint and exit 0."""
+    args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=500", "train.save_every=1000",
+                     "train.run_name=all")
+    proc = subprocess.Popen(deepspeed_cmd(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "all/metrics.jsonl"
+    deadline, ranks, workers = time.time() + 300, [], []
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:  # training, loaders running
+            ranks = rank_processes(proc.pid)
+            workers = [w for r in ranks for w in r.children(recursive=True)]
+            if len(ranks) == 2 and len(workers) >= 4:  # data.num_workers=2 per rank
+                break
+        time.sleep(0.5)
+    assert len(ranks) == 2 and len(workers) >= 4, proc.communicate()[0][-3000:]
+    for p in workers + ranks:  # the workers first: they must not die before their rank has decided
+        p.send_signal(sig)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preempted at step" in out and "killed by signal" not in out
+    tag = (tmp_path / "all/checkpoints/latest").read_text()
+    assert int(tag.split("_")[1]) >= 2
+    ckpt = tmp_path / "all/checkpoints" / tag
+    for rank in (0, 1):  # every rank's part of it
+        for name in (f"ppcr_rank{rank}.json", f"ppcr_rank{rank}_rng.pt",
+                     f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+                     f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"):
+            assert (ckpt / name).is_file(), name
+        assert json.loads((ckpt / f"ppcr_rank{rank}.json").read_text())["step"] == int(tag.split("_")[1])

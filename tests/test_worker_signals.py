@@ -1,0 +1,59 @@
+"""Loader workers (ppcr.data.worker_signals) survive SIGTERM and SIGUSR1 from other processes, as SLURM
+sends them to every process of a job, and still end when their parent stops them."""
+
+import subprocess
+import sys
+
+import pytest
+
+from launching import ROOT
+
+# A loader with two workers; a stranger (kill, not the parent) sends both signals to each worker; the
+# loader goes on; then an error leaves the loader alive into interpreter exit, where multiprocessing
+# SIGTERMs its daemon children and joins them without a timeout: a worker that ignored its parent's
+# SIGTERM too would hang that exit.
+SCRIPT = """
+import subprocess, sys, time
+
+import psutil
+from torch.utils.data import DataLoader, IterableDataset
+
+from ppcr.data.worker_signals import ignore_stop_signals
+
+
+class Counting(IterableDataset):
+    def __iter__(self):
+        i = 0
+        while True:
+            time.sleep(0.01)
+            i += 1
+            yield i
+
+
+if __name__ == "__main__":
+    batches = iter(DataLoader(Counting(), batch_size=None, num_workers=2, multiprocessing_context=sys.argv[1],
+                              worker_init_fn=ignore_stop_signals))
+    for _ in range(4):  # batches of both workers (round robin): both have run their worker_init_fn
+        next(batches)
+    workers = [p for p in psutil.Process().children() if p.name() == "pt_data_worker"]  # not spawn's tracker
+    assert len(workers) == 2, workers
+    for w in workers:
+        for sig in ("TERM", "USR1"):
+            subprocess.run(["kill", f"-{sig}", str(w.pid)], check=True)
+    time.sleep(1)
+    for _ in range(20):
+        next(batches)
+    print("workers alive after the signals", flush=True)
+    raise RuntimeError("an error while the loader is alive")
+"""
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_workers_ignore_stop_signals_from_others_and_still_end_with_their_parent(context, tmp_path):
+    script = tmp_path / "loader.py"
+    script.write_text(SCRIPT)
+    done = subprocess.run([sys.executable, str(script), context], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)  # a hang at exit fails here (it exits in seconds)
+    assert "workers alive after the signals" in done.stdout, done.stderr[-3000:]
+    assert "killed by signal" not in done.stderr
+    assert done.returncode == 1 and "an error while the loader is alive" in done.stderr, done.stderr[-3000:]
