@@ -31,6 +31,7 @@ from ppcr.train.nonfinite import NonfiniteLossError
 from ppcr.train.offload import CpuAdamUnavailable, load_cpu_adam, offloads_optimizer
 from ppcr.train.optim import build_optimizer, build_scheduler
 from ppcr.train.preflight import check_run_inputs
+from ppcr.train.rng import seed_rank
 from ppcr.eval.validate import Validator
 
 RECIPES = Path(__file__).parent / "configs"
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             if dist.is_main:
                 print(f"error: {e}", file=sys.stderr)
             return 2
-    torch.manual_seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     if dist.is_main:
         print(f"optimizer: {type(optimizer).__name__}, groups "
               + ", ".join(g.get("name", "?") for g in optimizer.param_groups), flush=True)
+    seed_rank(cfg.train.seed, dist.rank)  # dropout differs between ranks (a resume restores the states next)
     loader = build_train_loader(cfg, dist.rank, dist.world_size)
     start = checkpoint.resume(engine, run_dir / "checkpoints", loader, dist)
     if dist.is_main and start:

@@ -184,7 +184,7 @@ class LossWeights:
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
+    seed: int = 0  # initial weights and data order; each rank's dropout draws from seed + rank
     micro_batch_size: int = 4  # samples per rank per forward
     grad_accum: int = 1  # micro batches per optimizer step
     # Samples per optimizer step over all ranks. When set, grad_accum follows from it and the world size

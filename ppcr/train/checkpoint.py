@@ -2,6 +2,7 @@
 
     <run>/checkpoints/step_00000500/   DeepSpeed's files (model, optimizer shards, scheduler, client
                                        state) plus ppcr_rank<R>.json and ppcr_rank<R>_rng.pt per rank
+                                       (the CPU generator's state, and the GPU's where the rank has one)
     <run>/checkpoints/latest           the tag of the newest *complete* checkpoint
 
 Every rank writes its own shard files; only global rank 0 writes ``latest``, after a barrier that
@@ -29,6 +30,7 @@ import torch
 from ppcr.common.checkpoint_paths import LATEST, latest_tag, tag_of
 from ppcr.common.distributed import DistInfo, barrier
 from ppcr.model.saving import check_trainable_state
+from ppcr.train.rng import rng_state, set_rng_state
 
 
 def save(engine, ckpt_dir: Path, step: int, loader, dist: DistInfo, keep_last: int) -> Path:
@@ -38,7 +40,7 @@ def save(engine, ckpt_dir: Path, step: int, loader, dist: DistInfo, keep_last: i
     out = ckpt_dir / tag
     state = {"step": step, "loader": loader.state_dict(), "python_random": _py_state()}
     (out / f"ppcr_rank{dist.rank}.json").write_text(json.dumps(state))
-    torch.save({"torch": torch.get_rng_state()}, out / f"ppcr_rank{dist.rank}_rng.pt")
+    torch.save(rng_state(), out / f"ppcr_rank{dist.rank}_rng.pt")
     barrier()  # every rank's files are on disk
     if dist.is_main:
         tmp = ckpt_dir / f".{LATEST}.tmp"
@@ -73,8 +75,7 @@ def resume(engine, ckpt_dir: Path, loader, dist: DistInfo) -> int:
     state = json.loads(mine.read_text())
     loader.load_state_dict(state["loader"])
     random.setstate(_py_unstate(state["python_random"]))
-    rng = torch.load(ckpt_dir / tag / f"ppcr_rank{dist.rank}_rng.pt", weights_only=True)
-    torch.set_rng_state(rng["torch"])
+    set_rng_state(torch.load(ckpt_dir / tag / f"ppcr_rank{dist.rank}_rng.pt", weights_only=True))
     if client["step"] != state["step"]:
         raise RuntimeError(f"checkpoint {tag}: DeepSpeed state at step {client['step']}, ppcr state at {state['step']}")
     return int(state["step"])
