@@ -3,8 +3,9 @@ CPU ranks, must segment held-out images by generation.
 
 Measured with this test's data and length (2 CPU ranks, seeded): the default with its committed
 pretrained backbones (launch/pretrained/) reaches held-out cIoU 0.160 (BoxAcc@0.5 0.034; with per-rank
-dropout seeds 0.172 / 0.017); the same recipe from random-initialised backbones (what the default was before) reaches cIoU 0.029 (BoxAcc@0.5
-0.052: at 300 steps neither localises yet, so the box is not asserted). The threshold sits between.
+dropout seeds 0.172 / 0.017); the same recipe from random-initialised backbones (what the default was
+before) reaches cIoU 0.029 (BoxAcc@0.5 0.052: at 300 steps neither localises yet, so the box is not
+asserted). The threshold sits between.
 """
 
 from __future__ import annotations
