@@ -44,7 +44,7 @@ from ppcr.config import Config, ShardSetConfig
 from ppcr.data.overlap import fingerprint, plan_exclusions, raw_image_id
 from ppcr.data.shards import SampleError, decode_sample, split_shards
 from ppcr.data.transforms import Preprocessor, hflip
-from ppcr.data.worker_signals import ignore_stop_signals
+from ppcr.data.worker_signals import WORKER_CONTEXT, ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,8 @@ class ResumableLoader:
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=self.prefetch_factor if self.num_workers else None,
                             persistent_workers=False, generator=torch.Generator().manual_seed(self.stream.seed),
-                            worker_init_fn=ignore_stop_signals)
+                            worker_init_fn=ignore_stop_signals,
+                            multiprocessing_context=WORKER_CONTEXT if self.num_workers else None)
         for batch in loader:
             self.batches += 1
             self.worker_groups[batch.pop("worker")] = batch.pop("worker_groups")
@@ -353,4 +354,5 @@ def build_train_loader(cfg: Config, rank: int, world_size: int) -> ResumableLoad
 def build_eval_loader(cfg: Config, spec: ShardSetConfig, rank: int, world_size: int) -> DataLoader:
     stream = EvalStream(ShardSet.open(cfg.paths.shards_root, spec), Preprocessor.from_config(cfg.model),
                         cfg.eval.batch_size, rank, world_size)
-    return DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers, worker_init_fn=ignore_stop_signals)
+    return DataLoader(stream, batch_size=None, num_workers=cfg.data.num_workers, worker_init_fn=ignore_stop_signals,
+                      multiprocessing_context=WORKER_CONTEXT if cfg.data.num_workers else None)

@@ -14,17 +14,23 @@ shut down, e.g. at exit after an error whose traceback keeps the iterator alive 
 then terminates its daemon children and joins them without a timeout). A worker that ignored it
 would hang that exit forever. A signal handler cannot see who sent a signal, so both signals are
 blocked and a thread takes them with sigwaitinfo, which can; their disposition is SIG_IGN as well,
-for any thread that does not block them (the worker's main thread is its only thread when the
-function runs, so every later thread inherits the block).
+for any thread that does not block them. That is only safe where the worker's main thread is its only
+thread when the function runs, so that every later thread inherits the block: a forked worker (the
+loaders here ask for fork where the platform has it). A spawned or forkserver worker may already have a
+second native thread at that point, which could take the parent's SIGTERM under SIG_IGN and hang the
+exit; there the function changes nothing and PyTorch's own handling stays.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# The loaders' start method: fork where the platform has it (see the module docstring).
+WORKER_CONTEXT = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def _take_stop_signals() -> None:
@@ -36,10 +42,15 @@ def _take_stop_signals() -> None:
             os._exit(0)
 
 
-def ignore_stop_signals(worker_id: int | None = None) -> None:
+def ignore_stop_signals(worker_id: int | None = None) -> bool:
     """DataLoader ``worker_init_fn``: SIGTERM and SIGUSR1 from anyone but the parent no longer end this
-    worker. Runs in the worker's main thread (it installs dispositions)."""
+    worker. Runs in the worker's main thread (it installs dispositions). Returns whether it did: not in a
+    process with another native thread already, nor where that cannot be seen (no /proc)."""
+    tasks = "/proc/self/task"
+    if not os.path.isdir(tasks) or len(os.listdir(tasks)) != 1:
+        return False
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     threading.Thread(target=_take_stop_signals, name="ppcr-stop-signals", daemon=True).start()
+    return True
