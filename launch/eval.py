@@ -58,13 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 4
     barrier()
+    files = {split: out / f"predictions_{split.replace('/', '_')}.jsonl" for split in run.records}
     for split, records in run.records.items():
-        write_records(records, out / f"predictions_{split.replace('/', '_')}.jsonl", dist)
+        write_records(records, files[split], dist)
     barrier()
     if not dist.is_main:
         return 0
-    for split in run.records:
-        merge_records(out / f"predictions_{split.replace('/', '_')}.jsonl", dist.world_size)
+    for path in files.values():
+        merge_records(path, dist.world_size)
     text = table(run.rows)
     print(f"evaluated {args.checkpoint} ({tag or 'saved model'}) by generation on {dist.world_size} rank(s), "
           f"batch {cfg.eval.batch_size}")

@@ -179,7 +179,7 @@ def test_evaluation_stops_on_missing_expressions_or_scores_them_as_misses(reject
     sets = f"eval.sets=[{{name: {rejecting.name}, split: train}}]"
     cfg = model_config(tiny_shards, tiny_models, "llava", f"paths.shards_root={rejecting.parent}", sets,
                        "model.max_new_tokens=4")
-    model = PPCRModel.from_config(cfg.model, cfg.train.loss).for_inference()
+    model = PPCRModel.from_config(cfg.model, cfg.train.loss).eval()
     with pytest.raises(MissingExpressions, match=r"refcoco_unc/train: the shards hold 3 of the source's 7 expressions"):
         evaluate_splits(model, cfg, one, synced=False, ablations=[PPCR])
     cfg.eval.on_missing = "score_zero"

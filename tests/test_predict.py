@@ -71,7 +71,7 @@ def test_bf16_model_predicts_in_bf16_everywhere(tiny_shards, tiny_models, family
     cfg = model_config(tiny_shards, tiny_models, family, "model.max_new_tokens=5", "model.dtype=bfloat16",
                        "train.precision=bf16")
     torch.manual_seed(0)
-    model = PPCRModel.from_config(cfg.model, cfg.train.loss).for_inference()
+    model = PPCRModel.from_config(cfg.model, cfg.train.loss).eval()
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # SAM and the heads too
     items = val_items(cfg, 3)
     (preds,), gen = predict_items(model, items, [x["expression"] for x in items])

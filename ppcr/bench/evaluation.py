@@ -21,7 +21,7 @@ def run(cfg: Config, reps: int, expressions: int = 48) -> dict:
     """The recipe's model (its base weights, heads untrained) on the first ``expressions`` of the first
     eval split, held in memory so that only the model is timed."""
     torch.manual_seed(cfg.train.seed)
-    model = PPCRModel.from_config(cfg.model, cfg.train.loss).for_inference().to(device())
+    model = PPCRModel.from_config(cfg.model, cfg.train.loss).eval().to(device())
     spec = cfg.eval.sets[0]
     items = [x for b in split_batches(cfg, spec, ONE, batch_size=expressions, limit=expressions) for x in b]
     sizes = (1, cfg.eval.batch_size)

@@ -111,9 +111,7 @@ def evaluate_batches(model, batches: Iterable[list[dict]], *, filler: dict, dist
             if should_stop is not None and should_stop():
                 return None
             items = next(it, None)
-            if synced and all_ranks_done(items is None):
-                break
-            if not synced and items is None:
+            if all_ranks_done(items is None) if synced else items is None:
                 break
             real = items is not None
             items = items if real else [filler]

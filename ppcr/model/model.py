@@ -105,11 +105,6 @@ class PPCRModel(nn.Module):
         mllm, processor = load_mllm(cfg.mllm_path, cfg.dtype, attn_implementation=cfg.attn_implementation)
         return cls(mllm, processor, SamSegmenter(load_sam(cfg)), cfg, loss)
 
-    def for_inference(self) -> "PPCRModel":
-        """Every part (SAM and the heads too, not only the MLLM) in ``model.dtype``, as DeepSpeed trains
-        them under bf16, and in eval mode."""
-        return self.to(getattr(torch, self.cfg.dtype)).eval()
-
     @property
     def device(self) -> torch.device:
         return self.box_head.mlp.net[0].weight.device

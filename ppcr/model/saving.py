@@ -65,7 +65,7 @@ def save_pretrained(model: PPCRModel, cfg: Config, out: str | Path) -> Path:
 
 def load_pretrained(path: str | Path, dtype: str | None = None,
                     device_map: str | None = None) -> tuple[PPCRModel, Config]:
-    """A saved directory -> (model in eval mode and model.dtype, its config with paths resolved). ``device_map``
+    """A saved directory -> (model in eval mode, in model.dtype throughout, its config with paths resolved). ``device_map``
     ("auto") lets transformers/accelerate place a large MLLM over the visible GPUs."""
     path = Path(path)
     if not (path / "config.yaml").is_file():
@@ -86,7 +86,7 @@ def load_pretrained(path: str | Path, dtype: str | None = None,
     for name in HEADS:
         prefix = f"{name}."
         getattr(model, name).load_state_dict({k[len(prefix):]: v for k, v in heads.items() if k.startswith(prefix)})
-    return model.for_inference(), cfg
+    return model.eval(), cfg
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[str, Path, Path | None, str | None]:
@@ -148,4 +148,4 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
                                                      exclude_frozen_parameters=True)
     result = model.load_state_dict(state, strict=False)
     check_trainable_state(model, state.keys(), result.unexpected_keys, run_dir / "checkpoints" / tag)
-    return model.for_inference(), cfg, run_dir, tag
+    return model.eval(), cfg, run_dir, tag
