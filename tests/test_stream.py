@@ -1,4 +1,5 @@
 import itertools
+import json
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ import torch
 from conftest import make_config, train_set
 from ppcr.data.shards import iter_tar_samples, load_manifest
 from ppcr.data.stream import (ShardSet, _Errors, build_eval_loader, build_train_loader,
-                              choose_expression, set_stream)
+                              choose_expression, SetReader)
 
 
 def split_keys(shards_dir, split):
@@ -25,7 +26,9 @@ def test_slots_are_disjoint_and_cover_every_sample_once_per_epoch(tiny_shards):
     per_epoch = {0: [], 1: []}
     for rank, worker in itertools.product(range(world), range(workers)):
         slot = rank * workers + worker
-        keys = [(r["__epoch__"], r["__key__"]) for r in set_stream(ss, 0, 5, slot, world * workers, 8, _Errors(), epochs=2)]
+        reader = SetReader(ss, set_index=0, seed=5, slot=slot, num_slots=world * workers, shuffle_buffer=8,
+                           errors=_Errors(), epochs=2)
+        keys = [(r["__epoch__"], r["__key__"]) for r in reader]
         assert keys, "every slot gets shards"
         for epoch, key in keys:
             per_epoch[epoch].append((slot, key))
@@ -74,6 +77,65 @@ def test_resume_continues_with_the_batches_an_uninterrupted_run_sees(tiny_shards
         assert x["keys"] == y["keys"] and x["expressions"] == y["expressions"]
         assert torch.equal(x["flipped"], y["flipped"]) and torch.equal(x["sam_images"], y["sam_images"])
     assert resumed.state_dict()["batches"] == total
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_at_a_late_step_is_exact_and_reads_no_more_than_at_an_early_one(tiny_shards, monkeypatch, workers):
+    """A resume seeks: it reads the shards that hold the shuffle buffer and the current shard, bounded
+    by one epoch of the slot, where replaying would read every sample since step 0."""
+    from ppcr.data import stream
+
+    cfg = make_config(tiny_shards, f"data.num_workers={workers}")
+    per_epoch = load_manifest(tiny_shards)["splits"]["train"]["samples"]
+    late = 4 * per_epoch // 3  # 3 samples a batch on rank 1 of 2: four epochs of this rank's slots
+    full = take(build_train_loader(cfg, 1, 2), late + 3)
+    reads, counting_now = {}, []
+    if workers == 0:  # in-process: count what the resumed stream reads before its first batch
+        real = stream.shard_samples
+
+        def counting(path, errors):
+            for raw in real(path, errors):
+                if counting_now:
+                    reads[current] += 1
+                yield raw
+        monkeypatch.setattr(stream, "shard_samples", counting)
+    for current in (3, late):
+        reads[current] = 0
+        first = build_train_loader(cfg, 1, 2)
+        head = take(first, current)
+        resumed = build_train_loader(cfg, 1, 2)
+        resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))  # as the checkpoint stores it
+        counting_now.append(True)
+        tail = take(resumed, 1)  # the reads up to the first batch
+        counting_now.clear()
+        tail += take(resumed, 2)  # a new iterator: seeks again, from the state after that batch
+        for x, y in zip(head + tail, full):
+            assert x["keys"] == y["keys"] and x["expressions"] == y["expressions"]
+            assert torch.equal(x["flipped"], y["flipped"]) and torch.equal(x["sam_images"], y["sam_images"])
+        assert tail[0]["keys"] == full[current]["keys"]
+    if workers == 0:
+        slot_epoch = per_epoch // 2 + 5  # a slot's half of the split, give or take a 5-sample shard
+        replay = late * 3
+        assert reads[late] <= slot_epoch + 3 * 3 < replay, (reads, slot_epoch, replay)
+        assert reads[3] <= slot_epoch + 3 * 3, reads
+
+
+def test_a_checkpoint_from_before_seeking_still_resumes_by_replaying(tiny_shards):
+    cfg = make_config(tiny_shards, "data.num_workers=2")
+    full = take(build_train_loader(cfg, 0, 2), 12)
+    first = build_train_loader(cfg, 0, 2)
+    take(first, 7)
+    state = first.state_dict()
+    old = {"batches": 7, "skipped_samples": 0,  # the format before: group counts, no shuffle_buffer
+           "worker_groups": [p["groups"] for p in state.pop("worker_positions")],
+           "identity": {k: v for k, v in state["identity"].items() if k != "shuffle_buffer"}}
+    resumed = build_train_loader(cfg, 0, 2)
+    resumed.load_state_dict(old)
+    tail = take(resumed, 5)
+    assert [b["keys"] for b in tail] == [b["keys"] for b in full[7:]]
+    again = build_train_loader(cfg, 0, 2)  # and what it saves next seeks
+    again.load_state_dict(json.loads(json.dumps(resumed.state_dict())))
+    assert take(again, 1)[0]["keys"] == take(build_train_loader(cfg, 0, 2), 13)[12]["keys"]
 
 
 def test_resume_refuses_a_different_layout(tiny_shards):

@@ -1,5 +1,5 @@
 """Data pipeline throughput per loader worker: ppcr's shard reader against a random-access REFER
-loader of the kind peers use, on the same refs.
+loader of the kind peers use, on the same refs; and what a resume costs at an early and a late step.
 
 Both run in this process with one thread, which is what one DataLoader worker gets, and time
 read + decode + preprocess + collate of whole batches. Repetitions alternate between the two
@@ -8,6 +8,7 @@ loaders, so the ratio of each pair is measured under the same machine conditions
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ from ppcr.bench.refer_loader import ReferRandomAccess, build_refer_loader
 from ppcr.bench.report import Figure, paired_ratio
 from ppcr.config import Config
 from ppcr.data import synthetic
-from ppcr.data.stream import ShardSet, TrainStream
+from ppcr.data.stream import ShardSet, TrainStream, build_train_loader
 from ppcr.data.transforms import Preprocessor
 
 
@@ -67,3 +68,44 @@ def run(cfg: Config, reps: int = 5, batches: int = 100, warmup: int = 20) -> dic
             b.append(_rate(refer, batches))
     return {"shard_reader": Figure.of(a, "samples/s"), "refer_loader": Figure.of(b, "samples/s"),
             "speedup": paired_ratio(a, b), "batch_size": cfg.train.micro_batch_size, "batches_per_rep": batches}
+
+
+def _first_batch_seconds(cfg: Config, state: dict, rank: int, world_size: int) -> float:
+    loader = build_train_loader(cfg, rank, world_size)
+    loader.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint stores it
+    t0 = time.perf_counter()
+    next(iter(loader))
+    return time.perf_counter() - t0
+
+
+def legacy_state(state: dict) -> dict:
+    """The same position in the format of checkpoints from before seeking, which resume by replaying
+    every group since step 0 undecoded: the cost a resume had before."""
+    return {"batches": state["batches"], "skipped_samples": state["skipped_samples"],
+            "worker_groups": [p["groups"] if p else 0 for p in state["worker_positions"]],
+            "identity": {k: v for k, v in state["identity"].items() if k != "shuffle_buffer"}}
+
+
+def resume_cost(cfg: Config, *, steps: tuple[int, int], reps: int = 3, world_size: int = 2) -> dict:
+    """Time from building a resumed training loader (rank 0 of ``world_size``, the recipe's loader
+    workers) to its first batch, at an early and a late step; and, at the late step, the same position
+    resumed the old way (replay). Repetitions alternate between the three."""
+    states = {}
+    for step in steps:
+        loader = build_train_loader(cfg, 0, world_size)
+        batches = iter(loader)
+        for _ in range(step):
+            next(batches)
+        del batches
+        states[step] = loader.state_dict()
+    early, late = steps
+    times: dict[str, list[float]] = {"early": [], "late": [], "late_replay": []}
+    with threads(1):
+        for _ in range(reps):
+            times["early"].append(_first_batch_seconds(cfg, states[early], 0, world_size))
+            times["late"].append(_first_batch_seconds(cfg, states[late], 0, world_size))
+            times["late_replay"].append(_first_batch_seconds(cfg, legacy_state(states[late]), 0, world_size))
+    return {"steps": list(steps), "world_size": world_size, "num_workers": cfg.data.num_workers,
+            "epochs_at_late": max(s["epoch"] for p in states[late]["worker_positions"] if p for s in p["sets"]),
+            **{k: Figure.of(v, "s") for k, v in times.items()},
+            "late_vs_early": paired_ratio(times["late"], times["early"])}

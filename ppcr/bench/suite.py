@@ -34,6 +34,7 @@ def run(recipe: str, overrides: list[str], out: Path, plan: Plan = Plan()) -> di
     results["data"] = data.run(cfg, plan.reps, plan.data_batches)
     results["data_real_sizes"] = data.run(load_config(recipe, overrides + REAL_SIZES), plan.reps,
                                           plan.data_batches // 4, warmup=5)
+    results["resume"] = data.resume_cost(cfg, steps=(10, cfg.train.max_steps), reps=plan.reps)
     results["plain"] = training.plain_loop(cfg, plan.reps, plan.steps_per_rep, plan.profile_steps)
     runs = {"zero3_2": (2, "ds_configs/zero3.json"), "zero2_2": (2, "ds_configs/zero2.json"),
             "zero3_1": (1, "ds_configs/zero3.json")}
@@ -96,6 +97,15 @@ def render(r: dict) -> str:
                    ["**speed-up** (paired per repetition)", d["speedup"].fmt(2) + " x", dr["speedup"].fmt(2) + " x"]]),
             f"\nData wait, share of step time in the default run (ZeRO-3, 2 ranks): "
             f"{z3['data_wait_share'].fmt(2, 100)} %."]
+    rc = r["resume"]
+    early, late = rc["steps"]
+    out += [f"\n### Resume: seconds from a resumed training loader to its first batch (rank 0 of "
+            f"{rc['world_size']}, {rc['num_workers']} loader workers)\n",
+            table(["resumed at", "seek (ppcr)", "replay (checkpoints from before seeking)"],
+                  [[f"step {early}", rc["early"].fmt(3), "-"],
+                   [f"step {late} (epoch {rc['epochs_at_late']} of the slots)", rc["late"].fmt(3),
+                    rc["late_replay"].fmt(3)],
+                   ["late / early (paired)", rc["late_vs_early"].fmt(2) + " x", ""]])]
 
     fps = plain["flops_per_sample"]
     rows = []

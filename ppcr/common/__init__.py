@@ -1,1 +1,2 @@
-"""Shared by every layer above: rank/world facts and collectives, logging sinks, checkpoint paths."""
+"""Shared by every layer above: rank/world facts and collectives, logging sinks, checkpoint paths,
+random-generator states as JSON."""

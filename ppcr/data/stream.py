@@ -11,10 +11,12 @@ Raw samples (undecoded bytes) are grouped into batches *before* decoding, so a w
 is always made of the same refs. The expression of a ref and its horizontal flip are drawn from
 (seed, epoch, key), so they do not depend on the order of decoding either.
 
-Resume is exact at batch granularity: :class:`ResumableLoader` records, per loader worker, how many
-raw groups the batches consumed so far used up; a restarted loader skips those groups undecoded and
-starts its round-robin at the worker whose batch comes next. It needs the same world size,
-number of workers, batch size and data config; a mismatch is refused with a message.
+Resume is exact at batch granularity and seeks: every batch carries its worker's position after it
+(per set: epoch, where reading continues, the shuffle buffer's sample positions and RNG; the mixer's
+RNG), :class:`ResumableLoader` keeps the latest per worker, and a restarted worker rebuilds its
+buffers by reading the shards that hold them, then continues. Its cost is bounded by one epoch of a
+slot's shards, not by the run's length. It needs the same world size, number of workers, batch size,
+shuffle buffer and data config; a mismatch is refused with a message.
 
 A sample that does not decode, or a shard that breaks off, is skipped, counted and logged with its
 shard and key; a batch with dropped samples is smaller. Should all samples of a group fail, the worker
@@ -40,6 +42,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ppcr.common.random_state import dump_random, load_random
 from ppcr.config import Config, ShardSetConfig
 from ppcr.data.overlap import fingerprint, plan_exclusions, raw_image_id
 from ppcr.data.shards import SampleError, decode_sample, split_shards
@@ -89,32 +92,138 @@ def slot_shards(shards: list[dict], seed: int, set_index: int, epoch: int, slot:
     return order[slot::num_slots]
 
 
-def set_stream(shard_set: ShardSet, set_index: int, seed: int, slot: int, num_slots: int, shuffle_buffer: int,
-               errors: _Errors, shuffle: bool = True, epochs: int | None = None) -> Iterator[dict]:
-    """Raw samples of one set for one slot, epoch after epoch; each carries ``__epoch__``."""
-    epoch = 0
-    while epochs is None or epoch < epochs:
-        mine = slot_shards(shard_set.shards, seed, set_index, epoch, slot, num_slots, shuffle)
-        src: Iterator[dict] = iter(()) if not mine else wds.DataPipeline(
-            wds.SimpleShardList([s["path"] for s in mine]),
-            wds.tarfile_to_samples(handler=errors.tar_handler),
-        ).iterator()
-        if shard_set.exclude_images:  # before the shuffle buffer, which then holds only samples that are used
-            src = (r for r in src if raw_image_id(r) not in shard_set.exclude_images)
-        if shuffle:
-            rng = random.Random(f"{seed}-{set_index}-{epoch}-{slot}")
-            src = wds.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rng)(src)
-        seen = 0
-        for raw in src:
-            raw["__epoch__"] = epoch
-            seen += 1
-            yield raw
-        if seen == 0 and epochs is None:
-            excluded = (f", or data.exclude_eval_images dropped all {len(shard_set.exclude_images)} of their "
-                        f"images" if shard_set.exclude_images else "")
-            raise RuntimeError(f"shard set {shard_set.name}: slot {slot} read no sample in epoch {epoch} "
-                               f"(all its shards are empty or broken{excluded})")
-        epoch += 1
+def shard_samples(path: str, errors: _Errors) -> Iterator[dict]:
+    """Raw samples of one shard, in order, through webdataset's tar reader (a shard that breaks off
+    ends early, counted in ``errors``)."""
+    return wds.DataPipeline(wds.SimpleShardList([path]),
+                            wds.tarfile_to_samples(handler=errors.tar_handler)).iterator()
+
+
+Position = tuple[int, int]  # (shard index in the slot's list for the epoch, sample index in that shard)
+
+
+class SetReader:
+    """One set's raw samples for one slot, epoch after epoch, shuffled by a buffer; each sample carries
+    ``__epoch__``.
+
+    Its whole position is a small JSON-able :meth:`state`: the epoch, where reading continues, the
+    positions of the buffered samples and the shuffle RNG. :meth:`restore` seeks there: it reads the
+    shards that hold buffered samples and the rest of the current shard, so a resume costs at most
+    one epoch of this slot's shards, however long the run was.
+
+    The buffer is webdataset's shuffle stage (``webdataset.filters._shuffle`` with ``initial`` equal
+    to the buffer size), step for step and with the same RNG draws, so the order is the one
+    ``wds.shuffle`` gives. It is written out here because webdataset keeps that buffer in a generator's
+    frame, which a checkpoint cannot read or rebuild.
+    """
+
+    def __init__(self, shard_set: ShardSet, *, set_index: int, seed: int, slot: int, num_slots: int,
+                 shuffle_buffer: int, errors: _Errors, shuffle: bool = True, epochs: int | None = None) -> None:
+        self.set, self.set_index, self.seed = shard_set, set_index, seed
+        self.slot, self.num_slots, self.bufsize = slot, num_slots, shuffle_buffer
+        self.errors, self.shuffle, self.epochs = errors, shuffle, epochs
+        self._start_epoch(0)
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch, self.seen = epoch, 0
+        self.shards = slot_shards(self.set.shards, self.seed, self.set_index, epoch, self.slot, self.num_slots,
+                                  self.shuffle)
+        self.rng = random.Random(f"{self.seed}-{self.set_index}-{epoch}-{self.slot}")
+        self.buffer: list[tuple[Position, dict]] = []
+        self.next_read: Position = (0, 0)
+        self.drained = False  # the epoch's shards are read to the end; the buffer empties
+        self.source = self._read(0, 0)
+
+    def _read(self, shard: int, first: int) -> Iterator[tuple[Position, dict]]:
+        """Samples from ``(shard, first)`` on, skipping excluded images; keeps ``next_read`` current."""
+        for j in range(shard, len(self.shards)):
+            for i, raw in enumerate(shard_samples(self.shards[j]["path"], self.errors)):
+                if j == shard and i < first:
+                    continue
+                self.next_read = (j, i + 1)
+                if self.set.exclude_images and raw_image_id(raw) in self.set.exclude_images:
+                    continue  # before the buffer, which then holds only samples that are used
+                yield (j, i), raw
+
+    def __iter__(self) -> "SetReader":
+        return self
+
+    def __next__(self) -> dict:
+        while True:
+            item = self._next_in_epoch()
+            if item is not None:
+                self.seen += 1
+                raw = item[1]
+                raw["__epoch__"] = self.epoch
+                return raw
+            if self.seen == 0 and self.epochs is None:
+                excluded = (f", or data.exclude_eval_images dropped all {len(self.set.exclude_images)} of their "
+                            f"images" if self.set.exclude_images else "")
+                raise RuntimeError(f"shard set {self.set.name}: slot {self.slot} read no sample in epoch "
+                                   f"{self.epoch} (all its shards are empty or broken{excluded})")
+            if self.epochs is not None and self.epoch + 1 >= self.epochs:
+                raise StopIteration
+            self._start_epoch(self.epoch + 1)
+
+    def _next_in_epoch(self) -> tuple[Position, dict] | None:
+        if not self.shuffle:
+            return next(self.source, None)
+        while not self.drained:  # webdataset's _shuffle, one output per call
+            sample = next(self.source, None)
+            if sample is None:
+                self.drained = True
+                break
+            self.buffer.append(sample)
+            if len(self.buffer) < self.bufsize:
+                more = next(self.source, None)
+                if more is None:
+                    self.drained = True
+                else:
+                    self.buffer.append(more)
+            if len(self.buffer) >= self.bufsize:
+                return self._pick()
+        return self._pick() if self.buffer else None
+
+    def _pick(self) -> tuple[Position, dict]:
+        k = self.rng.randint(0, len(self.buffer) - 1)
+        item = self.buffer[k]
+        self.buffer[k] = self.buffer[-1]
+        self.buffer.pop()
+        return item
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "seen": self.seen, "next_read": list(self.next_read),
+                "drained": self.drained, "buffer": [list(p) for p, _ in self.buffer],
+                "rng": dump_random(self.rng)}
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state`; reads only the shards that hold buffered samples and the current
+        one up to where reading continues."""
+        self._start_epoch(int(state["epoch"]))
+        self.seen, self.drained = int(state["seen"]), bool(state["drained"])
+        load_random(state["rng"], self.rng)
+        positions = [(int(j), int(i)) for j, i in state["buffer"]]
+        fetched = self._fetch(set(positions))
+        self.buffer = [(p, fetched[p]) for p in positions]
+        shard, first = (int(x) for x in state["next_read"])
+        self.next_read = (shard, first)
+        self.source = iter(()) if self.drained else self._read(shard, first)
+
+    def _fetch(self, positions: set[Position]) -> dict[Position, dict]:
+        out: dict[Position, dict] = {}
+        for j in sorted({j for j, _ in positions}):
+            wanted = {i for jj, i in positions if jj == j}
+            for i, raw in enumerate(shard_samples(self.shards[j]["path"], self.errors)):
+                if i in wanted:
+                    out[(j, i)] = raw
+                if i >= max(wanted):
+                    break
+        missing = positions - out.keys()
+        if missing:
+            j, i = min(missing)
+            raise RuntimeError(f"cannot resume the data stream: shard {self.shards[j]['path']} no longer holds "
+                               f"sample {i}, which the checkpoint's shuffle buffer held; the shards changed")
+        return out
 
 
 def mix(streams: list[Iterator[dict]], ratios: list[float], rng: random.Random) -> Iterator[dict]:
@@ -180,8 +289,9 @@ class TrainStream(IterableDataset):
         self.sets, self.pre, self.batch_size, self.seed = sets, pre, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.flip_prob = shuffle_buffer, flip_prob
-        # Set by ResumableLoader before each iteration:
-        self.skip_groups: list[int] = []  # per logical worker: raw groups already consumed
+        # Set by ResumableLoader before each iteration, per logical worker:
+        self.resume_states: list[dict | None] = []  # where each worker's stream stands (seek)
+        self.skip_groups: list[int] = []  # or, from a checkpoint written before seeking: groups to replay
         self.worker_offset = 0  # logical worker of the loader's first batch
 
     def check_slots(self, num_workers: int) -> None:
@@ -198,18 +308,28 @@ class TrainStream(IterableDataset):
         worker = ((info.id if info else 0) + self.worker_offset) % num_workers
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         errors = _Errors()
-        streams = [iter(set_stream(s, i, self.seed, slot, num_slots, self.shuffle_buffer, errors))
-                   for i, s in enumerate(self.sets)]
-        raw = mix(streams, [s.ratio for s in self.sets], random.Random(f"{self.seed}-mix-{slot}"))
-        groups = 0
-        skip = self.skip_groups[worker] if self.skip_groups else 0
+        readers = [SetReader(x, set_index=i, seed=self.seed, slot=slot, num_slots=num_slots,
+                             shuffle_buffer=self.shuffle_buffer, errors=errors) for i, x in enumerate(self.sets)]
+        mixer = random.Random(f"{self.seed}-mix-{slot}")
+        groups, skip = 0, 0
+        saved = self.resume_states[worker] if self.resume_states else None
+        if saved is not None:  # seek: read only what the buffers held and the rest of the current shards
+            for reader, state in zip(readers, saved["sets"]):
+                reader.restore(state)
+            load_random(saved["mix"], mixer)
+            groups = int(saved["groups"])
+            errors.take()  # counted before the restart
+        elif self.skip_groups:
+            skip = self.skip_groups[worker]
+        raw = mix(readers, [x.ratio for x in self.sets], mixer)
         while True:
             group = [next(raw) for _ in range(self.batch_size)]
             groups += 1
-            if groups <= skip:  # consumed before the restart: not decoded, errors counted then
+            if groups <= skip:  # replayed: consumed before the restart, not decoded, errors counted then
                 if groups == skip:
                     errors.take()
                 continue
+            position = {"groups": groups, "sets": [r.state() for r in readers], "mix": dump_random(mixer)}
             items = []
             for r in group:
                 try:
@@ -224,7 +344,7 @@ class TrainStream(IterableDataset):
                 continue  # every sample of the group was broken: the next group takes its place
             batch = collate(items)
             batch["worker"] = worker
-            batch["worker_groups"] = groups
+            batch["worker_position"] = position
             batch["skipped_samples"] = errors.take()
             yield batch
 
@@ -287,19 +407,27 @@ class EvalStream(IterableDataset):
 
 
 class ResumableLoader:
-    """A DataLoader over a :class:`TrainStream` that can say where it is and continue from there."""
+    """A DataLoader over a :class:`TrainStream` that can say where it is and continue from there.
+
+    Its state holds, per loader worker, the position after that worker's last batch handed out
+    (:meth:`SetReader.state` of every set, the mixer's RNG, the group count); a resume seeks there,
+    so its cost does not grow with the step it resumes at. A state from before seeking (``worker_groups``
+    only) still resumes, by replaying the groups undecoded.
+    """
 
     def __init__(self, stream: TrainStream, num_workers: int, prefetch_factor: int = 2) -> None:
         stream.check_slots(num_workers)
         self.stream, self.num_workers, self.prefetch_factor = stream, num_workers, prefetch_factor
         self.batches = 0  # batches handed out so far
-        self.worker_groups = [0] * max(num_workers, 1)
+        self.positions: list[dict | None] = [None] * max(num_workers, 1)
+        # From a checkpoint written before seeking: groups to replay, per worker still without a position.
+        self.legacy_groups: list[int] = []
         self.skipped_samples = 0
 
     def _identity(self) -> dict:
         s = self.stream
         identity = {"world_size": s.world_size, "rank": s.rank, "num_workers": self.num_workers,
-                    "batch_size": s.batch_size, "seed": s.seed,
+                    "batch_size": s.batch_size, "seed": s.seed, "shuffle_buffer": s.shuffle_buffer,
                     "sets": [(x.name, x.ratio, len(x.shards)) for x in s.sets]}
         excluded = {x.name: fingerprint(x.exclude_images) for x in s.sets if x.exclude_images}
         if excluded:  # only then: a state saved without exclusions matches a stream that drops nothing
@@ -307,22 +435,28 @@ class ResumableLoader:
         return identity
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches, "worker_groups": list(self.worker_groups),
-                "skipped_samples": self.skipped_samples, "identity": self._identity()}
+        return {"batches": self.batches, "worker_positions": list(self.positions),
+                "worker_groups": list(self.legacy_groups), "skipped_samples": self.skipped_samples,
+                "identity": self._identity()}
 
     def load_state_dict(self, state: dict) -> None:
         mine, theirs = json.loads(json.dumps(self._identity())), state["identity"]
+        legacy = "worker_positions" not in state
         for k in list(mine) + [k for k in theirs if k not in mine]:  # a key only one side has differs too
+            if legacy and k == "shuffle_buffer" and k not in theirs:
+                continue  # not recorded before seeking
             if json.loads(json.dumps(theirs.get(k))) != mine.get(k):
                 raise ValueError(f"cannot resume the data stream: '{k}' was {theirs.get(k)!r} when saved and is "
                                  f"{mine.get(k)!r} now; the same order needs the same setting")
         self.batches = int(state["batches"])
-        self.worker_groups = list(state["worker_groups"])
         self.skipped_samples = int(state["skipped_samples"])
+        self.positions = list(state.get("worker_positions") or self.positions)
+        self.legacy_groups = [int(g) for g in state.get("worker_groups", [])]
 
     def __iter__(self) -> Iterator[dict]:
         nw = max(self.num_workers, 1)
-        self.stream.skip_groups = list(self.worker_groups)
+        self.stream.resume_states = list(self.positions)
+        self.stream.skip_groups = list(self.legacy_groups)
         self.stream.worker_offset = self.batches % nw
         # Its own generator: worker seeding must not draw from the global RNG, which a resumed
         # run restores for dropout. Workers ignore preemption signals: the rank decides.
@@ -333,7 +467,7 @@ class ResumableLoader:
                             multiprocessing_context=WORKER_CONTEXT if self.num_workers else None)
         for batch in loader:
             self.batches += 1
-            self.worker_groups[batch.pop("worker")] = batch.pop("worker_groups")
+            self.positions[batch.pop("worker")] = batch.pop("worker_position")
             self.skipped_samples += batch["skipped_samples"]
             yield batch
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 from functools import partial
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 
 from ppcr.common.checkpoint_paths import LATEST, latest_tag, tag_of
 from ppcr.common.distributed import DistInfo, barrier
+from ppcr.common.random_state import dump_random, load_random
 from ppcr.model.saving import check_trainable_state
 from ppcr.train.rng import rng_state, set_rng_state
 
@@ -38,7 +38,7 @@ def save(engine, ckpt_dir: Path, step: int, loader, dist: DistInfo, keep_last: i
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
                            exclude_frozen_parameters=True)
     out = ckpt_dir / tag
-    state = {"step": step, "loader": loader.state_dict(), "python_random": _py_state()}
+    state = {"step": step, "loader": loader.state_dict(), "python_random": dump_random()}
     (out / f"ppcr_rank{dist.rank}.json").write_text(json.dumps(state))
     torch.save(rng_state(), out / f"ppcr_rank{dist.rank}_rng.pt")
     barrier()  # every rank's files are on disk
@@ -74,7 +74,7 @@ def resume(engine, ckpt_dir: Path, loader, dist: DistInfo) -> int:
         raise FileNotFoundError(f"{mine} missing: checkpoint {tag} was written by a different world size")
     state = json.loads(mine.read_text())
     loader.load_state_dict(state["loader"])
-    random.setstate(_py_unstate(state["python_random"]))
+    load_random(state["python_random"])
     set_rng_state(torch.load(ckpt_dir / tag / f"ppcr_rank{dist.rank}_rng.pt", weights_only=True))
     if client["step"] != state["step"]:
         raise RuntimeError(f"checkpoint {tag}: DeepSpeed state at step {client['step']}, ppcr state at {state['step']}")
@@ -104,11 +104,3 @@ def remove_incomplete(ckpt_dir: Path, tag: str | None) -> list[str]:
         shutil.rmtree(ckpt_dir / name)
     return gone
 
-
-def _py_state() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _py_unstate(s: list) -> tuple:
-    return (s[0], tuple(s[1]), s[2])
