@@ -163,9 +163,10 @@ class ModelConfig:
     # input image cannot resolve that finely (112 px: a tens digit is one pixel).
     box_bins: int = 1000
     gradient_checkpointing: bool = False
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    # float16 is for GPUs without bfloat16 (V100, T4), with train.precision fp16 (loss scaling)
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # the MLLM's attention kernel (transformers' attn_implementation): PyTorch's SDPA, the plain one, or
-    # FlashAttention-2 (the flash-attn package, a GPU and bf16; checked before a run starts)
+    # FlashAttention-2 (the flash-attn package, a GPU and a 16-bit dtype; checked before a run starts)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     max_new_tokens: int = 40  # per stage, when generating
 
@@ -180,6 +181,9 @@ class LossWeights:
     w_giou: float = 2.0
     w_bce: float = 2.0
     w_dice: float = 0.5
+
+
+PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # train.precision -> model.dtype
 
 
 @dataclass
@@ -198,7 +202,10 @@ class TrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1  # cosine decay ends at this share of each group's lr
     grad_clip: float = 1.0
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # fp16 only: DeepSpeed's dynamic loss scaling starts at 2**loss_scale_power, halves on a gradient
+    # overflow (that step makes no update) and doubles after 1000 steps without one
+    loss_scale_power: int = 16
     ds_config: str = "ds_configs/zero3.json"  # ZeRO settings; batch, clipping and precision come from here
     run_name: str = "default"  # the run directory is <paths.runs_root>/<run_name>
     save_every: int = 500  # steps between checkpoints (and one at the end)
@@ -386,8 +393,10 @@ def _check_values(cfg: Config) -> None:
          "must lie in [1, train.max_steps] or be null")
     need(tr.profile_steps >= 1, "train.profile_steps", "must be >= 1")
     need(bool(tr.run_name) and "/" not in tr.run_name, "train.run_name", "a non-empty name without '/'")
-    need((tr.precision == "bf16") == (m.dtype == "bfloat16"), "train.precision",
-         f"'{tr.precision}' must match model.dtype '{m.dtype}' (bf16 with bfloat16, fp32 with float32)")
+    need(PRECISION_DTYPE[tr.precision] == m.dtype, "train.precision",
+         f"'{tr.precision}' must match model.dtype '{m.dtype}' (bf16 with bfloat16, fp16 with float16, fp32 "
+         f"with float32)")
+    need(0 <= tr.loss_scale_power <= 32, "train.loss_scale_power", "must lie in [0, 32]")
     need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
     need(cfg.eval.max_expressions is None or cfg.eval.max_expressions >= 1, "eval.max_expressions",
          "must be >= 1 or null")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 LLAVA_TYPES = ("llava",)
 
@@ -38,7 +38,7 @@ def check_attn_implementation(name: str, dtype: str) -> None:
     missing = [what for what, ok in (("the flash-attn package (pip install flash-attn --no-build-isolation)",
                                       importlib.util.find_spec("flash_attn") is not None),
                                      ("a CUDA GPU", torch.cuda.is_available()),
-                                     ("model.dtype bfloat16", dtype == "bfloat16")) if not ok]
+                                     ("a 16-bit model.dtype", dtype in ("bfloat16", "float16"))) if not ok]
     if missing:
         raise ValueError(f"model.attn_implementation 'flash_attention_2' needs {', '.join(missing)}; "
                          "'sdpa' (the default) runs everywhere")

@@ -93,8 +93,8 @@ class SamSegmenter(nn.Module):
                 deepspeed.zero.register_external_parameter(pe, child.weight)
 
     def _apply(self, fn, recurse: bool = True):
-        """Casts (``.to(bfloat16)``, DeepSpeed's bf16 engine) leave SAM's random Fourier features of prompt
-        coordinates in fp32: in bf16 (8-bit mantissa) a box corner in SAM's 1024-px frame would move by
+        """Casts (``.to(bfloat16)``, DeepSpeed's bf16 and fp16 engines) leave SAM's random Fourier features of
+        prompt coordinates in fp32: in bf16 (8-bit mantissa) a box corner in SAM's 1024-px frame would move by
         up to 4 px, and segment_anything multiplies fp32 coordinates by that matrix."""
         super()._apply(fn, recurse)
         pe = self.sam.prompt_encoder.pe_layer

@@ -17,7 +17,9 @@ def _owned(cfg: Config, world_size: int) -> dict:
         "train_batch_size": t.micro_batch_size * t.grad_accum * world_size,
         "gradient_clipping": t.grad_clip,
         "bf16": {"enabled": t.precision == "bf16"},
-        "fp16": {"enabled": False},
+        # dynamic loss scaling (loss_scale 0); DeepSpeed skips the update of a step whose gradients overflow
+        "fp16": ({"enabled": True, "loss_scale": 0, "initial_scale_power": t.loss_scale_power}
+                 if t.precision == "fp16" else {"enabled": False}),
     }
 
 

@@ -131,6 +131,9 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
                 norm = engine.get_global_grad_norm()
                 if norm is not None:
                     values["grad_norm"] = float(norm)
+                if engine.fp16_enabled():  # dynamic loss scaling: the scale, and the updates overflow skipped
+                    values["loss_scale"] = float(engine.optimizer.loss_scale)
+                    values["overflow_steps"] = engine.skipped_steps
                 values.update(host_memory_gb())
                 log.scalars(step, values)
                 if "loss" in values:

@@ -1,19 +1,22 @@
-"""bf16, the 7B recipes' precision, end to end on the tiny model: a 2-rank ZeRO-3 run trains and
-validates by generation in bf16, then evaluates, exports and infers with every part in bf16."""
+"""16-bit precisions on the tiny model through the real launcher. bf16, the 7B recipes' precision, end
+to end: a 2-rank ZeRO-3 run trains and validates by generation in bf16, then evaluates, exports and
+infers with every part in bf16. fp16 (GPUs without bf16): loss scaling skips overflowing updates."""
 
 import json
 import sys
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
-from launching import deepspeed_cmd, overrides, run
+from launching import deepspeed_cmd, losses, overrides, run
 from ppcr.eval.infer import main as infer_main
 from ppcr.model.export import main as export_main
 from ppcr.model.saving import load_checkpoint, load_pretrained
 
 BF16 = ("model.dtype=bfloat16", "train.precision=bf16")
+FP16 = ("model.dtype=float16", "train.precision=fp16")
 
 
 def test_bf16_run_trains_validates_evaluates_exports_and_infers(tiny_shards, tiny_models, tmp_path):
@@ -47,3 +50,34 @@ def test_bf16_run_trains_validates_evaluates_exports_and_infers(tiny_shards, tin
     answer = json.loads((tmp_path / "out/photo.json").read_text())
     assert np.isfinite(answer["box_cxcywh"]).all()
     assert np.array(Image.open(tmp_path / "out/photo.mask.png")).shape == (70, 90)
+
+
+def fp16_supported() -> bool:
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
+@pytest.mark.skipif(not fp16_supported(), reason="DeepSpeed's accelerator here has no fp16 (on CPU: oneDNN fp16)")
+def test_fp16_run_scales_its_loss_skips_overflowing_updates_and_evaluates(tiny_shards, tiny_models, tmp_path):
+    """fp16, for GPUs without bf16: DeepSpeed's dynamic loss scaling. The default start, 2**16, overflows
+    the tiny model's fp16 gradients, so the first updates are skipped and the scale halves until they
+    fit; the run then updates every step, and the model evaluates in fp16."""
+    args = overrides(tiny_shards, tiny_models, tmp_path / "runs", *FP16, "train.max_steps=8", "train.run_name=fp16", "model.max_new_tokens=5")
+    done = run(deepspeed_cmd(args))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = tmp_path / "runs/fp16"
+    steps = losses(run_dir)
+    scales = [steps[s]["loss_scale"] for s in sorted(steps)]
+    overflowed = [steps[s]["overflow_steps"] for s in sorted(steps)]
+    assert scales[0] == 2**16 and scales[-1] < scales[0], scales  # halved on overflow
+    assert 0 < overflowed[-1] < 8 and overflowed[-1] == overflowed[-2], overflowed  # then no more skips
+    assert all(np.isfinite(steps[s]["loss"]) for s in steps)
+
+    model, cfg, _, _ = load_checkpoint(run_dir)
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    sets = f"eval.sets=[{{name: {tiny_shards.name}, split: val}}]"
+    evaluated = run([sys.executable, "launch/eval.py", "--checkpoint", str(run_dir), sets, "eval.max_expressions=6"])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    rows = json.loads((run_dir / "eval/step_00000008/results.json").read_text())["rows"]
+    assert rows[0]["count"] == 6 and np.isfinite(rows[0]["cIoU"])
