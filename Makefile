@@ -1,8 +1,13 @@
 # ppcr: `make train` runs the default job, `make test` runs the tests; both install first if needed.
 PYTHON     ?= python3
 VENV       ?= .venv
-# A GPU user picks another build, e.g. TORCH_SPEC="torch==2.9.1 torchvision==0.24.1 --index-url https://download.pytorch.org/whl/cu128"
-TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# The torch build, by name (README "Two commands"): TORCH=cu12 for a CUDA 12.x GPU machine, TORCH=cpu for
+# a CPU-only one; or TORCH_SPEC given whole. `make check-install` resolves every TORCH_SPEC_* with pip.
+TORCH_SPEC_pypi := torch==2.14.1 torchvision==0.29.1
+TORCH_SPEC_cu12 := torch==2.10.0 torchvision==0.25.0
+TORCH_SPEC_cpu  := torch==2.14.1 torchvision==0.29.1 --index-url https://download.pytorch.org/whl/cpu
+TORCH      ?= pypi
+TORCH_SPEC ?= $(TORCH_SPEC_$(TORCH))
 CONFIG     ?= launch/configs/default.yaml
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.ppcr-installed
@@ -20,6 +25,11 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Dry-run pip resolutions of every TORCH_SPEC_* with deepspeed and ppcr on top (installs nothing).
+.PHONY: check-install
+check-install: | $(STAMP)
+	$(PY) launch/check_install.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -82,3 +84,55 @@ def test_resampling_matches_sams_resize_and_a_pil_bicubic_within_one_level(tiny_
     assert np.abs(mine - sam.astype(int)).max() <= 1
     pil = np.asarray(Image.fromarray(hwc).resize((48, 48), Image.BICUBIC)).astype(int)
     assert np.abs(out["mllm_image"].permute(1, 2, 0).numpy().astype(int) - pil).max() <= 1
+
+
+def test_pil_decoder_gives_torchcodecs_pixels_on_shard_members(tiny_shards):
+    """The fallback decoder (a torch TorchCodec does not load with) must not change what a model sees:
+    every JPEG and mask PNG of a shard decodes to the same tensor both ways."""
+    from ppcr.data import transforms
+
+    if transforms.IMAGE_DECODER != "torchcodec":
+        pytest.skip(f"TorchCodec does not load here ({transforms.IMAGE_DECODER})")
+    tar = sorted(tiny_shards.glob("train-*.tar"))[0]
+    raws = list(iter_tar_samples(tar))
+    assert raws
+    for raw in raws:
+        for member, gray in (("jpg", False), ("mask.png", True)):
+            ours, theirs = transforms._decode_pil(raw[member], gray), transforms._decode(raw[member], gray)
+            assert ours.dtype == torch.uint8 and ours.shape == theirs.shape and torch.equal(ours, theirs), member
+
+
+def test_pil_decoder_refuses_broken_data_as_value_error(tiny_shards):
+    """Shard reading turns RuntimeError/ValueError into SampleError; PIL's OSError must arrive as one."""
+    from ppcr.data import transforms
+
+    raw = next(iter_tar_samples(sorted(tiny_shards.glob("train-*.tar"))[0]))
+    for broken in (b"", b"not an image", raw["jpg"][: len(raw["jpg"]) // 3]):
+        with pytest.raises(ValueError, match="does not decode"):
+            transforms._decode_pil(broken)
+
+
+def test_decoding_falls_back_to_pil_where_torchcodec_does_not_load(tiny_shards):
+    """In a process where TorchCodec cannot be imported (as with a torch it was not built for), ppcr
+    still decodes shards, with PIL, and says why once."""
+    import subprocess
+    import sys
+
+    tar = sorted(tiny_shards.glob("train-*.tar"))[0]
+    code = (
+        "import sys, warnings; sys.modules['torchcodec'] = None\n"  # import torchcodec -> ImportError
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    from ppcr.data import transforms\n"
+        "from ppcr.data.shards import decode_sample, iter_tar_samples\n"
+        f"s = decode_sample(next(iter_tar_samples({str(tar)!r})))\n"
+        "print(transforms.IMAGE_DECODER); print([str(x.message) for x in w if 'PIL' in str(x.message)])\n"
+        "print(tuple(s['image'].shape), s['image'].dtype, int(s['mask'].sum()) > 0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr
+    decoder, warned, sample = out.stdout.splitlines()
+    assert decoder.startswith("pil: TorchCodec unusable with torch") and "No module named 'torchcodec" in decoder
+    assert "images decode with PIL instead" in warned
+    assert sample.startswith("(3, ") and "torch.uint8 True" in sample

@@ -2,30 +2,79 @@
 
 Peer codebases drift apart here (resize, SAM's pixel mean/std, padding done three ways); in ppcr the
 loader, the evaluator and ``ppcr-infer`` all call :class:`Preprocessor`. Images stay (3, H, W) uint8
-tensors from decoding to the batch (TorchCodec's decoders, torchvision's uint8 resampling):
+tensors from decoding to the batch (TorchCodec's decoders, or PIL's; torchvision's uint8 resampling):
 SAM's pixel mean and std are applied on the device by the model, where segment_anything's own
 ``Sam.preprocess`` applies them, so loader workers do no float work and batches are 4x smaller.
 """
 
 from __future__ import annotations
 
+import io
 import re
+import warnings
 from dataclasses import dataclass
+from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from segment_anything.utils.transforms import ResizeLongestSide
-from torchcodec.decoders import decode_image as _decode
+from PIL import Image
 from torchvision.ops import box_convert, box_iou
 
 from ppcr.config import ModelConfig
 
 
+def _decode_pil(data: bytes, gray: bool = False) -> torch.Tensor:
+    """PIL's decoder with :func:`decode_image`'s contract; pixel for pixel TorchCodec's on RGB JPEGs and
+    gray PNGs, the two kinds shards hold (both libraries use libjpeg-turbo and libpng; tested)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            mode = "L" if gray else "RGB"
+            pixels = np.array(im if im.mode == mode else im.convert(mode))
+    except (OSError, SyntaxError) as e:  # PIL's errors for unknown, broken and truncated data
+        raise ValueError(f"image does not decode ({e})") from e
+    t = torch.from_numpy(pixels)
+    return t[None] if gray else t.permute(2, 0, 1)
+
+
+def _pick_decoder() -> tuple[Callable[[bytes, bool], torch.Tensor], str]:
+    """TorchCodec's decoder where it works with the installed torch, else PIL's; with the reason.
+
+    TorchCodec (2.5x faster than PIL on a 640x480 JPEG) is the decoder torchvision deprecates its own
+    in favour of, but each release loads only with the torch versions it was built for (0.16 and later
+    need torch >= 2.11), and its wheels declare no torch requirement, so pip cannot pick a matching one:
+    the CUDA 12.x torch on PyPI (2.10, cu128) gets a TorchCodec that does not load. Decoding therefore
+    must not depend on it; a TorchCodec that fails to import or to decode a probe image is replaced by
+    PIL (already a requirement), once per process, with a warning that says why.
+    """
+    try:
+        from torchcodec.decoders import decode_image as tc_decode
+
+        def decode(data: bytes, gray: bool = False) -> torch.Tensor:
+            return tc_decode(data, mode="GRAY" if gray else "RGB")
+
+        probe = io.BytesIO()
+        Image.new("RGB", (2, 1), (10, 20, 30)).save(probe, "PNG")
+        if decode(probe.getvalue()).tolist() != [[[10, 10]], [[20, 20]], [[30, 30]]]:
+            raise RuntimeError("decoded a probe image wrong")
+        return decode, "torchcodec"
+    except Exception as e:  # ImportError, OSError (undefined symbol), RuntimeError: a torch it was not built for
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        reason = f"TorchCodec unusable with torch {torch.__version__} ({type(e).__name__}: {first_line})"
+        warnings.warn(f"{reason}; images decode with PIL instead (same pixels, slower)", RuntimeWarning, stacklevel=2)
+        return _decode_pil, f"pil: {reason}"
+
+
+_decode, IMAGE_DECODER = _pick_decoder()  # IMAGE_DECODER: "torchcodec", or "pil: <why TorchCodec is not used>"
+
+
 def decode_image(data: bytes, gray: bool = False) -> torch.Tensor:
     """Encoded image bytes (JPEG, PNG, ...) -> (3, H, W) uint8 RGB, or (1, H, W) for ``gray``; raises
-    RuntimeError or ValueError on data that does not decode."""
-    return _decode(data, mode="GRAY" if gray else "RGB")
+    RuntimeError or ValueError on data that does not decode. The decoder is TorchCodec's or PIL's
+    (``IMAGE_DECODER``; see :func:`_pick_decoder`)."""
+    return _decode(data, gray)
 
 
 def frame_region(input_sizes: torch.Tensor, size: int) -> torch.Tensor:
