@@ -76,6 +76,13 @@ eval: $(SHARDS) | $(STAMP)
 bench: $(SHARDS) $(MODELS)
 	$(PY) launch/bench.py --config $(CONFIG) $(ARGS)
 
+# The GPU check: Qwen2.5-VL-7B + SAM ViT-H built from their published configs with random weights (no
+# download), a few ZeRO-3 bf16 steps on one GPU at the recipe's sizes; step time, samples/s, peak memory
+# against the estimator, MFU in runs/gpu_check/gpu_check.md. ARGS adds options, e.g. ARGS="--steps 10".
+.PHONY: gpu-check
+gpu-check: | $(STAMP)
+	$(PY) launch/gpu_check.py $(ARGS)
+
 # A long run (SOAK_STEPS steps, periodic checkpoints and validation) and the check that host memory
 # stays flat and step time does not grow; writes runs/soak/soak.md. Not part of `make test`.
 SOAK_STEPS ?= 4000

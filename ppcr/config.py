@@ -89,6 +89,7 @@ class SamArchConfig:
     global_attn_indexes: list[int] = field(default_factory=lambda: [1])
     prompt_dim: int = 32  # 256 in the released SAM models
     decoder_heads: int = 2
+    decoder_mlp_dim: Optional[int] = None  # the mask decoder's MLP width; null: 2 x prompt_dim (2048 released)
 
 
 @dataclass
@@ -143,7 +144,9 @@ class TrainableConfig:
 
 @dataclass
 class ModelConfig:
-    # The MLLM: a local directory with config, weights, tokenizer and processor (save_pretrained layout).
+    # The MLLM: a local directory with config, weights, tokenizer and processor (save_pretrained layout);
+    # or, only where the user opts in to the network with HF_HUB_OFFLINE=0 (ppcr/offline.py), a hub id
+    # "org/name", downloaded into the hub cache at load (README "Real data and weights").
     mllm_path: str = "checkpoints/tiny-qwen2.5-vl"
     # Which tiny model `ppcr-tiny` writes to mllm_path when it is missing; null for a real checkpoint.
     tiny_family: Optional[Literal["qwen2_5_vl", "llava"]] = "qwen2_5_vl"
@@ -325,6 +328,9 @@ def _check_values(cfg: Config) -> None:
     need(0.0 <= cfg.data.max_reject_share <= 1.0, "data.max_reject_share", "must lie in [0, 1]")
 
     m = cfg.model
+    need(bool(m.mllm_path.strip()) and "://" not in m.mllm_path, "model.mllm_path",
+         f"must be a save_pretrained directory or, with HF_HUB_OFFLINE=0, a hub id 'org/name' (not a URL), "
+         f"got {m.mllm_path!r}")
     need(m.mllm_image_size >= 16, "model.mllm_image_size", "must be >= 16")
     need(m.sam_image_size >= 16, "model.sam_image_size", "must be >= 16")
     need(len(m.sam_pixel_mean) == 3, "model.sam_pixel_mean", "three values (R, G, B)")
@@ -332,6 +338,8 @@ def _check_values(cfg: Config) -> None:
          "three positive values (R, G, B)")
     need(m.sam_image_size % m.sam_arch.patch_size == 0, "model.sam_image_size",
          f"must be a multiple of model.sam_arch.patch_size ({m.sam_arch.patch_size})")
+    need(m.sam_arch.decoder_mlp_dim is None or m.sam_arch.decoder_mlp_dim >= 1, "model.sam_arch.decoder_mlp_dim",
+         "must be >= 1 (or null for 2 x prompt_dim)")
     need(m.sam_type == "tiny" or m.sam_image_size == 1024, "model.sam_image_size",
          f"the released SAM {m.sam_type} takes 1024, got {m.sam_image_size}")
     need(m.lora.rank >= 1 and m.lora.alpha > 0 and 0.0 <= m.lora.dropout < 1.0, "model.lora",

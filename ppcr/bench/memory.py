@@ -13,6 +13,7 @@ what :func:`ppcr.train.memory.model_state_bytes` measures at 1 and 2 ranks.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ from ppcr.model.tiny import (
     LLAVA_SPECIAL,
     QWEN_SPECIAL,
     build_processor,
+    build_tiny_sam,
     build_tokenizer,
 )
 from ppcr.model.tokens import NEW_TOKENS, render_prompts
@@ -130,12 +132,40 @@ class RecipeModel:
         return self.trainable + self.frozen
 
 
-def _published_mllm(family: str) -> nn.Module:
-    """The published architecture with transformers' own class, on the meta device (no weights)."""
+def published_config(family: str, layers: int | None = None) -> dict:
+    """The family's published config.json (a copy), with the depth shrunk to ``layers`` when given: the
+    language model's layers and the vision tower's blocks, every width kept. Qwen2.5-VL's vision tower
+    keeps the published full-attention blocks below ``layers`` (the last block when none is); LLaVA's
+    CLIP keeps ``layers`` layers, of which it reads the second to last (``vision_feature_layer`` -2)."""
+    if family not in REAL_TOKENIZER_LEN:
+        raise ValueError(f"unknown MLLM family '{family}' (choose from {', '.join(REAL_TOKENIZER_LEN)})")
+    config = copy.deepcopy(QWEN2_5_VL_7B_INSTRUCT if family == "qwen2_5_vl" else LLAVA_1_5_7B_HF)
+    if layers is None:
+        return config
+    if layers < 1:
+        raise ValueError(f"layers must be >= 1, got {layers}")
+    if family == "qwen2_5_vl":
+        config["num_hidden_layers"] = layers
+        vision = config["vision_config"]
+        vision["depth"] = layers
+        vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < layers] or [layers - 1]
+    else:
+        config["text_config"]["num_hidden_layers"] = layers
+        config["vision_config"]["num_hidden_layers"] = layers
+    return config
+
+
+def mllm_config(family: str, config: dict):
+    """transformers' config object of ``family`` from a config.json dict (the flat legacy layout too)."""
+    return (Qwen2_5_VLConfig if family == "qwen2_5_vl" else LlavaConfig).from_dict(config)
+
+
+def _published_mllm(family: str, layers: int | None = None) -> nn.Module:
+    """The published architecture with transformers' own class, on the meta device (no weights), its
+    depth shrunk to ``layers`` when given (:func:`published_config`)."""
+    cls = Qwen2_5_VLForConditionalGeneration if family == "qwen2_5_vl" else LlavaForConditionalGeneration
     with torch.device("meta"):
-        if family == "qwen2_5_vl":
-            return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(QWEN2_5_VL_7B_INSTRUCT))
-        return LlavaForConditionalGeneration(LlavaConfig.from_dict(LLAVA_1_5_7B_HF))
+        return cls(mllm_config(family, published_config(family, layers)))
 
 
 def _processor(family: str, image_size: int) -> object:
@@ -149,17 +179,23 @@ def _processor(family: str, image_size: int) -> object:
                            LLAVA_1_5_7B_HF["vision_config"]["patch_size"])
 
 
-def build_meta_model(name: str) -> RecipeModel:
-    """The recipe's PPCRModel exactly as training constructs it (LoRA, token rows, heads, policy), on meta."""
+def build_meta_model(name: str, *, overrides: list[str] | tuple[str, ...] = (),
+                     layers: int | None = None) -> RecipeModel:
+    """The recipe's PPCRModel exactly as training constructs it (LoRA, token rows, heads, policy), on meta:
+    the recipe with ``overrides``, the published MLLM shrunk to ``layers`` when given, and SAM from the
+    registry (``model.sam_type`` vit_b/l/h) or, for ``tiny``, built at ``model.sam_arch`` as training does."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe '{name}' (choose from {', '.join(RECIPES)})")
     recipe, mllm_type = RECIPES[name]
-    cfg = load_config(recipe)
-    mllm = _published_mllm(mllm_type)
+    cfg = load_config(recipe, list(overrides))
+    mllm = _published_mllm(mllm_type, layers)
     rows = mllm.get_input_embeddings().weight.shape[0]
     if REAL_TOKENIZER_LEN[mllm_type] + len(NEW_TOKENS) > rows:
         raise ValueError(f"{name}: the real tokenizer plus PPCR's tokens would outgrow {rows} embedding rows")
     processor = _processor(mllm_type, cfg.model.mllm_image_size)
     with torch.device("meta"):
-        sam = sam_model_registry[cfg.model.sam_type]()
+        sam = (build_tiny_sam(cfg.model.sam_arch, cfg.model.sam_image_size) if cfg.model.sam_type == "tiny"
+               else sam_model_registry[cfg.model.sam_type]())
         model = PPCRModel(mllm, processor, SamSegmenter(sam), cfg.model, cfg.train.loss)
     if model.mllm.base_model.model.get_input_embeddings().weight.shape[0] != rows:
         raise AssertionError(f"{name}: PPCRModel resized the embeddings; the counts would not be the real ones")
@@ -234,27 +270,37 @@ def image_tokens(rm: RecipeModel) -> int:
     return (size // LLAVA_1_5_7B_HF["vision_config"]["patch_size"]) ** 2
 
 
-def stage_tokens(rm: RecipeModel) -> dict[str, dict[str, int]]:
-    """Per stage: prompt and answer tokens of the recipe's templates with a typical expression and box,
-    through the family's processor (image tokens expanded by it) and the tiny tokenizer as a proxy
-    for the real one; ``length`` = image tokens + text tokens rounded up to a multiple of TEXT_ROUND.
-    The tiny byte-level BPE splits words outside its synthetic vocabulary into several pieces, which
-    over-counts and covers the real chat templates' extras (e.g. Qwen's default system prompt)."""
-    texts = render_prompts(rm.cfg.model.templates, TYPICAL_EXPRESSION, TYPICAL_CATEGORY, torch.tensor(TYPICAL_BOX))
-    size = rm.cfg.model.mllm_image_size
+def sample_tokens(processor, cfg: Config, *, expression: str, category: str,
+                  box: torch.Tensor) -> dict[str, dict[str, int]]:
+    """Per stage, the tokens of one training sample as :func:`ppcr.model.inputs.encode_stage` builds
+    them: ``image`` tokens (expanded by the processor), ``text`` tokens (chat-templated prompt and
+    answer, without the image tokens) and ``answer`` tokens (the labelled ones, where the LM head runs)."""
+    texts = render_prompts(cfg.model.templates, expression, category, box, cfg.model.box_bins)
+    size = cfg.model.mllm_image_size
     image = torch.zeros(3, size, size, dtype=torch.uint8)
-    tok = rm.processor.tokenizer
-    image_id = tok.convert_tokens_to_ids(rm.processor.image_token)
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids(processor.image_token)
     out = {}
     for stage in ("semantic", "spatial"):
         conv = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": texts[f"{stage}_prompt"]}]}]
-        prompt = rm.processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
-        ids = rm.processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"][0]
+        prompt = processor.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        ids = processor(text=[prompt], images=[image], return_tensors="pt")["input_ids"][0]
         answer = len(tok(texts[f"{stage}_answer"], add_special_tokens=False)["input_ids"])
         n_image = int((ids == image_id).sum())
-        text = len(ids) - n_image + answer
-        out[stage] = {"image": n_image, "text": text, "length": n_image + _round_up(text, TEXT_ROUND)}
+        out[stage] = {"image": n_image, "text": len(ids) - n_image + answer, "answer": answer}
     return out
+
+
+def stage_tokens(rm: RecipeModel) -> dict[str, dict[str, int]]:
+    """Per stage: prompt and answer tokens of the recipe's templates with a typical expression and box
+    (:func:`sample_tokens`), through the family's processor and the tiny tokenizer as a proxy for the
+    real one; ``length`` = image tokens + text tokens rounded up to a multiple of TEXT_ROUND.
+    The tiny byte-level BPE splits words outside its synthetic vocabulary into several pieces, which
+    over-counts and covers the real chat templates' extras (e.g. Qwen's default system prompt)."""
+    counts = sample_tokens(rm.processor, rm.cfg, expression=TYPICAL_EXPRESSION, category=TYPICAL_CATEGORY,
+                           box=torch.tensor(TYPICAL_BOX))
+    return {stage: {"image": c["image"], "text": c["text"], "length": c["image"] + _round_up(c["text"], TEXT_ROUND)}
+            for stage, c in counts.items()}
 
 
 @dataclass(frozen=True)

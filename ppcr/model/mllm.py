@@ -1,4 +1,5 @@
-"""The multimodal LLM: loading from a local path and the few family-specific pieces PPCR needs.
+"""The multimodal LLM: loading (a local path, or a hub id when the user opts in to the network) and
+the few family-specific pieces PPCR needs.
 
 PPCR drives the MLLM below its ``forward``: it computes the vision features once, builds each
 stage's input embeddings itself (image features at the image tokens, new-token rows, the SemSP
@@ -13,22 +14,74 @@ import importlib.util
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from ppcr.offline import hub_online
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 QWEN_TYPES = ("qwen2_vl", "qwen2_5_vl")
 LLAVA_TYPES = ("llava",)
 
 
-def check_mllm_path(path: str | Path) -> Path:
-    path = Path(path)
-    if not (path / "config.json").is_file():
+# Files a hub download skips: weights ppcr never loads (pickles, other frameworks' formats).
+NOT_LOADED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf"]
+
+
+def looks_like_hub_id(path: str | Path) -> bool:
+    """Whether ``path`` reads as a hub repo id "org/name" rather than a filesystem path: one slash, no
+    leading '.', '/' or '~', a valid repo id, and no local directory named like its org (so a missing
+    ``checkpoints/tiny-qwen2.5-vl`` stays a missing path)."""
+    s = str(path)
+    if s.count("/") != 1 or s.startswith((".", "/", "~")) or Path(s.split("/")[0]).is_dir():
+        return False
+    try:
+        validate_repo_id(s)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_mllm_path(path: str | Path) -> Path | str:
+    """``model.mllm_path`` as :func:`load_mllm` takes it: a local save_pretrained directory (a Path), or,
+    with the hub online (``HF_HUB_OFFLINE=0``, :mod:`ppcr.offline`), a hub id (the string). Anything
+    else raises FileNotFoundError saying what to download, or how to opt in to downloading."""
+    if (Path(path) / "config.json").is_file():
+        return Path(path)
+    if looks_like_hub_id(path):
+        if hub_online():
+            return str(path)
+        local = f"checkpoints/{str(path).split('/')[1]}"
         raise FileNotFoundError(
-            f"model.mllm_path: no MLLM checkpoint at {path} (config.json missing). A real model: "
-            f"'hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir {path}' (or llava-hf/llava-1.5-7b-hf; README, "
-            "'Real data and weights'); the tiny default: 'make models' or 'ppcr-tiny --config <recipe>'")
-    return path
+            f"model.mllm_path: no local directory {path}, and it reads as a hub id, but the hub is offline "
+            f"(ppcr's default). Download it once, 'hf download {path} --local-dir {local}', and set "
+            f"model.mllm_path={local}; or let the run download it into the hub cache: HF_HUB_OFFLINE=0")
+    raise FileNotFoundError(
+        f"model.mllm_path: no MLLM checkpoint at {path} (config.json missing). A real model: "
+        f"'hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir {path}' (or llava-hf/llava-1.5-7b-hf; README, "
+        "'Real data and weights'), or a hub id with HF_HUB_OFFLINE=0; the tiny default: 'make models' or "
+        "'ppcr-tiny --config <recipe>'")
+
+
+def download_mllm(repo_id: str) -> Path:
+    """The local snapshot of hub model ``repo_id`` (downloaded into the hub cache, ``HF_HOME``, where
+    missing): config, safetensors weights, processor and tokenizer files, not :data:`NOT_LOADED`.
+
+    Every rank of a run may call this at once, with no barrier: the hub cache takes a lock per file and
+    downloads only what is still missing once it holds it (huggingface_hub's file_download), so a node
+    fetches each file once while its other ranks wait; nodes share one download when HF_HOME is on a
+    shared filesystem. (A barrier would also time out on a many-GB download.)"""
+    try:
+        return Path(snapshot_download(repo_id, ignore_patterns=NOT_LOADED))
+    except (OSError, EntryNotFoundError) as e:  # no network, unknown or gated repo: the hub's own errors
+        raise FileNotFoundError(
+            f"model.mllm_path: could not download hub model {repo_id} ({type(e).__name__}: "
+            f"{(str(e).strip().splitlines() or [''])[0]}). Check the id, the network (HF_ENDPOINT) and, for a "
+            "gated model, 'hf auth login'; or download it yourself with 'hf download' (README, 'Real data "
+            "and weights')") from e
 
 
 def check_attn_implementation(name: str, dtype: str) -> None:
@@ -46,8 +99,11 @@ def check_attn_implementation(name: str, dtype: str) -> None:
 
 def load_mllm(path: str | Path, dtype: str = "float32", *, device_map: str | None = None,
               attn_implementation: str = "sdpa") -> tuple[nn.Module, object]:
-    """Model and processor from a local save_pretrained directory (safetensors weights); never the network."""
+    """Model and processor from a local save_pretrained directory (safetensors weights), or from a hub
+    id's snapshot when the user opted in to the network (:func:`check_mllm_path`)."""
     path = check_mllm_path(path)
+    if isinstance(path, str):
+        path = download_mllm(path)
     check_attn_implementation(attn_implementation, dtype)
     # safetensors only: a pickled pytorch_model.bin in a downloaded directory is refused, not unpickled.
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True,

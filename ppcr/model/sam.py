@@ -23,12 +23,21 @@ from ppcr.data.transforms import frame_region
 from ppcr.model.tiny import build_tiny_sam
 
 
+# The released SAM checkpoints: file name and published md5 (segment_anything's README links them).
+SAM_RELEASES = {"vit_h": ("sam_vit_h_4b8939.pth", "4b8939a88964f0f4ff5f5b2642c598a6"),
+                "vit_l": ("sam_vit_l_0b3195.pth", "0b3195507c641ddb6910d2bb5adee89c"),
+                "vit_b": ("sam_vit_b_01ec64.pth", "01ec64d29a2fca3f0661936605ae66f8")}
+
+
 def check_sam_checkpoint(cfg: ModelConfig) -> Path:
     path = Path(cfg.sam_checkpoint)
     if not path.is_file():
-        hint = ("'make models' or 'ppcr-tiny --config <recipe>'" if cfg.sam_type == "tiny" else
-                f"Meta's sam_{cfg.sam_type}_*.pth from https://dl.fbaipublicfiles.com/segment_anything/ (README, "
-                "'Real data and weights')")
+        if cfg.sam_type == "tiny":
+            hint = "'make models' or 'ppcr-tiny --config <recipe>'"
+        else:
+            name, md5 = SAM_RELEASES[cfg.sam_type]
+            hint = (f"Meta's SAM {cfg.sam_type}: https://dl.fbaipublicfiles.com/segment_anything/{name} (md5 {md5}; "
+                    "README, 'Real data and weights')")
         raise FileNotFoundError(f"model.sam_checkpoint: no SAM checkpoint at {path}; get {hint}")
     return path
 

@@ -171,7 +171,8 @@ def build_tiny_sam(arch: SamArchConfig, image_size: int) -> Sam:
                                      input_image_size=(image_size, image_size), mask_in_chans=16),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=arch.prompt_dim, mlp_dim=2 * arch.prompt_dim,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=arch.prompt_dim,
+                                          mlp_dim=arch.decoder_mlp_dim or 2 * arch.prompt_dim,
                                           num_heads=arch.decoder_heads),
             transformer_dim=arch.prompt_dim, iou_head_depth=3, iou_head_hidden_dim=arch.prompt_dim,
         ),

@@ -1,0 +1,144 @@
+"""The GPU check (launch/gpu_check.py) on CPU: the Qwen2.5-VL-7B + SAM ViT-H recipe's real architecture,
+shrunk to one layer / block in depth with every width kept, trains through the real launcher, and the
+report holds its figures beside the memory estimator's; and the FLOP count of the published model."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ppcr.bench import gpu_check, memory
+from ppcr.config import load_config
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_gpu_check_trains_the_7b_architecture_shrunk_in_depth(tmp_path):
+    out = tmp_path / "check"
+    cmd = [sys.executable, str(ROOT / "launch/gpu_check.py"), "--layers", "1", "--steps", "2", "--warmup-steps", "1",
+           "--train-images", "8", "--out", str(out),
+           "train.micro_batch_size=1", "train.grad_accum=1", "data.num_workers=1"]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    r = json.loads((out / "gpu_check.json").read_text())
+    assert "## GPU check" in (out / "gpu_check.md").read_text() and "## GPU check" in done.stdout
+
+    # The published widths at depth 1, written like a downloaded checkpoint, and SAM ViT-H's widths.
+    config = json.loads(next((out / "models").glob("qwen2.5-vl-7b_1-layers/config.json")).read_text())
+    text, vision = config.get("text_config", config), config["vision_config"]
+    assert (text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"], text["vocab_size"]) == (
+        3584, 18944, 1, 152064)
+    assert (vision["hidden_size"], vision["depth"], vision["fullatt_block_indexes"]) == (1280, 1, [0])
+    with safe_open(next((out / "models").glob("sam_tiny_1-layers.safetensors")), "pt") as f:
+        keys = list(f.keys())
+        assert f.get_slice("image_encoder.blocks.0.attn.qkv.weight").get_shape() == [3 * 1280, 1280]
+        assert f.get_slice("mask_decoder.transformer.layers.0.mlp.lin1.weight").get_shape() == [2048, 256]
+    assert not any(k.startswith("image_encoder.blocks.1.") for k in keys)
+
+    # Every step trained and was logged; the first is left out of the timing.
+    assert r["losses_finite"] and sorted(map(int, r["losses"])) == [1, 2, 3]
+    assert (r["warmup_steps"], r["timed_steps"], r["samples_per_step"], r["ranks"]) == (1, 2, 1, 1)
+    assert r["step_s"]["n"] == 2 and r["step_s"]["median"] > 0 and r["samples_per_s"]["median"] > 0
+    # The estimator counted the model the run trained: the run's parameter table has the same totals.
+    total = re.search(r"^total\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", done.stdout, re.M)
+    assert total, done.stdout[-3000:]
+    counted = [r["params"][k] for k in ("trainable", "frozen", "total")]
+    assert [int(v.replace(",", "")) for v in total.groups()] == counted
+    # No accelerator: no peak memory and no MFU, but the estimator's figures and host memory.
+    m = r["memory"]
+    assert r["device"].startswith("cpu") and m["peak_accelerator_bytes"] is None and r["flops"]["mfu"] is None
+    p = m["predicted"]
+    assert p["per_gpu"] == pytest.approx(p["model_states"] + p["activations"] + p["allowance"])
+    assert p["model_states"] > 2 * 1.4e9 and p["activations"] > 0 and m["host_rss_rank0_max_bytes"] > 0
+    # ZeRO-3's model states as measured after step 1 are what the estimator expects in bf16 (1 rank).
+    assert m["model_states_measured"]["total"] == pytest.approx(p["model_states_bf16"], rel=0.01)
+    f = r["flops"]
+    assert f["per_sample"]["model"] > 0.5e12 and f["per_step_model"] == pytest.approx(f["per_sample"]["model"])
+    assert f["achieved_per_device"] == pytest.approx(f["per_sample"]["model"] * r["samples_per_s"]["median"])
+
+
+@pytest.fixture(scope="module")
+def qwen():
+    return memory.build_meta_model("qwen2.5-vl-7b")
+
+
+def test_flops_of_the_published_qwen_follow_the_formula(qwen):
+    x = gpu_check.flop_shapes(qwen)
+    h, inter, kv = 3584, 18944, 512
+    assert x.lm_frozen == 28 * (2 * h * h + 2 * h * kv + 3 * h * inter) and x.lm_layers == 28
+    assert x.lm_lora == 28 * 8 * (2 * (h + h) + 2 * (h + kv))  # one branch: rank 8 on q, k, v, o
+    assert (x.lm_attn_width, x.vocab, x.hidden) == (28 * 128, 152064, h)
+    # Vision: 1024 patches of 448 px; 28 windowed blocks of 16 windows x 64 patches and 4 full-attention ones.
+    vw, vi, p = 1280, 3420, 1024
+    block = 3 * vw * vw + vw * vw + 3 * vw * vi
+    merger = 4 * vw * 4 * vw + 4 * vw * h
+    attention = 4 * vw * (4 * p * p + 28 * 16 * 64 * 64)
+    assert x.vision_forward == 2 * p * (3 * 2 * 14 * 14 * vw + 32 * block) + 2 * (p // 4) * merger + attention
+    # SAM ViT-H: 64 x 64 tokens; 28 windowed blocks pad them to 70 x 70 (25 windows of 14 x 14).
+    c, n, padded = 1280, 4096, 4900
+    sam = 2 * n * (16 * 16 * 3 * c + c * 256 + 256 * 256 * 9)
+    sam += 28 * (2 * padded * 4 * c * c + 4 * c * 25 * 196**2) + 4 * (2 * n * 4 * c * c + 4 * c * n * n)
+    sam += 32 * 2 * n * 8 * c * c  # MLP 1280 -> 5120 -> 1280 on the unpadded tokens
+    assert x.sam_forward == sam
+
+    tokens = {"semantic": {"image": 256, "text": 40, "answer": 5}, "spatial": {"image": 256, "text": 60, "answer": 20}}
+    f = gpu_check.sample_flops(x, tokens, gradient_checkpointing=True)
+    t1, t2 = 296, 316
+    fwd = sum(2 * (x.lm_frozen + x.lm_lora) * t + 4 * 28 * x.lm_attn_width * t * t for t in (t1, t2))
+    assert f["lm_forward"] == fwd and f["recompute"] == fwd
+    assert f["lm_backward"] == sum(2 * x.lm_frozen * t + 4 * x.lm_lora * t + 8 * 28 * x.lm_attn_width * t * t
+                                   for t in (t1, t2))
+    assert f["lm_head"] == 4 * 152064 * h * 25
+    assert f["model"] == f["lm_forward"] + f["lm_backward"] + f["lm_head"] + x.vision_forward + x.sam_forward
+    assert f["hardware"] == f["model"] + fwd
+    assert 20e12 < f["model"] < 30e12  # about 24 TFLOP a sample: 6.5 B frozen LM weights, 2 stages of ~300 tokens
+    assert gpu_check.sample_flops(x, tokens, gradient_checkpointing=False)["recompute"] == 0
+
+
+def test_depth_shrinks_and_widths_stay():
+    q = memory.published_config("qwen2_5_vl", 2)
+    assert (q["num_hidden_layers"], q["hidden_size"], q["vision_config"]["depth"]) == (2, 3584, 2)
+    assert q["vision_config"]["fullatt_block_indexes"] == [1]
+    assert memory.published_config("qwen2_5_vl", 9)["vision_config"]["fullatt_block_indexes"] == [7]
+    assert memory.published_config("qwen2_5_vl")["num_hidden_layers"] == 28  # a copy, not the shared dict
+    llava = memory.published_config("llava", 2)
+    assert llava["text_config"]["num_hidden_layers"] == 2 and llava["vision_config"]["num_hidden_layers"] == 2
+    with pytest.raises(ValueError, match="layers must be >= 1"):
+        memory.published_config("llava", 0)
+
+    assert gpu_check.sam_overrides("vit_h", None) == []
+    cfg = load_config(ROOT / "launch/configs/qwen2.5-vl-7b_sam-vit-h_refcoco.yaml", gpu_check.sam_overrides("vit_h", 9))
+    a = cfg.model.sam_arch
+    assert cfg.model.sam_type == "tiny" and cfg.model.sam_image_size == 1024
+    assert (a.encoder_dim, a.encoder_depth, a.encoder_heads, a.global_attn_indexes, a.window_size) == (
+        1280, 9, 16, [7], 14)
+    assert (a.prompt_dim, a.decoder_heads, a.decoder_mlp_dim) == (256, 8, 2048)
+
+    rm = memory.build_meta_model("llava-1.5-7b", overrides=gpu_check.sam_overrides("vit_h", 2), layers=2)
+    x = gpu_check.flop_shapes(rm)
+    assert x.lm_layers == 2 and x.hidden == 4096 and x.vision_forward > 0 and x.sam_forward > 0
+    assert len(rm.model.sam.sam.image_encoder.blocks) == 2
+
+
+def test_bad_plans_and_peaks():
+    for bad, match in (({"recipe": "gpt"}, "unknown recipe"), ({"steps": 0}, "steps must be"),
+                       ({"layers": 0}, "layers must be"), ({"warmup_steps": -1}, "warmup_steps")):
+        with pytest.raises(ValueError, match=match):
+            gpu_check.Plan(**bad).check()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no GPU: at the published depth"):
+            gpu_check.Plan().check()
+    assert gpu_check.peak_flops_for("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_check.peak_flops_for("NVIDIA H200") == 989e12
+    assert gpu_check.peak_flops_for("NVIDIA H100 PCIe") == 756e12
+    assert gpu_check.peak_flops_for("NVIDIA GeForce RTX 4090") is None and gpu_check.peak_flops_for(None) is None
+    done = subprocess.run([sys.executable, str(ROOT / "launch/gpu_check.py"), "--layers", "0"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "layers must be >= 1" in done.stderr
+    assert gpu_check._window_pairs(16, 4) == 16 * 16**2  # 16 windows of 4 x 4
+    assert gpu_check._window_pairs(5, 4) == 16**2 + 2 * 4**2 + 1  # one whole window, two edges, a corner
