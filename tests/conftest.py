@@ -124,6 +124,17 @@ def trained_run(tiny_shards, tiny_models, tmp_path_factory) -> Path:
     return runs / "trained"
 
 
+@pytest.fixture(scope="session")
+def exported(trained_run, tmp_path_factory) -> Path:
+    """The trained run exported (``model``) and merged into a plain MLLM (``merged``)."""
+    from ppcr.model.export import main as export_main
+
+    out = tmp_path_factory.mktemp("export")
+    assert export_main(["--checkpoint", str(trained_run), "--out", str(out / "model"),
+                        "--merge-into", str(out / "merged"), "--branch", "spatial"]) == 0
+    return out
+
+
 def _write_refer(root, images, annotations, refs, categories=({"id": 1, "name": "thing", "supercategory": "x"},)):
     (root / "refcoco").mkdir(parents=True)
     (root / "refcoco" / "instances.json").write_text(json.dumps(

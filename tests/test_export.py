@@ -3,7 +3,6 @@
 import json
 
 import numpy as np
-import pytest
 import torch
 from peft import PeftModel
 from PIL import Image
@@ -12,16 +11,7 @@ from transformers import AutoModelForImageTextToText
 from ppcr.model.predict import predict
 from ppcr.data.shards import decode_sample, iter_tar_samples, load_manifest
 from ppcr.eval.infer import main as infer_main
-from ppcr.model.export import main as export_main
 from ppcr.model.saving import load_checkpoint, load_pretrained
-
-
-@pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export")
-    assert export_main(["--checkpoint", str(trained_run), "--out", str(out / "model"),
-                        "--merge-into", str(out / "merged"), "--branch", "spatial"]) == 0
-    return out
 
 
 def val_samples(tiny_shards, n):
@@ -100,3 +90,14 @@ def test_infer_writes_mask_overlay_and_json_and_reports_bad_requests(exported, t
     assert f"{requests}:2: image not found" in err and f"{requests}:3: cannot read image" in err
     assert f"{requests}:4: empty expression" in err and f"{requests}:5: line is not a request object" in err
     assert (out / "good.mask.png").is_file()
+
+
+def test_infer_masks_an_exif_rotated_photo_in_the_orientation_a_viewer_shows(exported, tmp_path, capsys):
+    from test_images import exif_rotated_jpeg
+
+    exif_rotated_jpeg(tmp_path / "phone.jpg")  # stored 40 x 60, shown 60 x 40
+    assert infer_main(["--checkpoint", str(exported / "model"), "--image", str(tmp_path / "phone.jpg"),
+                       "--expression", "the red part", "--out", str(tmp_path / "out")]) == 0
+    assert np.array(Image.open(tmp_path / "out/phone.mask.png")).shape == (60, 40)
+    assert Image.open(tmp_path / "out/phone.overlay.png").size == (40, 60)
+    assert "rotated as its EXIF orientation (6) says" in capsys.readouterr().out

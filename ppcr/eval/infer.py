@@ -5,11 +5,12 @@
         (one {"image": "path", "expression": "...", "id": "optional name"} per line)
 
 For each request it writes <id>.mask.png (the mask at the image's resolution), <id>.overlay.png
-(mask and box over the image) and <id>.json (both generated answers, the box from the box head and
+(mask, the head's box in yellow and the answer's box in cyan over the image) and <id>.json (both generated answers, the box from the box head and
 the one parsed from the answer, their agreement, per-stage timings). A bad request (missing file,
 unreadable image, empty expression) is reported with its line and skipped; the others still run,
 and the exit code is 1 if any failed. The model loads once; requests are decoded --batch-size at a
-time (a request's answer does not depend on the others in its batch).
+time (a request's answer does not depend on the others in its batch). Images are taken as a viewer
+shows them (EXIF orientation applied; grey, 16-bit and transparent images converted: ppcr.data.images).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ppcr.config import ConfigError
+from ppcr.data.images import ImageError, load_image
+from ppcr.eval.visualize import overlay
 from ppcr.model.predict import predict
 from ppcr.model.saving import load_checkpoint
 
@@ -58,32 +61,19 @@ def check(req: dict) -> tuple[np.ndarray, str]:
     expression = str(req.get("expression") or "").strip()
     if not expression:
         raise RequestError("empty expression")
-    image_path = Path(str(req.get("image") or ""))
-    if not image_path.is_file():
-        raise RequestError(f"image not found: {image_path}")
     try:
-        with Image.open(image_path) as im:
-            image = np.array(im.convert("RGB"))
-    except Exception as e:  # PIL raises many types for broken files
-        raise RequestError(f"cannot read image {image_path} ({e})") from e
-    return image, expression
-
-
-def overlay(image: np.ndarray, mask: np.ndarray, box: torch.Tensor) -> Image.Image:
-    out = image.copy()
-    out[mask] = (0.5 * out[mask] + 0.5 * np.array([230, 40, 40])).astype(np.uint8)
-    pil = Image.fromarray(out)
-    h, w = image.shape[:2]
-    cx, cy, bw, bh = box.tolist()
-    ImageDraw.Draw(pil).rectangle([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h],
-                                  outline=(255, 255, 0), width=2)
-    return pil
+        loaded = load_image(str(req.get("image") or ""))
+    except ImageError as e:
+        raise RequestError(str(e)) from e
+    for note in loaded.notes:
+        print(f"{req.get('image')}: {note}")
+    return loaded.pixels, expression
 
 
 def write_outputs(out: Path, name: str, *, req: dict, image: np.ndarray, expression: str, pred) -> None:
     mask = pred.mask.numpy()
     Image.fromarray(mask).save(out / f"{name}.mask.png")
-    overlay(image, mask, pred.box).save(out / f"{name}.overlay.png")
+    overlay(image, mask, pred.box, pred.text_box).save(out / f"{name}.overlay.png")
     (out / f"{name}.json").write_text(json.dumps({
         "image": str(req["image"]), "expression": expression, "semantic_answer": pred.semantic_answer,
         "spatial_answer": pred.spatial_answer, "box_cxcywh": pred.box.tolist(),

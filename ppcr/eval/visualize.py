@@ -1,9 +1,32 @@
-"""Pictures of predictions: image, ground truth and prediction side by side, for TensorBoard and eval."""
+"""Pictures of predictions: image, ground truth and prediction side by side, for TensorBoard and eval;
+a prediction over a user's image, for ppcr-infer and the demo."""
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw
+
+MASK_COLOUR = (230, 40, 40)  # red, half transparent
+HEAD_BOX_COLOUR = (255, 220, 0)  # yellow: the box head's box
+TEXT_BOX_COLOUR = (0, 200, 255)  # cyan, dashed look by a thinner line: the box written in the answer
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, box: torch.Tensor, text_box: torch.Tensor | None = None) -> Image.Image:
+    """(H, W, 3) uint8 image with the (H, W) bool mask, the head's box and the answer's box (normalised
+    cx, cy, w, h) drawn in their colours; line widths grow with the image."""
+    out = image.copy()
+    out[mask] = (0.5 * out[mask] + 0.5 * np.array(MASK_COLOUR)).astype(np.uint8)
+    pil = Image.fromarray(out)
+    h, w = image.shape[:2]
+    width = max(2, round(max(h, w) / 250))
+    draw = ImageDraw.Draw(pil)
+    for b, colour, line in ((box, HEAD_BOX_COLOUR, width), (text_box, TEXT_BOX_COLOUR, max(1, width // 2))):
+        if b is not None:
+            cx, cy, bw, bh = b.tolist()
+            draw.rectangle([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h],
+                           outline=colour, width=line)
+    return pil
 
 
 def grid(pairs: list) -> np.ndarray:

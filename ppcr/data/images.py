@@ -1,0 +1,85 @@
+"""A user's image, as a person sees it, for inference (``ppcr-infer``) and the demo (``ppcr-demo``).
+
+Photos from phones and cameras are often stored sideways with an EXIF orientation tag that viewers
+apply; the mask must line up with what the user sees, so the tag is applied here. Training and
+evaluation do not go through this: the REFER/COCO annotations are drawn on the stored pixels.
+
+Every mode PIL opens becomes 8-bit RGB (grey, palette, CMYK, 16- and 32-bit integer and float
+greys by their value range, transparency composited over white), and each conversion is named in
+``LoadedImage.notes`` so that a front end can say what it did. An image above ``max_pixels`` is
+refused before its pixels are decoded (PIL reads the size from the header), with its size in the
+message.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 64_000_000  # 8000 x 8000: far above any camera's photo, below PIL's decompression-bomb limit
+
+
+class ImageError(ValueError):
+    """The image cannot be used; the message says why, for the user."""
+
+
+@dataclass
+class LoadedImage:
+    pixels: np.ndarray  # (H, W, 3) uint8, in the orientation a viewer shows
+    notes: list[str] = field(default_factory=list)  # conversions applied, in words
+
+
+def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """Open ``path`` as 8-bit RGB in display orientation; :class:`ImageError` names the file and why."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"image not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise ImageError(f"{path} is {w} x {h} px ({w * h / 1e6:.0f} MP); images up to "
+                                     f"{max_pixels / 1e6:.0f} MP are taken")
+                return _to_rgb(im)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError(f"cannot read image {path}: not an image file PIL can open ({e})") from e
+    except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files raise these from PIL's decoders
+        raise ImageError(f"cannot read image {path} ({e})") from e
+
+
+def _to_rgb(im: Image.Image) -> LoadedImage:
+    notes = []
+    orientation = im.getexif().get(0x0112, 1)  # EXIF Orientation
+    if orientation not in (1, None):
+        im = ImageOps.exif_transpose(im)
+        notes.append(f"rotated as its EXIF orientation ({orientation}) says")
+    mode = im.mode
+    if mode.startswith("I") or mode == "F":  # 16-bit and 32-bit greys: by their range, not clipped
+        values = np.asarray(im, dtype=np.float64)
+        if mode.startswith("I;16") or (mode == "I" and values.max() <= 65535):
+            top, what = 65535.0, "16-bit grey"  # PIL opens 16-bit PNGs as I;16 or I
+        elif mode == "F" and values.max() <= 1.0:
+            top, what = 1.0, "floating-point grey"
+        else:
+            top, what = float(values.max()), f"{mode}-mode grey"
+        grey = np.clip(values / max(top, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        notes.append(f"{what} scaled to 8 bits")
+        return LoadedImage(np.repeat(grey[..., None], 3, axis=2), notes)
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+        notes.append("transparency composited over white")
+    elif mode in ("L", "1"):
+        notes.append("grey scale shown as RGB")
+    elif mode == "CMYK":
+        notes.append("CMYK converted to RGB")
+    return LoadedImage(np.array(im.convert("RGB")), notes)
