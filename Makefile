@@ -13,7 +13,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.ppcr-installed
 SHARDS     := shards/synthetic_unc/manifest.json
 
-.PHONY: install test shards models pretrain train eval bench soak clean-data
+.PHONY: install test shards models pretrain train eval figures bench soak clean-data
 
 # Reinstalled when the package metadata or this file changes (the stamp is then stale).
 $(STAMP): setup.cfg pyproject.toml Makefile
@@ -70,6 +70,14 @@ train: $(SHARDS) $(MODELS)
 CKPT ?= runs/default
 eval: $(SHARDS) | $(STAMP)
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) launch/eval.py --checkpoint $(CKPT) $(if $(ABLATIONS),--ablations) $(ARGS)
+
+# The README's pictures from CKPT's latest checkpoint: make eval's mask grid and Prec@X plot, and the
+# demo answering one bundled example in headless Chromium (chromium and chromium-driver installed).
+DEMO_EXAMPLE ?= --image ppcr/eval/demo_examples/val_1207.jpg --expression "the square on the left"
+figures: eval
+	cp $(CKPT)/eval/$$(cat $(CKPT)/checkpoints/latest)/masks.png launch/figures/default_val_masks.png
+	cp $(CKPT)/eval/$$(cat $(CKPT)/checkpoints/latest)/prec_at_x.png launch/figures/default_prec_at_x.png
+	$(PY) launch/demo_screenshot.py --checkpoint $(CKPT) $(DEMO_EXAMPLE) --out launch/figures/demo.png
 
 # The benchmark suite (not timed tests): data pipeline, training step against a plain loop, profile,
 # memory, scaling; writes runs/bench/results.md and results.json.

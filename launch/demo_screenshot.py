@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -109,12 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    log = out.with_suffix(".server.log")
+    scratch = Path(tempfile.mkdtemp(prefix="ppcr-demo-"))  # the server's log and the browser's profile
+    log = scratch / "server.log"
     server = start_server(args.checkpoint, port, log)
     driver = None
     try:
         wait_until_serving(url, server, log, args.timeout)
-        driver = browser(args.chromium, args.chromedriver, out.parent / f".chromium-{port}")
+        driver = browser(args.chromium, args.chromedriver, scratch / "chromium")
         shown = ask(driver, url=url, image=args.image, expression=args.expression, timeout=args.timeout)
         driver.save_screenshot(str(out))
         shown["screenshot"] = str(out)
@@ -124,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             driver.quit()
         server.terminate()
         server.wait(timeout=30)
+    shutil.rmtree(scratch, ignore_errors=True)  # kept when something failed, for its server.log
     return 0
 
 

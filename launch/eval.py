@@ -8,8 +8,9 @@
 
 Prints the table papers print (cIoU, gIoU, Prec@0.5-0.9, Box Acc@0.5, count per dataset/split; beside
 them the text box's accuracy, head/text agreement, missing expressions and throughput) and writes
-results.json, results.md, masks.png and predictions_<split>.jsonl (one line per expression: answers,
-boxes, IoUs, the mask as COCO RLE) into <checkpoint>/eval/<tag>/.
+results.json, results.md, masks.png, prec_at_x.png (Prec@X over X, a line per split) and
+predictions_<split>.jsonl (one line per expression: answers, boxes, IoUs, the mask as COCO RLE) into
+<checkpoint>/eval/<tag>/.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from ppcr.config import ConfigError
 from ppcr.eval.evaluate import merge_records, write_records
 from ppcr.eval.report import COLUMNS, table
 from ppcr.eval.splits import MissingExpressions, evaluate_splits
-from ppcr.eval.visualize import grid
+from ppcr.eval.visualize import grid, precision_plot
 from ppcr.model.predict import ABLATIONS, PPCR
 from ppcr.model.saving import load_checkpoint
 
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.md").write_text(text + "\n")
     if run.shown:
         Image.fromarray(grid(run.shown)).save(out / "masks.png")
-    print(f"wrote {out}/results.json, results.md, masks.png, predictions_<split>.jsonl")
+    precision_plot(run.rows, out / "prec_at_x.png")
+    print(f"wrote {out}/results.json, results.md, masks.png, prec_at_x.png, predictions_<split>.jsonl")
     if run_dir is not None:
         log = RunLogger(run_dir, dist)
         step = int(tag.split("_")[1])

@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 from pycocotools import mask as mask_utils
 
 from test_train import ROOT, deepspeed_cmd, run
@@ -32,6 +33,8 @@ def test_eval_on_two_ranks_equals_one_process_and_counts_every_expression(tiny_s
                                               manifest["splits"]["testB"]["expressions"]]
     assert "| synthetic_unc/val" in one.stdout and "cIoU" in one.stdout
     assert (run_dir / "eval/step_00000003/masks.png").is_file()
+    with Image.open(run_dir / "eval/step_00000003/prec_at_x.png") as plot:  # Prec@X over X
+        assert plot.format == "PNG" and plot.size == (576, 408)
     # The per-expression file rescored gives the table's figures back.
     for row in rows_two:
         lines = (run_dir / f"eval/step_00000003/predictions_{row['split'].replace('/', '_')}.jsonl").read_text()

@@ -60,3 +60,30 @@ def _image_of(item: dict) -> np.ndarray:
     h, w = item["original_size"]
     x = item["sam_image"][:, :ih, :iw].permute(1, 2, 0).numpy()
     return np.asarray(Image.fromarray(x).resize((w, h), Image.BILINEAR))
+
+
+def precision_plot(rows: list[dict], path) -> None:
+    """Prec@X over the thresholds X, one line per split, for the full model's rows (``ablation`` of
+    PPCR); saved as a small PNG beside the results table."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display; a file only
+    import matplotlib.pyplot as plt
+
+    from ppcr.eval.metrics import THRESHOLDS
+    from ppcr.model.predict import PPCR
+
+    fig, ax = plt.subplots(figsize=(4.8, 3.4), dpi=120)
+    for r in rows:
+        if r["ablation"] != PPCR.name:
+            continue
+        ax.plot(THRESHOLDS, [100 * r[f"Prec@{t}"] for t in THRESHOLDS], marker="o", label=f"{r['split']} ({r['count']})")
+    ax.set_xlabel("mask IoU threshold X")
+    ax.set_ylabel("Prec@X (%)")
+    ax.set_xticks(THRESHOLDS)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
