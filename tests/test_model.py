@@ -297,5 +297,6 @@ def test_attention_kernels_give_the_same_loss_and_flash_attention_is_checked_bef
             losses.append(float(model(batch)["loss"]))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     cfg = model_config(tiny_shards, tiny_models, "qwen2_5_vl", "model.attn_implementation=flash_attention_2")
-    with pytest.raises(ConfigError, match=r"'flash_attention_2' needs the flash-attn package.*a CUDA GPU.*bfloat16"):
+    needs = r"'flash_attention_2' needs the flash-attn package.*a CUDA GPU.*a 16-bit model.dtype"
+    with pytest.raises(ConfigError, match=needs):
         check_run_inputs(cfg, 1, tmp_path / "run")

@@ -19,6 +19,17 @@ BF16 = ("model.dtype=bfloat16", "train.precision=bf16")
 FP16 = ("model.dtype=float16", "train.precision=fp16")
 
 
+def loads_and_evaluates_in(dtype: torch.dtype, run_dir, tiny_shards, tag: str) -> None:
+    """The run's checkpoint loads with every parameter in ``dtype`` and launch/eval.py scores it."""
+    model, _, _, _ = load_checkpoint(run_dir)
+    assert {p.dtype for p in model.parameters()} == {dtype}
+    sets = f"eval.sets=[{{name: {tiny_shards.name}, split: val}}]"
+    evaluated = run([sys.executable, "launch/eval.py", "--checkpoint", str(run_dir), sets, "eval.max_expressions=6"])
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    rows = json.loads((run_dir / f"eval/{tag}/results.json").read_text())["rows"]
+    assert rows[0]["count"] == 6 and np.isfinite(rows[0]["cIoU"])
+
+
 def test_bf16_run_trains_validates_evaluates_exports_and_infers(tiny_shards, tiny_models, tmp_path):
     args = overrides(tiny_shards, tiny_models, tmp_path / "runs", *BF16, "train.max_steps=3", "train.run_name=bf16",
                      "model.max_new_tokens=5", "train.val_every=3", "train.val_samples=4", "eval.batch_size=2")
@@ -29,14 +40,7 @@ def test_bf16_run_trains_validates_evaluates_exports_and_infers(tiny_shards, tin
     val = [d for d in logged if d["kind"].startswith("val")]
     assert val and np.isfinite(val[-1]["cIoU"]) and val[-1]["count"] == 4  # generation under ZeRO-3 in bf16
 
-    model, cfg, _, _ = load_checkpoint(run_dir)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-
-    sets = f"eval.sets=[{{name: {tiny_shards.name}, split: val}}]"
-    evaluated = run([sys.executable, "launch/eval.py", "--checkpoint", str(run_dir), sets, "eval.max_expressions=6"])
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    rows = json.loads((run_dir / "eval/step_00000003/results.json").read_text())["rows"]
-    assert rows[0]["count"] == 6 and np.isfinite(rows[0]["cIoU"])
+    loads_and_evaluates_in(torch.bfloat16, run_dir, tiny_shards, "step_00000003")
 
     assert export_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "export")]) == 0
     exported, _ = load_pretrained(tmp_path / "export")
@@ -63,7 +67,8 @@ def test_fp16_run_scales_its_loss_skips_overflowing_updates_and_evaluates(tiny_s
     """fp16, for GPUs without bf16: DeepSpeed's dynamic loss scaling. The default start, 2**16, overflows
     the tiny model's fp16 gradients, so the first updates are skipped and the scale halves until they
     fit; the run then updates every step, and the model evaluates in fp16."""
-    args = overrides(tiny_shards, tiny_models, tmp_path / "runs", *FP16, "train.max_steps=8", "train.run_name=fp16", "model.max_new_tokens=5")
+    args = overrides(tiny_shards, tiny_models, tmp_path / "runs", *FP16, "train.max_steps=8", "train.run_name=fp16",
+                     "model.max_new_tokens=5")
     done = run(deepspeed_cmd(args))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = tmp_path / "runs/fp16"
@@ -74,10 +79,4 @@ def test_fp16_run_scales_its_loss_skips_overflowing_updates_and_evaluates(tiny_s
     assert 0 < overflowed[-1] < 8 and overflowed[-1] == overflowed[-2], overflowed  # then no more skips
     assert all(np.isfinite(steps[s]["loss"]) for s in steps)
 
-    model, cfg, _, _ = load_checkpoint(run_dir)
-    assert {p.dtype for p in model.parameters()} == {torch.float16}
-    sets = f"eval.sets=[{{name: {tiny_shards.name}, split: val}}]"
-    evaluated = run([sys.executable, "launch/eval.py", "--checkpoint", str(run_dir), sets, "eval.max_expressions=6"])
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    rows = json.loads((run_dir / "eval/step_00000008/results.json").read_text())["rows"]
-    assert rows[0]["count"] == 6 and np.isfinite(rows[0]["cIoU"])
+    loads_and_evaluates_in(torch.float16, run_dir, tiny_shards, "step_00000008")
