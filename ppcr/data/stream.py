@@ -213,10 +213,11 @@ class SetReader:
         out: dict[Position, dict] = {}
         for j in sorted({j for j, _ in positions}):
             wanted = {i for jj, i in positions if jj == j}
+            last = max(wanted)
             for i, raw in enumerate(shard_samples(self.shards[j]["path"], self.errors)):
                 if i in wanted:
                     out[(j, i)] = raw
-                if i >= max(wanted):
+                if i >= last:
                     break
         missing = positions - out.keys()
         if missing:
@@ -397,9 +398,7 @@ class EvalStream(IterableDataset):
 
     def _raw(self, slot: int, num_slots: int, errors: _Errors) -> Iterator[dict]:
         for shard, lo, hi in sample_ranges(self.set.shards, slot, num_slots):
-            src = wds.DataPipeline(wds.SimpleShardList([shard["path"]]),
-                                   wds.tarfile_to_samples(handler=errors.tar_handler)).iterator()
-            for i, raw in enumerate(src):
+            for i, raw in enumerate(shard_samples(shard["path"], errors)):
                 if i >= hi:
                     break
                 if i >= lo:

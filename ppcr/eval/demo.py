@@ -30,7 +30,7 @@ from PIL import Image
 
 from ppcr.config import ConfigError
 from ppcr.data.images import ImageError, load_image
-from ppcr.eval.visualize import overlay
+from ppcr.eval.visualize import overlay, pixel_corners
 from ppcr.model.predict import predict
 from ppcr.model.saving import load_checkpoint
 
@@ -95,8 +95,8 @@ def details(pred, *, total: float, size: tuple[int, int], notes: list[str]) -> s
     def fmt(box):
         if box is None:
             return "none written"
-        cx, cy, bw, bh = box.tolist()
-        return f"({(cx - bw / 2) * w:.0f}, {(cy - bh / 2) * h:.0f}) - ({(cx + bw / 2) * w:.0f}, {(cy + bh / 2) * h:.0f}) px"
+        x1, y1, x2, y2 = pixel_corners(box, h, w)
+        return f"({x1:.0f}, {y1:.0f}) - ({x2:.0f}, {y2:.0f}) px"
 
     agreement = "-" if pred.box_agreement is None else f"{pred.box_agreement:.2f}"
     stages = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in pred.timings.items())

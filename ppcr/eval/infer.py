@@ -5,8 +5,9 @@
         (one {"image": "path", "expression": "...", "id": "optional name"} per line)
 
 For each request it writes <id>.mask.png (the mask at the image's resolution), <id>.overlay.png
-(mask, the head's box in yellow and the answer's box in cyan over the image) and <id>.json (both generated answers, the box from the box head and
-the one parsed from the answer, their agreement, per-stage timings). A bad request (missing file,
+(mask, the head's box in yellow and the answer's box in cyan over the image) and <id>.json (both
+generated answers, the box from the box head and the one parsed from the answer, their agreement,
+per-stage timings). A bad request (missing file,
 unreadable image, empty expression) is reported with its line and skipped; the others still run,
 and the exit code is 1 if any failed. The model loads once; requests are decoded --batch-size at a
 time (a request's answer does not depend on the others in its batch). Images are taken as a viewer

@@ -6,13 +6,21 @@ from __future__ import annotations
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
+from torchvision.ops import box_convert
 
 MASK_COLOUR = (230, 40, 40)  # red, half transparent
 HEAD_BOX_COLOUR = (255, 220, 0)  # yellow: the box head's box
-TEXT_BOX_COLOUR = (0, 200, 255)  # cyan, dashed look by a thinner line: the box written in the answer
+TEXT_BOX_COLOUR = (0, 200, 255)  # cyan, a thinner line: the box written in the answer
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, box: torch.Tensor, text_box: torch.Tensor | None = None) -> Image.Image:
+def pixel_corners(box: torch.Tensor, height: int, width: int) -> list[float]:
+    """A normalised (cx, cy, w, h) box as [x1, y1, x2, y2] in pixels of a height x width image."""
+    x1, y1, x2, y2 = box_convert(box.float(), "cxcywh", "xyxy").tolist()
+    return [x1 * width, y1 * height, x2 * width, y2 * height]
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, box: torch.Tensor,
+            text_box: torch.Tensor | None = None) -> Image.Image:
     """(H, W, 3) uint8 image with the (H, W) bool mask, the head's box and the answer's box (normalised
     cx, cy, w, h) drawn in their colours; line widths grow with the image."""
     out = image.copy()
@@ -23,9 +31,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, box: torch.Tensor, text_box: to
     draw = ImageDraw.Draw(pil)
     for b, colour, line in ((box, HEAD_BOX_COLOUR, width), (text_box, TEXT_BOX_COLOUR, max(1, width // 2))):
         if b is not None:
-            cx, cy, bw, bh = b.tolist()
-            draw.rectangle([(cx - bw / 2) * w, (cy - bh / 2) * h, (cx + bw / 2) * w, (cy + bh / 2) * h],
-                           outline=colour, width=line)
+            draw.rectangle(pixel_corners(b, h, w), outline=colour, width=line)
     return pil
 
 
@@ -77,7 +83,8 @@ def precision_plot(rows: list[dict], path) -> None:
     for r in rows:
         if r["ablation"] != PPCR.name:
             continue
-        ax.plot(THRESHOLDS, [100 * r[f"Prec@{t}"] for t in THRESHOLDS], marker="o", label=f"{r['split']} ({r['count']})")
+        ax.plot(THRESHOLDS, [100 * r[f"Prec@{t}"] for t in THRESHOLDS], marker="o",
+                label=f"{r['split']} ({r['count']})")
     ax.set_xlabel("mask IoU threshold X")
     ax.set_ylabel("Prec@X (%)")
     ax.set_xticks(THRESHOLDS)
