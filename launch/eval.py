@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         log = RunLogger(run_dir, dist)
         step = int(tag.split("_")[1])
         for r in run.rows:
-            log.scalars(step, {k: r[k] for k in COLUMNS}, prefix=f"eval/{r['split']}/{r['ablation']}")
+            group = "" if r["group"] == "all" else f"/{r['group']}"
+            log.scalars(step, {k: r[k] for k in COLUMNS}, prefix=f"eval/{r['split']}/{r['ablation']}{group}")
         if run.shown:
             log.image(step, "eval/masks", grid(run.shown))
         log.close()

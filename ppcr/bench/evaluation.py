@@ -10,7 +10,7 @@ import torch
 from ppcr.bench.report import Figure, paired_ratio
 from ppcr.common.distributed import DistInfo, device
 from ppcr.config import Config
-from ppcr.eval.evaluate import evaluate_batches, split_batches
+from ppcr.eval.evaluate import evaluate_batches, groups_of, split_batches
 from ppcr.model.model import PPCRModel
 from ppcr.model.predict import predict_items
 
@@ -24,6 +24,7 @@ def run(cfg: Config, reps: int, expressions: int = 48) -> dict:
     model = PPCRModel.from_config(cfg.model, cfg.train.loss).eval().to(device())
     spec = cfg.eval.sets[0]
     items = [x for b in split_batches(cfg, spec, ONE, batch_size=expressions, limit=expressions) for x in b]
+    groups = groups_of(cfg, spec)
     sizes = (1, cfg.eval.batch_size)
     rates: dict[int, list[float]] = {s: [] for s in sizes}
     forwards: dict[int, float] = {}
@@ -31,7 +32,7 @@ def run(cfg: Config, reps: int, expressions: int = 48) -> dict:
         for size in sizes:
             batches = [items[i: i + size] for i in range(0, len(items), size)]
             start = time.perf_counter()
-            result = evaluate_batches(model, batches, filler=items[0], dist=ONE, synced=False)
+            result = evaluate_batches(model, batches, filler=items[0], dist=ONE, synced=False, groups=groups)
             rates[size].append(len(items) / (time.perf_counter() - start))
             forwards[size] = result.forwards / result.expressions
     same = all(a.spatial_answer == b.spatial_answer and torch.equal(a.mask, b.mask)

@@ -80,8 +80,8 @@ def _show(args: argparse.Namespace) -> int:
             print(f"{s['key']}  ({shard['name']})")
             print(f"  image {m['width']}x{m['height']}  category {m['category']} ({m['category_id']})  "
                   f"bbox {[round(v, 1) for v in m['bbox']]}  mask area {int(s['mask'].sum())}")
-            for sent in m["sentences"]:
-                print(f"  - {sent}")
+            for sent, group in zip(m["sentences"], m["groups"]):
+                print(f"  - {sent}  [{group}]")
             shown += 1
             if shown >= args.n:
                 return 0

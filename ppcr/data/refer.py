@@ -44,6 +44,7 @@ class ReferRecord:
     category: str
     split: str
     sentences: list[str]
+    groups: list[str]  # per sentence, the expression group evaluation reports by (expression_group)
     bbox: list[float]  # COCO [x, y, w, h] in original pixels
     height: int
     width: int
@@ -83,6 +84,15 @@ def segmentation_to_mask(segm: list | dict, height: int, width: int) -> np.ndarr
     else:
         raise ValueError(f"segmentation is neither polygons nor RLE: {type(segm).__name__}")
     return (mask_utils.decode(rle) > 0).astype(np.uint8)
+
+
+def expression_group(sentence: dict, supercategory: str) -> str:
+    """The group an expression is scored in beside its split: its difficulty level where the REFER file
+    records one ("level 0" unique attributes, "level 1" size or position, "level 2" relations: the
+    synthetic set's own field), else the target's COCO supercategory ("person", "vehicle", ... for the
+    RefCOCO family)."""
+    level = sentence.get("level")
+    return f"level {level}" if isinstance(level, int) and not isinstance(level, bool) else supercategory
 
 
 def refer_files(refer_root: str | Path, dataset: str, split_by: str) -> tuple[Path, Path]:
@@ -133,6 +143,7 @@ def read_refer(refer_root: str | Path, dataset: str, split_by: str, images_dir: 
     images = {im["id"]: im for im in instances["images"]}
     anns = {a["id"]: a for a in instances["annotations"]}
     cats = {c["id"]: c["name"] for c in instances["categories"]}
+    supercats = {c["id"]: str(c.get("supercategory") or c["name"]) for c in instances["categories"]}
     images_dir = Path(images_dir)
     file = str(refs_path)
 
@@ -165,8 +176,11 @@ def read_refer(refer_root: str | Path, dataset: str, split_by: str, images_dir: 
         if image is None:
             reject("missing_image_entry", f"image {ref['image_id']} not in {instances_path.name}")
             continue
-        sentences = [str(s.get("sent", s.get("raw", ""))).strip() for s in ref["sentences"] if isinstance(s, dict)]
-        sentences = [s for s in sentences if s]
+        category_id = int(ref.get("category_id", ann["category_id"]))
+        kept = [(str(s.get("sent", s.get("raw", ""))).strip(), s) for s in ref["sentences"] if isinstance(s, dict)]
+        kept = [(text, s) for text, s in kept if text]
+        sentences = [text for text, _ in kept]
+        groups = [expression_group(s, supercats.get(category_id, str(category_id))) for _, s in kept]
         if not sentences:
             reject("empty_sentence", "empty sentence: the ref has no non-empty expression")
             continue
@@ -182,11 +196,10 @@ def read_refer(refer_root: str | Path, dataset: str, split_by: str, images_dir: 
         if x < -BOX_TOLERANCE or y < -BOX_TOLERANCE or x + bw > w + BOX_TOLERANCE or y + bh > h + BOX_TOLERANCE:
             reject("box_outside_image", f"box {ann['bbox']} outside the image ({w}x{h})")
             continue
-        category_id = int(ref.get("category_id", ann["category_id"]))
         records.append(ReferRecord(
             ref_id=int(ref["ref_id"]), ann_id=int(ref["ann_id"]), image_id=int(ref["image_id"]),
             category_id=category_id, category=cats.get(category_id, str(category_id)), split=split,
-            sentences=sentences, bbox=[x, y, bw, bh], height=h, width=w, image_path=str(image_path),
+            sentences=sentences, groups=groups, bbox=[x, y, bw, bh], height=h, width=w, image_path=str(image_path),
             segmentation=ann["segmentation"],
         ))
     return records, rejected

@@ -5,8 +5,9 @@ A shard set is a directory with ``<split>-NNNNNN.tar`` files and a ``manifest.js
 
 - ``jpg``: the original image file, byte for byte;
 - ``mask.png``: the target mask at the original resolution, 1-bit PNG;
-- ``json``: ref_id, ann_id, image_id, category_id, category, sentences, bbox [x, y, w, h], height,
-  width, dataset, split_by, split.
+- ``json``: ref_id, ann_id, image_id, category_id, category, sentences, groups (one per sentence: the
+  expression group evaluation reports by, ``ppcr.data.refer.expression_group``), bbox [x, y, w, h],
+  height, width, dataset, split_by, split.
 
 Each split's manifest entry also says what the REFER file held, so that evaluation can tell a
 complete split from a partial one (``ppcr.data.counts``) and training can leave out the images of
@@ -16,7 +17,8 @@ the evaluation splits (``ppcr.data.overlap``):
 - ``rejected``: refs of the split rejected at build, and their expressions;
 - ``blank_expressions``: empty expressions dropped from refs that were kept, so that
   source = written (``expressions``) + rejected + blank;
-- ``image_ids``: the split's images (sorted, distinct) and ``image_refs``, refs written per image.
+- ``image_ids``: the split's images (sorted, distinct) and ``image_refs``, refs written per image;
+- ``groups``: expressions written per expression group (evaluation reports each group; sorted).
 
 Shards hold no pickles. Building is deterministic: the same input gives byte-identical shards.
 """
@@ -44,11 +46,11 @@ from ppcr.data.refer import (DATASET_SPLITS, ReferRecord, Rejection, load_refs, 
                               segmentation_to_mask)
 from ppcr.data.transforms import decode_image
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-sentence "groups"
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 SAMPLE_FIELDS = ("jpg", "mask.png", "json")
-JSON_FIELDS = ("ref_id", "ann_id", "image_id", "category_id", "category", "sentences", "bbox",
+JSON_FIELDS = ("ref_id", "ann_id", "image_id", "category_id", "category", "sentences", "groups", "bbox",
                "height", "width", "dataset", "split_by", "split")
 FIXED_MTIME = 0  # tar member times, so that equal input gives equal bytes; an int: a float adds a PAX header per member
 
@@ -91,6 +93,9 @@ def decode_sample(raw: dict) -> dict:
         raise SampleError(f"sample {key}: json lacks field(s) {', '.join(lacking)}")
     if not meta["sentences"] or not all(isinstance(s, str) and s.strip() for s in meta["sentences"]):
         raise SampleError(f"sample {key}: json field 'sentences' is empty or holds an empty expression")
+    groups = meta["groups"]
+    if not (isinstance(groups, list) and len(groups) == len(meta["sentences"]) and all(isinstance(g, str) for g in groups)):
+        raise SampleError(f"sample {key}: json field 'groups' is not one string per sentence: {groups!r}")
     try:
         image = decode_image(raw["jpg"])
     except (RuntimeError, ValueError) as e:  # broken or empty data
@@ -144,8 +149,8 @@ def _encode_record(job: _Job) -> dict | Rejection:
         return Rejection(job.refs_file, rec.ref_id, "zero_area_mask", f"zero-area mask (annotation {rec.ann_id})")
     meta = {
         "ref_id": rec.ref_id, "ann_id": rec.ann_id, "image_id": rec.image_id, "category_id": rec.category_id,
-        "category": rec.category, "sentences": rec.sentences, "bbox": rec.bbox, "height": rec.height,
-        "width": rec.width, "dataset": job.dataset, "split_by": job.split_by, "split": rec.split,
+        "category": rec.category, "sentences": rec.sentences, "groups": rec.groups, "bbox": rec.bbox,
+        "height": rec.height, "width": rec.width, "dataset": job.dataset, "split_by": job.split_by, "split": rec.split,
         "file_name": Path(rec.image_path).name,
     }
     return {
@@ -174,6 +179,7 @@ class _ShardRoller:
     max_samples: int
     max_bytes: int
     shards: list[ShardInfo] = field(default_factory=list)
+    groups: dict[str, int] = field(default_factory=dict)  # expressions written per group
     _writer: wds.TarWriter | None = None
     _stream: object = None
 
@@ -188,7 +194,10 @@ class _ShardRoller:
         self._writer.write(sample)
         info = self.shards[-1]
         info.samples += 1
-        info.expressions += len(json.loads(sample["json"])["sentences"])
+        meta = json.loads(sample["json"])
+        info.expressions += len(meta["sentences"])
+        for g in meta["groups"]:
+            self.groups[g] = self.groups.get(g, 0) + 1
         info.bytes += size
 
     def close(self) -> None:
@@ -226,7 +235,7 @@ def _source_counts(refs_path: Path, valid_splits: tuple[str, ...],
 
 
 def _split_entry(*, shards: list[ShardInfo], source: dict[str, int], rejected: list[tuple[str, int]],
-                 image_refs: dict[int, int]) -> dict:
+                 image_refs: dict[int, int], groups: dict[str, int]) -> dict:
     """One split's manifest entry: what was written, what the refs file held and what was rejected
     (``rejected``: (split, expressions) of each rejected ref of the split)."""
     written = {"samples": sum(s.samples for s in shards), "expressions": sum(s.expressions for s in shards)}
@@ -241,6 +250,7 @@ def _split_entry(*, shards: list[ShardInfo], source: dict[str, int], rejected: l
         "blank_expressions": source["expressions"] - written["expressions"] - rejected_expressions,
         "image_ids": ids,
         "image_refs": [image_refs[i] for i in ids],
+        "groups": dict(sorted(groups.items())),
     }
 
 
@@ -293,7 +303,8 @@ def build_shards(refer_root: str | Path, dataset: str, split_by: str, images_dir
                               and source_refs.get(r.ref_id, ("",))[0] == split]
             manifest_splits[split] = _split_entry(shards=roller.shards,
                                                   source=source.get(split, {"refs": 0, "expressions": 0}),
-                                                  rejected=split_rejected, image_refs=image_refs)
+                                                  rejected=split_rejected, image_refs=image_refs,
+                                                  groups=roller.groups)
     finally:
         if pool:
             pool.close()
@@ -348,8 +359,13 @@ def load_manifest(shard_dir: str | Path) -> dict:
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}; "
-                         f"rebuild the set")
+                         f"rebuild the set ('ppcr-shards build', or 'make clean-data shards' for the default)")
     return manifest
+
+
+def split_groups(shard_dir: str | Path, split: str) -> list[str]:
+    """The expression groups of one split (sorted), as its manifest entry counts them."""
+    return list(load_manifest(shard_dir)["splits"][split]["groups"])
 
 
 def split_shards(shard_dir: str | Path, split: str) -> list[dict]:

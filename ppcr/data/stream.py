@@ -237,20 +237,22 @@ def mix(streams: list[Iterator[dict]], ratios: list[float], rng: random.Random) 
         yield next(streams[rng.choices(index, weights=ratios)[0]])
 
 
-def choose_expression(sentences: list[str], seed: int, epoch: int, key: str, flip_prob: float) -> tuple[str, bool]:
-    """One expression per ref per visit, and whether to flip; a function of (seed, epoch, key)."""
+def choose_expression(sentences: list[str], seed: int, epoch: int, key: str, flip_prob: float) -> tuple[int, bool]:
+    """One expression per ref per visit (its index), and whether to flip; a function of (seed, epoch, key)."""
     rng = random.Random(f"{seed}-{epoch}-{key}")
-    return rng.choice(sentences), rng.random() < flip_prob
+    return rng.choice(range(len(sentences))), rng.random() < flip_prob
 
 
-def prepare(sample: dict, sentence: str, flip: bool, pre: Preprocessor) -> dict:
-    """Decoded sample + chosen expression -> one item of a batch."""
+def prepare(sample: dict, index: int, flip: bool, pre: Preprocessor) -> dict:
+    """Decoded sample + the index of the chosen expression -> one item of a batch."""
     image, mask, bbox, meta = sample["image"], sample["mask"], sample["meta"]["bbox"], sample["meta"]
+    sentence = meta["sentences"][index]
     if flip:
         image, mask, bbox, sentence = hflip(image, mask, bbox, sentence)
     item = pre(image, mask, bbox)
     item.update({
         "expression": sentence,
+        "group": meta["groups"][index],
         "category": meta["category"],
         "category_id": meta["category_id"],
         "key": sample["key"],
@@ -273,6 +275,7 @@ def collate(items: list[dict]) -> dict:
         "input_sizes": torch.tensor([it["input_size"] for it in items]),  # (B, 2) h, w before padding
         "category_ids": torch.tensor([it["category_id"] for it in items]),
         "expressions": [it["expression"] for it in items],
+        "groups": [it["group"] for it in items],
         "categories": [it["category"] for it in items],
         "keys": [it["key"] for it in items],
         "ref_ids": [it["ref_id"] for it in items],
@@ -335,9 +338,9 @@ class TrainStream(IterableDataset):
             for r in group:
                 try:
                     sample = decode_sample(r)
-                    sentence, flip = choose_expression(sample["meta"]["sentences"], self.seed, r["__epoch__"],
-                                                       sample["key"], self.flip_prob)
-                    items.append(prepare(sample, sentence, flip, self.pre))
+                    index, flip = choose_expression(sample["meta"]["sentences"], self.seed, r["__epoch__"],
+                                                    sample["key"], self.flip_prob)
+                    items.append(prepare(sample, index, flip, self.pre))
                 except SampleError as e:
                     errors.count += 1
                     log.warning("skipping sample in %s: %s", r.get("__url__", "?"), e)
@@ -388,8 +391,8 @@ class EvalStream(IterableDataset):
                 errors.count += 1
                 log.warning("skipping sample in %s: %s", r.get("__url__", "?"), e)
                 continue
-            for sentence in sample["meta"]["sentences"]:
-                items.append(prepare(sample, sentence, False, self.pre))
+            for index in range(len(sample["meta"]["sentences"])):
+                items.append(prepare(sample, index, False, self.pre))
                 if len(items) == self.batch_size:
                     yield dict(collate(items), skipped_samples=errors.take())
                     items = []

@@ -268,15 +268,17 @@ def expressions(scene: Scene, t: int) -> dict[int, list[str]]:
     return levels
 
 
-def _choose_sentences(rng: np.random.Generator, levels: dict[int, list[str]], weights: list[float], n: int) -> list[str]:
+def _choose_sentences(rng: np.random.Generator, levels: dict[int, list[str]], weights: list[float],
+                      n: int) -> list[tuple[str, int]]:
+    """Up to ``n`` (sentence, level) pairs: a level drawn by ``weights``, its sentences first, then others."""
     avail = [k for k in (0, 1, 2) if levels[k] and weights[k] > 0]
     if not avail:
         return []
     p = np.array([weights[k] for k in avail], dtype=float)
     level = avail[int(rng.choice(len(avail), p=p / p.sum()))]
-    pool = list(levels[level])
+    pool = [(s, level) for s in levels[level]]
     rng.shuffle(pool)
-    extra = [s for k in avail if k != level for s in levels[k]]
+    extra = [(s, k) for k in avail if k != level for s in levels[k]]
     rng.shuffle(extra)
     return (pool + extra)[:n]
 
@@ -370,8 +372,10 @@ def generate(cfg: SyntheticConfig, refer_root: str | Path, images_root: str | Pa
     sent_id = 0
     for ref_id, ref in enumerate(refs):
         sentences = []
-        for raw in ref.pop("sentences"):
-            sentences.append({"tokens": raw.split(), "raw": raw, "sent": raw, "sent_id": sent_id})
+        for raw, level in ref.pop("sentences"):
+            # "level" is this set's own field (REFER's sentences have none): the expression group
+            # evaluation reports by (ppcr.data.refer.expression_group)
+            sentences.append({"tokens": raw.split(), "raw": raw, "sent": raw, "sent_id": sent_id, "level": level})
             sent_id += 1
         ref.update({
             "ref_id": ref_id,

@@ -24,10 +24,10 @@ from tqdm import tqdm
 
 from ppcr.common.distributed import DistInfo, all_ranks_done, all_reduce_sum, device
 from ppcr.config import Config, ShardSetConfig
-from ppcr.data.shards import split_shards
+from ppcr.data.shards import split_groups, split_shards
 from ppcr.data.stream import EvalStream, ShardSet
 from ppcr.data.transforms import Preprocessor, box_pair_iou
-from ppcr.eval.metrics import SegmentationMetrics
+from ppcr.eval.metrics import SegmentationMetrics, mask_iou_parts
 from ppcr.model.predict import PPCR, Ablation, predict_items
 
 def batch_items(batch: dict) -> list[dict]:
@@ -38,7 +38,8 @@ def batch_items(batch: dict) -> list[dict]:
             "sam_image": batch["sam_images"][i], "mllm_image": batch["mllm_images"][i],
             "input_size": tuple(batch["input_sizes"][i].tolist()),
             "original_size": tuple(batch["original_sizes"][i].tolist()), "mask": batch["masks"][i],
-            "box": batch["boxes"][i], "expression": batch["expressions"][i], "category": batch["categories"][i],
+            "box": batch["boxes"][i], "expression": batch["expressions"][i], "group": batch["groups"][i],
+            "category": batch["categories"][i],
             "key": batch["keys"][i], "ref_id": batch["ref_ids"][i], "dataset": batch["datasets"][i]})
     return out
 
@@ -62,6 +63,12 @@ def split_batches(cfg: Config, spec: ShardSetConfig, dist: DistInfo, *, batch_si
         yield items
 
 
+def groups_of(cfg: Config, spec: ShardSetConfig) -> list[str]:
+    """The expression groups of a split (``ppcr.data.refer.expression_group``), from its manifest: the same
+    list, in the same order, on every rank."""
+    return split_groups(Path(cfg.paths.shards_root) / spec.name, spec.split)
+
+
 def split_size(cfg: Config, spec: ShardSetConfig, limit: int | None = None) -> int:
     """Expressions in a split's shards (the manifest's count), capped at ``limit``."""
     n = sum(s["expressions"] for s in split_shards(Path(cfg.paths.shards_root) / spec.name, spec.split))
@@ -82,10 +89,12 @@ def mask_rle(mask: torch.Tensor) -> dict:
 
 @dataclass
 class SplitResult:
-    """Metrics per ablation (reduced over ranks), language-model forwards and expressions (this rank),
-    a few (item, prediction) pairs of the PPCR row to show, and this rank's per-expression records."""
+    """Metrics per ablation and per ablation and expression group (reduced over ranks), language-model
+    forwards and expressions (this rank), a few (item, prediction) pairs of the PPCR row to show, and this
+    rank's per-expression records."""
 
     metrics: dict[str, SegmentationMetrics]  # per ablation name, reduced over ranks
+    groups: dict[str, dict[str, SegmentationMetrics]] = field(default_factory=dict)  # ablation -> group -> metrics
     forwards: int = 0
     expressions: int = 0
     shown: list = field(default_factory=list)
@@ -94,15 +103,17 @@ class SplitResult:
 
 @torch.no_grad()
 def evaluate_batches(model, batches: Iterable[list[dict]], *, filler: dict, dist: DistInfo, synced: bool,
-                     ablations: list[Ablation] | tuple[Ablation, ...] = (PPCR,), keep: int = 0,
+                     groups: list[str], ablations: list[Ablation] | tuple[Ablation, ...] = (PPCR,), keep: int = 0,
                      records: bool = False, progress: tqdm | None = None,
                      should_stop: Callable[[], bool] | None = None) -> SplitResult | None:
-    """Metrics over every rank's ``batches``. ``records``: one JSON-ready dict per expression (answers,
-    boxes, IoUs, the PPCR mask as COCO RLE). ``should_stop`` (collective, all ranks agree) is asked
-    before each batch; when it says stop, returns None."""
+    """Metrics over every rank's ``batches``, whole and per expression group (``groups``: the split's, the
+    same on every rank). ``records``: one JSON-ready dict per expression (answers, boxes, the parts of every
+    metric, the PPCR mask as COCO RLE). ``should_stop`` (collective, all ranks agree) is asked before each
+    batch; when it says stop, returns None."""
     was_training = model.training
     model.eval()
     metrics = {ab: SegmentationMetrics() for ab in ablations}
+    by_group = {ab: {g: SegmentationMetrics() for g in groups} for ab in ablations}
     out = SplitResult(metrics={})
     agree = all_ranks_done if synced else None
     it = iter(batches)
@@ -120,8 +131,16 @@ def evaluate_batches(model, batches: Iterable[list[dict]], *, filler: dict, dist
                 continue
             out.forwards += gen.forwards
             out.expressions += len(items)
-            ious = {ab: [metrics[ab].update(p.mask, x["mask"] > 0, p.box, x["box"], p.text_box)
-                         for p, x in zip(rows, items)] for ab, rows in zip(ablations, preds)}
+            boxes = [box_parts(p, x) for p, x in zip(preds[0], items)]  # the boxes do not depend on the ablation
+            pixels = {ab: [mask_iou_parts(p.mask, x["mask"] > 0) for p, x in zip(rows, items)]
+                      for ab, rows in zip(ablations, preds)}
+            for ab in ablations:
+                for x, (inter, union), b in zip(items, pixels[ab], boxes):
+                    if x["group"] not in by_group[ab]:
+                        raise ValueError(f"expression group {x['group']!r} of {x['key']} is not among the split's "
+                                         f"groups {groups} (its manifest): rebuild the shards")
+                    metrics[ab].add(inter, union, **b)
+                    by_group[ab][x["group"]].add(inter, union, **b)
             main = preds[list(ablations).index(PPCR)] if PPCR in ablations else preds[0]
             for x, p in zip(items, main):
                 if len(out.shown) < keep:
@@ -130,19 +149,33 @@ def evaluate_batches(model, batches: Iterable[list[dict]], *, filler: dict, dist
                 for i, (x, p) in enumerate(zip(items, main)):
                     out.records.append({
                         "dataset": x["dataset"], "ref_id": x["ref_id"], "key": x["key"], "sentence": x["expression"],
-                        "semantic_answer": p.semantic_answer, "spatial_answer": p.spatial_answer,
+                        "group": x["group"], "semantic_answer": p.semantic_answer, "spatial_answer": p.spatial_answer,
                         "box": [round(v, 5) for v in p.box.tolist()],
                         "text_box": None if p.text_box is None else [round(v, 5) for v in p.text_box.tolist()],
-                        "gt_box": [round(v, 5) for v in x["box"].tolist()],
-                        "box_iou": round(box_pair_iou(p.box, x["box"]), 5),
-                        "text_box_iou": None if p.text_box is None else round(box_pair_iou(p.text_box, x["box"]), 5),
-                        "iou": {ab.name: round(ious[ab][i], 5) for ab in ablations}, "mask": mask_rle(p.mask)})
+                        "gt_box": [round(v, 5) for v in x["box"].tolist()], **boxes[i],
+                        "iou": {ab.name: round(_iou(*pixels[ab][i]), 5) for ab in ablations},
+                        "pixels": {ab.name: list(pixels[ab][i]) for ab in ablations}, "mask": mask_rle(p.mask)})
             if progress is not None:
                 progress.update(len(items) * dist.world_size)
     finally:
         model.train(was_training)
     out.metrics = {ab.name: metrics[ab].reduce() for ab in ablations}
+    out.groups = {ab.name: {g: m.reduce() for g, m in by_group[ab].items()} for ab in ablations}
     return out
+
+
+def _iou(inter: int, union: int) -> float:
+    return 1.0 if union == 0 else inter / union
+
+
+def box_parts(pred, item: dict) -> dict[str, float | None]:
+    """The box figures of one prediction, as :meth:`SegmentationMetrics.add` takes them and a predictions
+    record stores them (full precision, so that rescoring gives the same hits): the head box's IoU with
+    the ground truth, and the answer's box's IoU with the ground truth and with the head's box."""
+    text = pred.text_box
+    return {"box_iou": box_pair_iou(pred.box, item["box"]),
+            "text_box_iou": None if text is None else box_pair_iou(text, item["box"]),
+            "agreement": None if text is None else box_pair_iou(text, pred.box)}
 
 
 def forwards_per_expression(result: SplitResult) -> float:

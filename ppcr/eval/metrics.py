@@ -50,16 +50,25 @@ class SegmentationMetrics:
                target_box: torch.Tensor | None = None, text_box: torch.Tensor | None = None) -> float:
         """Add one expression; boxes are normalised (cx, cy, w, h). Returns its IoU."""
         inter, union = mask_iou_parts(pred_mask, target_mask)
+        box_iou = box_pair_iou(pred_box, target_box) if pred_box is not None and target_box is not None else None
+        text_iou = agreement = None
+        if text_box is not None:
+            text_iou = box_pair_iou(text_box, target_box) if target_box is not None else 0.0
+            agreement = box_pair_iou(text_box, pred_box) if pred_box is not None else 0.0
+        return self.add(inter, union, box_iou=box_iou, text_box_iou=text_iou, agreement=agreement)
+
+    def add(self, inter: int, union: int, *, box_iou: float | None = None, text_box_iou: float | None = None,
+            agreement: float | None = None) -> float:
+        """Add one expression from its parts: mask intersection and union in pixels, the head box's IoU with
+        the ground truth, and, when the answer wrote a box, that box's IoU with the ground truth and with
+        the head's box (``agreement``). What a predictions file records, so rescoring it (ppcr.eval.rescore)
+        gives the same figures. Returns the mask IoU."""
         iou = 1.0 if union == 0 else inter / union
         row = [1, inter, union, round(iou * 1_000_000)] + [int(iou >= t) for t in THRESHOLDS]
-        box_hit = text_hit = 0
-        if pred_box is not None and target_box is not None:
-            box_hit = int(box_pair_iou(pred_box, target_box) >= 0.5)
-        agreement = 0
-        if text_box is not None:
-            text_hit = int(target_box is not None and box_pair_iou(text_box, target_box) >= 0.5)
-            agreement = round(box_pair_iou(text_box, pred_box) * 1_000_000) if pred_box is not None else 0
-        self.ints += torch.tensor(row + [box_hit, text_hit, int(text_box is not None), agreement, 0], dtype=torch.int64)
+        box_hit = int(box_iou is not None and box_iou >= 0.5)
+        text_hit = int(text_box_iou is not None and text_box_iou >= 0.5)
+        agree = round(agreement * 1_000_000) if agreement is not None else 0
+        self.ints += torch.tensor(row + [box_hit, text_hit, int(text_box_iou is not None), agree, 0], dtype=torch.int64)
         return iou
 
     def add_missing(self, n: int) -> None:

@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 from ppcr.eval.metrics import THRESHOLDS
+from ppcr.model.predict import PPCR
 
 COLUMNS = ["cIoU", "gIoU", *[f"Prec@{t}" for t in THRESHOLDS], "BoxAcc@0.5", "TextBoxAcc@0.5", "Agreement", "count",
            "missing"]
 
 
 def table(rows: list[dict]) -> str:
-    """Markdown, one line per split and ablation; counts as integers, throughput in expressions/s. A split
-    with missing expressions (scored as misses) is flagged with '!'."""
-    head = (f"| {'dataset/split':<28} | {'ablation':<24} | " + " | ".join(f"{c:>10}" for c in COLUMNS)
+    """Markdown, one line per split and ablation, then the PPCR row's expression groups under their split;
+    counts as integers, throughput in expressions/s. A split with missing expressions (scored as misses) is
+    flagged with '!'."""
+    head = (f"| {'dataset/split':<28} | {'ablation':<24} | {'group':<10} | " + " | ".join(f"{c:>10}" for c in COLUMNS)
             + f" | {'expr/s':>7} |")
-    lines = [head, "|" + "|".join(["---"] * (len(COLUMNS) + 3)) + "|"]
-    for r in rows:
+    lines = [head, "|" + "|".join(["---"] * (len(COLUMNS) + 4)) + "|"]
+    shown = [r for r in rows if r.get("group", "all") == "all" or r["ablation"] == PPCR.name]
+    for r in shown:
         vals = [f"{r[c]:10d}" if c in ("count", "missing") else f"{100 * r[c]:10.2f}" for c in COLUMNS]
         flag = "!" if r["missing"] else " "
-        lines.append(f"| {r['split'] + flag:<28} | {r['ablation']:<24} | " + " | ".join(vals)
-                     + f" | {r.get('expressions_per_s', 0.0):7.2f} |")
+        speed = f"{r['expressions_per_s']:7.2f}" if "expressions_per_s" in r else f"{'':7}"
+        lines.append(f"| {r['split'] + flag:<28} | {r['ablation']:<24} | {r.get('group', 'all'):<10} | "
+                     + " | ".join(vals) + f" | {speed} |")
     return "\n".join(lines)

@@ -17,8 +17,8 @@ from tqdm import tqdm
 from ppcr.common.distributed import DistInfo
 from ppcr.config import Config, ShardSetConfig
 from ppcr.data.counts import expected_expressions
-from ppcr.eval.evaluate import (SplitResult, evaluate_batches, filler_item, forwards_per_expression, split_batches,
-                                split_size)
+from ppcr.eval.evaluate import (SplitResult, evaluate_batches, filler_item, forwards_per_expression, groups_of,
+                                split_batches, split_size)
 from ppcr.model.predict import Ablation
 
 
@@ -28,7 +28,7 @@ class MissingExpressions(RuntimeError):
 
 @dataclass
 class EvalRun:
-    rows: list[dict] = field(default_factory=list)  # one per split and ablation
+    rows: list[dict] = field(default_factory=list)  # per split and ablation: the whole split (group "all"), then each group
     shown: list = field(default_factory=list)  # (item, prediction) pairs for the picture
     records: dict[str, list[dict]] = field(default_factory=dict)  # per split: this rank's expressions
 
@@ -57,8 +57,8 @@ def evaluate_splits(model, cfg: Config, dist: DistInfo, *, synced: bool, ablatio
         with tqdm(total=split_size(cfg, spec, limit), disable=not dist.is_main, desc=f"eval {name}", unit="expr",
                   dynamic_ncols=True) as bar:
             result: SplitResult = evaluate_batches(model, batches, filler=filler_item(cfg, spec), dist=dist,
-                                                   synced=synced, ablations=ablations, keep=keep, records=records,
-                                                   progress=bar)
+                                                   synced=synced, groups=groups_of(cfg, spec), ablations=ablations,
+                                                   keep=keep, records=records, progress=bar)
         seconds = time.perf_counter() - start
         forwards = forwards_per_expression(result)
         for ab in ablations:
@@ -69,9 +69,11 @@ def evaluate_splits(model, cfg: Config, dist: DistInfo, *, synced: bool, ablatio
                     raise MissingExpressions(f"{name}: {source - scored} of {source} expressions could not be read "
                                              "(see the warnings above); eval.on_missing=score_zero scores them as misses")
                 metrics.add_missing(source - scored)
-            run.rows.append({"split": name, "ablation": ab.name, **metrics.result(), "seconds": seconds,
+            run.rows.append({"split": name, "ablation": ab.name, "group": "all", **metrics.result(), "seconds": seconds,
                              "expressions_per_s": scored / seconds if seconds else 0.0,
                              "lm_forwards_per_expression": forwards})
+            run.rows += [{"split": name, "ablation": ab.name, "group": g, **m.result()}
+                         for g, m in result.groups[ab.name].items()]
         run.shown += result.shown
         run.records[name] = result.records
     return run

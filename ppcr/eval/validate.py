@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ppcr.config import Config
 from ppcr.data.transforms import box_pair_iou
-from ppcr.eval.evaluate import evaluate_batches, filler_item, forwards_per_expression, split_batches
+from ppcr.eval.evaluate import evaluate_batches, filler_item, forwards_per_expression, groups_of, split_batches
 from ppcr.eval.visualize import grid
 from ppcr.model.tokens import CE_ROLES
 from ppcr.common.distributed import DistInfo, all_reduce_sum, device
@@ -34,6 +34,10 @@ def other_images(images: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+GROUP_FIGURES = ("cIoU", "BoxAcc@0.5", "count")  # logged per expression group
+SHOWN = ("cIoU", "gIoU", "BoxAcc@0.5", "TextBoxAcc@0.5", "tf_BoxAcc@0.5", "image_dependence_spasp")
+
+
 class Validator:
     """A fixed slice of the first eval set, evaluated by generation every train.val_every steps."""
 
@@ -45,6 +49,7 @@ class Validator:
                       for x in b]
         self.total = min(cfg.train.val_samples, sum(all_reduce_sum(torch.tensor([len(self.items)], device=device())).tolist()))
         self.filler = filler_item(cfg, spec)
+        self.groups = groups_of(cfg, spec)
         self.dist, self.synced = dist, synced
         # The same number of items on every rank (ZeRO-3 ranks run their forwards together): a rank whose
         # share is shorter (a split of fewer shards than ranks) pads with the filler and leaves it out.
@@ -58,13 +63,24 @@ class Validator:
         with tqdm(total=self.total, disable=not self.dist.is_main, desc=f"validate {self.name}", unit="expr",
                   leave=False, dynamic_ncols=True) as bar:
             done = evaluate_batches(model, batches, filler=self.filler, dist=self.dist, synced=self.synced, keep=4,
-                                    progress=bar, should_stop=should_stop)
+                                    groups=self.groups, progress=bar, should_stop=should_stop)
         if done is None:
             return None
         result = next(iter(done.metrics.values())).result()
+        for group, metrics in next(iter(done.groups.values())).items():  # "<group>/cIoU", ... per expression group
+            result.update({f"{group}/{k}": v for k, v in metrics.result().items() if k in GROUP_FIGURES})
         result["lm_forwards_per_expression"] = forwards_per_expression(done)
         result.update(self.spatial_diagnostics(model))
         return result, grid(done.shown) if done.shown else None
+
+    @staticmethod
+    def summary(result: dict[str, float]) -> str:
+        """The console line: the main figures, then each expression group's ('level 0: cIoU 0.512 BoxAcc
+        0.600 (20)')."""
+        groups = [k[: -len("/count")] for k in result if k.endswith("/count")]
+        return " ".join(f"{k} {result[k]:.3f}" for k in SHOWN if k in result) + "".join(
+            f"; {g}: cIoU {result[f'{g}/cIoU']:.3f} BoxAcc {result[f'{g}/BoxAcc@0.5']:.3f} ({int(result[f'{g}/count'])})"
+            for g in groups if result[f"{g}/count"])
 
     @torch.no_grad()
     def spatial_diagnostics(self, model) -> dict[str, float]:

@@ -81,7 +81,7 @@ def precision_plot(rows: list[dict], path) -> None:
 
     fig, ax = plt.subplots(figsize=(4.8, 3.4), dpi=120)
     for r in rows:
-        if r["ablation"] != PPCR.name:
+        if r["ablation"] != PPCR.name or r.get("group", "all") != "all":
             continue
         ax.plot(THRESHOLDS, [100 * r[f"Prec@{t}"] for t in THRESHOLDS], marker="o",
                 label=f"{r['split']} ({r['count']})")
