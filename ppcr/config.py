@@ -161,7 +161,14 @@ class ModelConfig:
     lora: LoraSettings = field(default_factory=LoraSettings)
     templates: TemplateConfig = field(default_factory=TemplateConfig)
     trainable: TrainableConfig = field(default_factory=TrainableConfig)
-    box_head_hidden: int = 256
+    # How SpaSP becomes a box: "pointer" scores the image tokens with it and reads the box from the chosen
+    # tokens' own boxes (ppcr/model/pointer.py); "mlp" regresses the box from SpaSP alone (the ablation).
+    box_head: Literal["pointer", "mlp"] = "pointer"
+    box_head_hidden: int = 256  # hidden width of either head (the pointer's seeded regressor: the pretrained one's)
+    # Put the prompt's text before the image in each stage's user turn, so that under the causal mask the
+    # image tokens see the expression (the chat template must render content in order: Qwen2-VL's and
+    # the tiny models' do, llava-hf's renders images first and is refused)
+    query_first: bool = False
     # Bins per side of the box text "<box>(x1,y1),(x2,y2)</box>": 1000 is Qwen2-VL's convention; a small
     # input image cannot resolve that finely (112 px: a tens digit is one pixel).
     box_bins: int = 1000
@@ -176,12 +183,15 @@ class ModelConfig:
 
 @dataclass
 class LossWeights:
-    """Total = w_ce_sem*CE_A + w_ce_spa*CE_B + w_l1*L1 + w_giou*GIoU + w_bce*BCE + w_dice*Dice."""
+    """Total = w_ce_sem*CE_A + w_ce_spa*CE_B + w_l1*L1 + w_giou*GIoU + w_bce*BCE + w_dice*Dice, and with the
+    pointer box head (model.box_head) + w_point*Point + w_token_box*(w_l1*L1_token + w_giou*GIoU_token)."""
 
     w_ce_sem: float = 1.0
     w_ce_spa: float = 1.0
     w_l1: float = 5.0
     w_giou: float = 2.0
+    w_point: float = 1.0  # the pointer's cross-entropy over image tokens (ppcr.model.pointer)
+    w_token_box: float = 1.0  # the selected tokens' own boxes, on top of w_l1 and w_giou
     w_bce: float = 2.0
     w_dice: float = 0.5
 
@@ -198,7 +208,10 @@ class TrainConfig:
     # (global_batch_size / (micro_batch_size x world size)), so a recipe keeps its batch on any node count.
     global_batch_size: Optional[int] = None
     max_steps: int = 2000  # optimizer steps
-    lr: float = 2e-4  # LoRA branches, and the vision tower / LLM base when they train
+    lr: float = 2e-4  # LoRA branches
+    # pretrained weights that train whole (model.trainable: vision_tower, llm_base, full embeddings and lm_head);
+    # null: train.lr
+    base_lr: Optional[float] = None
     head_lr: float = 1e-3  # SemSP projectors, box head, new token rows or full embeddings and LM head
     sam_lr: float = 1e-4  # SAM's mask decoder, and its other parts when they train
     weight_decay: float = 0.0  # never applied to norms and biases
@@ -224,6 +237,9 @@ class TrainConfig:
     # step 0 to 0 at this step, the box head's (detached) box otherwise; 0: always the head's box.
     sam_gt_box_steps: int = 0
     sam_box_jitter: float = 0.1  # centre shift and log size change, in box sides (standard deviation)
+    # The share of jittered ground-truth boxes never falls below this: a mask decoder trained only on the
+    # head's (poor) boxes forgets how to follow a box (DESIGN.md section 9)
+    sam_gt_box_floor: float = 0.0
     halt_at_step: Optional[int] = None  # checkpoint and stop after this step (time-boxed jobs, tests)
     # Profile steps profile_at_step .. profile_at_step + profile_steps - 1: a trace and the split of step
     # time by stage, in <run>/profile/ (ppcr.train.profiling); null profiles nothing.
@@ -375,7 +391,7 @@ def _check_values(cfg: Config) -> None:
     need(pt.num_workers >= 0 and pt.log_every >= 1 and pt.eval_every >= 1 and pt.eval_scenes >= 1, "pretrain",
          "num_workers >= 0, log_every, eval_every and eval_scenes >= 1")
     need(2 <= m.box_bins <= 10000, "model.box_bins", f"must lie in [2, 10000], got {m.box_bins}")
-    for name in ("w_ce_sem", "w_ce_spa", "w_l1", "w_giou", "w_bce", "w_dice"):
+    for name in ("w_ce_sem", "w_ce_spa", "w_l1", "w_giou", "w_point", "w_token_box", "w_bce", "w_dice"):
         need(getattr(cfg.train.loss, name) >= 0, f"train.loss.{name}", "must be >= 0")
     tr = cfg.train
     need(tr.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
@@ -386,8 +402,10 @@ def _check_values(cfg: Config) -> None:
     need(tr.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
     need(tr.sam_gt_box_steps >= 0 and tr.sam_box_jitter >= 0, "train.sam_gt_box_steps",
          "sam_gt_box_steps and sam_box_jitter must be >= 0")
+    need(0.0 <= tr.sam_gt_box_floor <= 1.0, "train.sam_gt_box_floor", "must lie in [0, 1]")
     for name in ("lr", "head_lr", "sam_lr"):
         need(getattr(tr, name) > 0, f"train.{name}", "must be > 0")
+    need(tr.base_lr is None or tr.base_lr > 0, "train.base_lr", "must be > 0 or null (train.lr)")
     need(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
     need(0 <= tr.warmup_steps < tr.max_steps, "train.warmup_steps", "must lie in [0, train.max_steps)")
     need(0.0 <= tr.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must lie in [0, 1]")

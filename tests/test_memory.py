@@ -189,7 +189,10 @@ def lin(i: int, o: int) -> int:
 def heads_and_rows(hidden: int, box: int = 1024, sam: int = 256) -> dict[str, int]:
     return {"new_token_rows": 2 * 5 * hidden,  # input and output rows of the 5 PPCR tokens
             "projectors": 2 * lin(hidden, hidden) + lin(hidden, hidden) + lin(hidden, sam),
-            "box_head": lin(hidden, box) + lin(box, box) + lin(box, 4)}
+            # the pointer (ppcr.model.pointer): query and key (LayerNorm, Linear), the per-token regressor on
+            # the feature and the cell centre, the refinement on SpaSP and the pooled state
+            "box_head": 2 * (2 * hidden + lin(hidden, box)) + lin(hidden + 2, box) + lin(box, 4)
+            + lin(2 * hidden, box) + lin(box, 4)}
 
 
 def sam_decoder_trained(c: int = 256, mlp: int = 2048, depth: int = 2) -> int:

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -111,11 +112,15 @@ def test_schedule_warms_up_then_decays_and_groups_skip_decay_on_1d(tiny_shards, 
     assert lr_factor(55, t) == pytest.approx(0.55)
     from ppcr.model.model import PPCRModel
 
-    cfg = model_config(tiny_shards, tiny_models, "llava", "train.weight_decay=0.1")
+    cfg = model_config(tiny_shards, tiny_models, "llava", "train.weight_decay=0.1", "train.base_lr=3.0e-4")
     model = PPCRModel.from_config(cfg.model, cfg.train.loss)
     groups = {g["name"]: g for g in param_groups(model, cfg.train)}
-    assert {"lr", "head_lr", "head_lr_no_decay", "sam_lr", "sam_lr_no_decay"} == set(groups)  # LoRA is all 2-D
+    # LoRA is all 2-D; the recipe trains the pretrained embeddings and LM head whole, at base_lr
+    assert {"lr", "base_lr", "head_lr", "head_lr_no_decay", "sam_lr", "sam_lr_no_decay"} == set(groups)
     assert all(p.ndim <= 1 for n, g in groups.items() if n.endswith("no_decay") for p in g["params"])
     assert groups["head_lr"]["lr"] == cfg.train.head_lr and groups["lr"]["weight_decay"] == 0.1
+    assert groups["base_lr"]["lr"] == 3.0e-4 and groups["lr"]["lr"] == cfg.train.lr
+    unset = {g["name"]: g["lr"] for g in param_groups(model, replace(cfg.train, base_lr=None))}
+    assert unset["base_lr"] == cfg.train.lr  # base_lr unset: train.lr
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups.values() for p in g["params"]) == trained

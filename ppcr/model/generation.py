@@ -37,6 +37,7 @@ class Decoded:
     marker_hidden: torch.Tensor  # (B, H): at the marker, or at the row's last fed token when it never came
     found: list[bool]  # per row: whether the marker was generated
     forwards: int  # language-model forwards run (prefill included)
+    prompt_hidden: torch.Tensor  # (B, L, H) the prefill's last-layer states (the box head reads the image tokens')
 
 
 @torch.no_grad()
@@ -48,7 +49,8 @@ def decode(family, embeds: torch.Tensor, stage, *, embed: Callable, logits: Call
     lm = family.language_model
     mask, pos = stage.attention_mask, stage.positions
     out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache, hidden = out.cache, out.last_hidden_state[:, -1]  # (B, H)
+    cache, prompt_hidden = out.cache, out.last_hidden_state
+    hidden = prompt_hidden[:, -1]  # (B, H)
     forwards, rows = 1, embeds.shape[0]
     ids: list[list[int]] = [[] for _ in range(rows)]
     last = hidden.clone()  # per row: the hidden state at its last fed token, or at its marker
@@ -75,7 +77,7 @@ def decode(family, embeds: torch.Tensor, stage, *, embed: Callable, logits: Call
         keep = torch.tensor(fed, device=hidden.device)[:, None]
         last = torch.where(keep, hidden, last)
         found = [f or p for f, p in zip(found, pending)]
-    return Decoded(ids, last, found, forwards)
+    return Decoded(ids, last, found, forwards, prompt_hidden)
 
 
 def greedy_stage(model, stage, features: torch.Tensor, semsp_embed: torch.Tensor | None, *, marker: int,

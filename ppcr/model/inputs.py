@@ -27,18 +27,23 @@ class StageInputs:
     # and its id. The LM head runs at these positions only (under 10 % of a stage's tokens).
     target_index: torch.Tensor | None = None  # (N,)
     targets: torch.Tensor | None = None  # (N,)
+    # Where each row's T image tokens sit (found on the host; every row holds one image of the same grid)
+    image_positions: torch.Tensor | None = None  # (B, T)
+    token_grid: tuple[int, int] | None = None  # (rows, columns) of those T tokens, raster order
 
 
 def encode_stage(processor, family: Family, image_token_id: int, prompts: list[str], answers: list[str] | None,
-                 images: list[torch.Tensor], *, marker: int | None = None,
+                 images: list[torch.Tensor], *, marker: int | None = None, query_first: bool = False,
                  device: torch.device | str = "cpu") -> tuple[StageInputs, dict]:
     """Chat-template the prompts and expand their image tokens (one call of the MLLM's processor for
-    the batch), append the answer tokens with labels and pad right; without answers, pad left. Positions, the image-token count
-    and the position of ``marker`` in each answer are worked out here on the host, so that the
-    device work needs no synchronisation. Returns the stage inputs and the processor's image
-    inputs, both on ``device``."""
+    the batch), append the answer tokens with labels and pad right; without answers, pad left. The user
+    turn holds the image, then the prompt, or the prompt first with ``query_first`` (model.query_first).
+    Positions, the image-token count and positions, and the position of ``marker`` in each answer are
+    worked out here on the host, so that the device work needs no synchronisation. Returns the stage
+    inputs and the processor's image inputs, both on ``device``."""
     tokenizer = processor.tokenizer
-    conv = [[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}] for p in prompts]
+    content = [[{"type": "image"}, {"type": "text", "text": p}] for p in prompts]
+    conv = [[{"role": "user", "content": c[::-1] if query_first else c}] for c in content]
     texts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conv]
     enc = processor(text=texts, images=list(images), return_tensors="pt", padding=True)
     keys = family.text_keys()
@@ -76,12 +81,19 @@ def encode_stage(processor, family: Family, image_token_id: int, prompts: list[s
         predicts[:, :-1] = labels[:, 1:] != -100  # position p predicts the token at p + 1
         target_index = predicts.flatten().nonzero().squeeze(1)
         targets = labels[:, 1:][predicts[:, :-1]]
+    is_image = input_ids == image_token_id
+    per_row = is_image.sum(-1)
+    image_positions = None
+    if bool((per_row == per_row[0]).all()) and int(per_row[0]) > 0:
+        image_positions = is_image.nonzero()[:, 1].view(b, -1)
     stage = StageInputs(input_ids.to(device), attention.to(device), positions.to(device),
                         image_tokens=int((input_ids == image_token_id).sum()),
                         labels=labels.to(device) if answers is not None else None,
                         marker=where.to(device) if where is not None else None,
                         target_index=target_index.to(device) if target_index is not None else None,
-                        targets=targets.to(device) if targets is not None else None)
+                        targets=targets.to(device) if targets is not None else None,
+                        image_positions=image_positions.to(device) if image_positions is not None else None,
+                        token_grid=family.token_grid(vision) if image_positions is not None else None)
     return stage, {k: v.to(device) for k, v in vision.items()}
 
 

@@ -1,4 +1,5 @@
-"""PPCR's per-stage losses: text cross-entropy, box L1 + GIoU, mask BCE + Dice."""
+"""PPCR's per-stage losses: text cross-entropy, box L1 + GIoU (and the pointer head's per-token terms,
+:func:`ppcr.model.pointer.pointer_losses`), mask BCE + Dice."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torchvision.ops import box_convert, generalized_box_iou_loss
 from ppcr.config import LossWeights
 from ppcr.data.transforms import frame_region
 
-TERMS = ("ce_sem", "ce_spa", "l1", "giou", "bce", "dice")
+TERMS = ("ce_sem", "ce_spa", "l1", "giou", "point", "token_l1", "token_giou", "bce", "dice")
 
 
 def text_ce(hidden: torch.Tensor, stage, logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
@@ -47,5 +48,9 @@ def mask_losses(low: torch.Tensor, targets: torch.Tensor, input_sizes: torch.Ten
 
 
 def total_loss(terms: dict[str, torch.Tensor], w: LossWeights) -> torch.Tensor:
+    """The weighted sum (:class:`ppcr.config.LossWeights`); the per-token box terms take the box weights,
+    scaled by ``w_token_box``."""
     return (w.w_ce_sem * terms["ce_sem"] + w.w_ce_spa * terms["ce_spa"] + w.w_l1 * terms["l1"]
-            + w.w_giou * terms["giou"] + w.w_bce * terms["bce"] + w.w_dice * terms["dice"])
+            + w.w_giou * terms["giou"] + w.w_point * terms["point"]
+            + w.w_token_box * (w.w_l1 * terms["token_l1"] + w.w_giou * terms["token_giou"])
+            + w.w_bce * terms["bce"] + w.w_dice * terms["dice"])

@@ -134,6 +134,11 @@ class Family:
         """Processor image outputs -> (total image tokens, H), in the order of the image tokens."""
         raise NotImplementedError
 
+    def token_grid(self, vision: dict) -> tuple[int, int]:
+        """(rows, columns) of the image tokens of every image in the processor's (host) outputs ``vision``,
+        raster order; the images of one batch must share it (PPCR's MLLM images are all one square size)."""
+        raise NotImplementedError
+
     def select_images(self, vision: dict, index: list[int]) -> dict:
         """The processor's image outputs of the images ``index`` only (one entry per image along dim 0)."""
         return {k: v[index] for k, v in vision.items()}
@@ -174,6 +179,13 @@ class QwenVLFamily(Family):
         patches = vision["pixel_values"].split(self._patches(vision))
         return {"pixel_values": torch.cat([patches[i] for i in index]), "image_grid_thw": vision["image_grid_thw"][index]}
 
+    def token_grid(self, vision):
+        merge = self.config.vision_config.spatial_merge_size
+        grids = {(h // merge, w // merge) for _, h, w in vision["image_grid_thw"].tolist()}
+        if len(grids) != 1:
+            raise ValueError(f"the images of a batch have different token grids {sorted(grids)}")
+        return grids.pop()
+
     def split_features(self, features, vision):
         merge = self.core.visual.spatial_merge_size ** 2
         return list(features.split([n // merge for n in self._patches(vision)]))
@@ -198,6 +210,10 @@ class LlavaFamily(Family):
                                            vision_feature_layer=self.config.vision_feature_layer,
                                            vision_feature_select_strategy=self.config.vision_feature_select_strategy)
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in out.pooler_output], dim=0)
+
+    def token_grid(self, vision):
+        side = self.config.vision_config.image_size // self.config.vision_config.patch_size  # CLS dropped
+        return side, side
 
     def positions(self, input_ids, attention_mask, vision, text):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, L)

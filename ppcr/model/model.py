@@ -7,6 +7,8 @@ One MLLM with two LoRA branches on its language model, a box head, SemSP project
 2. branch "spatial" answers the Spatial Prompt Template, whose placeholder token [SEMP] carries a
    projection of SemSP (so stage 2's losses reach branch A), with the box as text and [LOC]; the
    hidden state at [LOC] (SpaSP) goes through the box head;
+   and the box head (``model.box_head``): by default SpaSP points at the image tokens and the box is read
+   from the chosen tokens' own boxes (:mod:`ppcr.model.pointer`), or an MLP regresses it from SpaSP alone;
 3. SAM's mask decoder takes the box and a projection of SemSP as sparse prompts.
 
 Training is teacher-forced (:meth:`PPCRModel.forward`); prediction generates (:mod:`ppcr.model.predict`)
@@ -26,12 +28,13 @@ from torchvision.ops import box_convert
 
 from ppcr.config import LossWeights, ModelConfig
 from ppcr.data.transforms import Preprocessor
-from ppcr.model.heads import MLP, BoxHead
+from ppcr.model.heads import MLP, BoxHead, BoxOutput, ImageTokens
 from ppcr.model.inputs import StageInputs, encode_stage, scatter_image_features
 from ppcr.model.lora import add_branches, use_branch
 from ppcr.model.losses import box_losses, mask_losses, text_ce, total_loss
 from ppcr.model.mllm import family_of, image_token_id, load_mllm
 from ppcr.model.params import apply_policy
+from ppcr.model.pointer import PointerBoxHead, pointer_losses, token_centres, token_cover
 from ppcr.model.sam import SamSegmenter, load_sam
 from ppcr.model.tokens import CE_ROLES, LOC, TokenRows, add_ppcr_tokens, digit_roles, digit_token_ids, render_prompts
 from ppcr.profiling import mark
@@ -49,6 +52,7 @@ class TrainInputs:
     sam_masks: torch.Tensor  # (B, S, S) {0, 1}, zero in the padding
     input_sizes: torch.Tensor  # (B, 2) h, w of the image inside SAM's frame
     boxes: torch.Tensor  # (B, 4) normalised cx, cy, w, h
+    token_cover: torch.Tensor | None = None  # (B, T) the target's share of each image token (pointer head)
     # SAM's box per sample, when the loop asks for jittered ground-truth boxes (train.sam_gt_box_steps):
     sam_gt_boxes: torch.Tensor | None = None  # (B, 4) jittered ground truth
     use_gt_box: torch.Tensor | None = None  # (B, 1) bool: the jittered ground truth instead of the head's box
@@ -89,7 +93,9 @@ class PPCRModel(nn.Module):
                                     own_out=cfg.trainable.lm_head == "new_rows")
         self.sem_to_llm = MLP([hidden, hidden, hidden])
         self.sem_to_sam = MLP([hidden, hidden, sam.prompt_dim])
-        self.box_head = BoxHead(hidden, cfg.box_head_hidden)
+        self.box_head = (PointerBoxHead if cfg.box_head == "pointer" else BoxHead)(hidden, cfg.box_head_hidden)
+        # the pointer's per-token regressor starts from the vision pretraining's, where the MLLM comes with one
+        self.box_head_seeded = cfg.box_head == "pointer" and self.box_head.seed_from(cfg.mllm_path)
         self.sam = sam
         # The MLLM loads in model.dtype; the parts built here follow it, so that the model has one dtype
         # (DeepSpeed's ZeRO-3 partitions a module's parameters in flat buffers of one dtype).
@@ -99,6 +105,18 @@ class PPCRModel(nn.Module):
         # Stage 2 ends at [LOC], or at the end of a box text written after it ("[LOC] {box}").
         self.spatial_stops = (self.ids.loc,) if cfg.templates.spatial_answer.rstrip().endswith(LOC) else (self.ids.box_close,)
         apply_policy(self, cfg.trainable)
+        if cfg.query_first:
+            self._check_query_first()
+
+    def _check_query_first(self) -> None:
+        """model.query_first needs a chat template that renders the user turn's content in order."""
+        probe, _ = self.encode(["QUERYPROBE"], None, [torch.zeros(3, 16, 16, dtype=torch.uint8)])
+        ids = probe.input_ids[0].tolist()
+        first_image = ids.index(self.image_token_id)
+        text = self.tokenizer.decode(ids[:first_image])
+        if "QUERYPROBE" not in text.replace(" ", ""):
+            raise ValueError(f"model.query_first: the chat template of {self.cfg.mllm_path} renders the image before "
+                             "the text whatever the content order (llava-hf's does); set model.query_first=false")
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, loss: LossWeights) -> "PPCRModel":
@@ -107,7 +125,7 @@ class PPCRModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.box_head.mlp.net[0].weight.device
+        return self.token_rows.new_ids.device
 
     # ------------------------------------------------------------------ inputs
 
@@ -115,7 +133,7 @@ class PPCRModel(nn.Module):
                marker: int | None = None) -> tuple[StageInputs, dict]:
         """One stage's batch on the model's device (:func:`ppcr.model.inputs.encode_stage`)."""
         return encode_stage(self.processor, self.family, self.image_token_id, prompts, answers, images,
-                            marker=marker, device=self.device)
+                            marker=marker, query_first=self.cfg.query_first, device=self.device)
 
     def encode_answers(self, mllm_images, expressions: list[str], categories: list[str],
                        boxes: torch.Tensor) -> tuple[StageInputs, StageInputs, dict]:
@@ -145,6 +163,21 @@ class PPCRModel(nn.Module):
             e = torch.where((stage.input_ids == self.ids.semp).unsqueeze(-1), semsp_embed[:, None, :].to(e.dtype), e)
         return e
 
+    def image_tokens(self, states: torch.Tensor, stage: StageInputs, features: torch.Tensor) -> ImageTokens:
+        """What the box head reads of each row's image: the spatial stage's last-layer ``states`` (B, L, H)
+        at the image tokens, the vision ``features`` (B * T, H) put there, and the tokens' cell centres."""
+        b, t = stage.image_positions.shape
+        picked = states.gather(1, stage.image_positions.unsqueeze(-1).expand(b, t, states.shape[-1]))
+        return ImageTokens(states=picked, features=features.view(b, t, -1).to(states.dtype),
+                           centres=token_centres(stage.token_grid, device=states.device))
+
+    def locate(self, spasp: torch.Tensor, states: torch.Tensor, stage: StageInputs, features: torch.Tensor) -> BoxOutput:
+        """The box head on SpaSP (B, H); the pointer also reads the image tokens of the spatial stage
+        (``states`` (B, L, H), its last-layer states; ``features`` (B * T, H), the vision features)."""
+        if self.cfg.box_head == "mlp":
+            return self.box_head(spasp)
+        return self.box_head(spasp, self.image_tokens(states, stage, features))
+
     @staticmethod
     def at_marker(hidden: torch.Tensor, stage: StageInputs) -> torch.Tensor:
         """(B, H): the hidden state at each row's [SEM] / [LOC] (``stage.marker``)."""
@@ -164,13 +197,15 @@ class PPCRModel(nn.Module):
             s1, s2, vision = self.encode_answers(batch["mllm_images"], batch["expressions"], batch["categories"],
                                                  batch["boxes"])
             dev = self.device
-            gt_boxes = use_gt = None
+            gt_boxes = use_gt = cover = None
+            if self.cfg.box_head == "pointer":  # the pointer's target, from the mask on the host
+                cover = token_cover(batch["sam_masks"], batch["input_sizes"], s2.token_grid).to(dev)
             if batch.get("gt_box_share", 0.0) > 0:
                 gt_boxes, use_gt = sam_box_choice(batch["boxes"], batch["keys"], batch["step"], batch["gt_box_share"],
                                                   batch["gt_box_jitter"])
                 gt_boxes, use_gt = gt_boxes.to(dev), use_gt.to(dev)
             return TrainInputs(s1, s2, vision, batch["sam_images"].to(dev), batch["sam_masks"].to(dev),
-                               batch["input_sizes"].to(dev), batch["boxes"].to(dev), gt_boxes, use_gt)
+                               batch["input_sizes"].to(dev), batch["boxes"].to(dev), cover, gt_boxes, use_gt)
 
     def compute(self, x: TrainInputs) -> dict[str, torch.Tensor]:
         """Device side of a training step. ppcr's code in it never reads a value back from the device (no
@@ -181,8 +216,14 @@ class PPCRModel(nn.Module):
         h = self.language_stages(x.semantic, x.spatial, features)
         ce_sem = text_ce(h["h1"], x.semantic, self.token_rows.logits)
         ce_spa = text_ce(h["h2"], x.spatial, self.token_rows.logits)
-        semsp, boxes = h["semsp"], self.box_head(h["spasp"])
+        semsp = h["semsp"]
+        located = self.locate(h["spasp"], h["h2"], x.spatial, features)
+        boxes = located.box
         l1, giou = box_losses(boxes.float(), x.boxes.float())
+        zero = l1.new_zeros(())
+        tokens = {"point": zero, "token_l1": zero, "token_giou": zero}
+        if located.token_logits is not None:
+            tokens = pointer_losses(located, x.token_cover, x.boxes)
 
         sam_boxes = boxes.detach()
         if x.use_gt_box is not None:
@@ -190,7 +231,7 @@ class PPCRModel(nn.Module):
         low = self.segment(x.sam_images, sam_boxes, semsp, x.input_sizes)
         with mark("mask_losses"):
             bce, dice = mask_losses(low, x.sam_masks, x.input_sizes)
-        terms = {"ce_sem": ce_sem, "ce_spa": ce_spa, "l1": l1, "giou": giou, "bce": bce, "dice": dice}
+        terms = {"ce_sem": ce_sem, "ce_spa": ce_spa, "l1": l1, "giou": giou, **tokens, "bce": bce, "dice": dice}
         return {"loss": total_loss(terms, self.loss_weights), **terms, "boxes": boxes, "mask_logits": low}
 
     def language_stages(self, semantic: StageInputs, spatial: StageInputs, features: torch.Tensor) -> dict:
@@ -214,7 +255,8 @@ class PPCRModel(nn.Module):
         :data:`ppcr.model.tokens.CE_ROLES` order: the fixed tokens, then the 1st, 2nd, 3rd... digit of each coordinate). The averaged CE
         hides whether the leading digits, the ones that matter, are learned."""
         s1, s2, vision = self.encode_answers(mllm_images, expressions, categories, boxes)
-        h = self.language_stages(s1, s2, self.vision_features(vision))
+        features = self.vision_features(vision)
+        h = self.language_stages(s1, s2, features)
         labels = s2.labels[:, 1:]
         ce = F.cross_entropy(self.token_rows.logits(h["h2"])[:, :-1].flatten(0, 1).float(), labels.flatten(),
                              ignore_index=-100, reduction="none").view_as(labels)
@@ -223,7 +265,8 @@ class PPCRModel(nn.Module):
         slot = (torch.arange(len(labels), device=ce.device)[:, None] * n + roles.clamp(min=0)).flatten()
         sums = torch.zeros(len(labels) * n, device=ce.device).index_add_(0, slot, (ce * answer).flatten()).view(-1, n)
         counts = torch.zeros(len(labels) * n, device=ce.device).index_add_(0, slot, answer.flatten()).view(-1, n)
-        return {"spasp": h["spasp"], "boxes": self.box_head(h["spasp"]), "ce_sums": sums, "ce_counts": counts}
+        boxes = self.locate(h["spasp"], h["h2"], s2, features).box
+        return {"spasp": h["spasp"], "boxes": boxes, "ce_sums": sums, "ce_counts": counts}
 
     def run_language_model(self, embeds: torch.Tensor, stage: StageInputs) -> torch.Tensor:
         out = self.family.language_model(inputs_embeds=embeds, attention_mask=stage.attention_mask,

@@ -129,7 +129,7 @@ def generate(model, items: list[dict], expressions: list[str], *, agree: Agree |
     use_branch(model.mllm, "spatial")
     d2 = greedy_stage(model, s2, features, model.sem_to_llm(semsp), marker=model.ids.loc,
                       stops=model.spatial_stops, max_new_tokens=cfg.max_new_tokens, agree=agree)
-    boxes = model.box_head(d2.marker_hidden)
+    boxes = model.locate(d2.marker_hidden, d2.prompt_hidden, s2, features).box
     clock.lap("spatial")
     decode = model.tokenizer.decode
     answers2 = [decode(ids, skip_special_tokens=False) for ids in d2.ids]

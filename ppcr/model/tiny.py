@@ -2,9 +2,9 @@
 
 Tests and the CPU default use these: a Qwen2.5-VL and a LLaVA-1.5 style MLLM (transformers classes,
 a byte-level BPE tokenizer trained offline on the synthetic vocabulary, a processor built directly,
-a chat template of the real model's shape), and a SAM of segment_anything's own classes. They are
-written with ``save_pretrained`` / ``torch.save`` and loaded back through exactly the path a real
-checkpoint takes, so nothing in ppcr knows that they are tiny.
+a chat template of the real model's shape that renders a turn's content in order), and a SAM of
+segment_anything's own classes. They are written with ``save_pretrained`` / ``torch.save`` and loaded
+back through exactly the path a real checkpoint takes, so nothing in ppcr knows that they are tiny.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ QWEN_CHAT_TEMPLATE = (
 LLAVA_CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'].upper() + ': ' }}"
     "{% if message['content'] is string %}{{ message['content'] + ' ' }}{% else %}"
-    "{% for content in message['content'] if content['type'] == 'image' %}{{ '<image>\n' }}{% endfor %}"
-    "{% for content in message['content'] if content['type'] == 'text' %}{{ content['text'] + ' ' }}{% endfor %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<image>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] + ' ' }}{% endif %}{% endfor %}"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
 )
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",

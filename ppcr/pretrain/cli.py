@@ -14,7 +14,8 @@ Stages, each on synthetic scenes of ``pretrain.seed`` (never the dataset's image
 
 The MLLM is written with ``save_pretrained`` to ``model.mllm_path`` and SAM as a state dict to
 ``model.sam_checkpoint`` (``.safetensors`` or ``.pth``): the layouts a download gives, loaded by the
-same code. The learning curves go to ``pretrain_curve.jsonl`` beside the MLLM. Deterministic: the
+same code. The vision stage's per-token box head is kept beside the MLLM's weights
+(``ppcr.model.pointer.TOKEN_BOX_FILE``): PPCR's pointer box head starts its per-token regressor from it. The learning curves go to ``pretrain_curve.jsonl`` beside the MLLM. Deterministic: the
 same config gives the same weights.
 """
 
@@ -29,11 +30,13 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from ppcr.config import Config, ConfigError, load_config
 from ppcr.data.transforms import Preprocessor, box_pair_iou
 from ppcr.model.mllm import family_of, image_token_id, load_mllm
+from ppcr.model.pointer import TOKEN_BOX_FILE
 from ppcr.model.sam import SamSegmenter, save_sam_state
 from ppcr.model.tiny import build_tiny_mllm, build_tiny_sam
 from ppcr.pretrain.grounding import grounding_box, grounding_examples, grounding_loss
@@ -68,6 +71,8 @@ class MllmPretraining:
         self.cell, _ = token_grid(self.family, cfg.model.mllm_image_size)
         self.scenes = scene_config(cfg.data.synthetic, self.pt.seed)
         self.bins = cfg.model.box_bins
+        # the vision stage's per-token box head (DenseHeads.box), kept for the pointer box head
+        self.token_box_head = load_file(path / TOKEN_BOX_FILE) if (path / TOKEN_BOX_FILE).is_file() else None
 
     # -- vision
 
@@ -102,8 +107,10 @@ class MllmPretraining:
             return sums
 
         loader = _loader(SceneStream(self.scenes, self._vision_item), st.batch_size, _stack, self.pt.num_workers)
-        return fit("vision", params, step_loss, iter(loader), st, evaluate=evaluate, log_every=self.pt.log_every,
+        rows = fit("vision", params, step_loss, iter(loader), st, evaluate=evaluate, log_every=self.pt.log_every,
                    eval_every=self.pt.eval_every, curve=curve)
+        self.token_box_head = {k: v.detach().clone().contiguous() for k, v in heads.box.state_dict().items()}
+        return rows
 
     # -- grounding
 
@@ -148,6 +155,8 @@ class MllmPretraining:
             p.requires_grad_(True)
         self.mllm.save_pretrained(out)
         self.processor.save_pretrained(out)
+        if self.token_box_head is not None:
+            save_file(self.token_box_head, out / TOKEN_BOX_FILE)
 
 
 def pretrain_sam(cfg: Config, curve: Path) -> tuple[torch.nn.Module, list[dict]]:

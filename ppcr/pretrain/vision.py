@@ -7,8 +7,10 @@ circle" in 2,000 steps (held-out IoU stayed at the mean box's 0.07). So, as a st
 pretraining, every image token of a synthetic scene learns what covers it: the colour, shape and
 size of the object (or "none"), and that object's box in image coordinates (which needs the
 tower's absolute position embeddings). Per object, the mean of its tokens also learns the shape,
-which an interior token alone cannot see. The heads are thrown away after pretraining; the tower's
-features are what the language model later reads.
+which an interior token alone cannot see. The classifiers are thrown away after pretraining; the
+tower's features are what the language model later reads, and the per-token box head is kept
+(``ppcr-pretrain`` saves it beside the MLLM) to seed PPCR's pointer box head, which reads the box of
+the image tokens it selects (``ppcr.model.pointer``).
 """
 
 from __future__ import annotations

@@ -96,7 +96,8 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
     :class:`NonfiniteLossError` when the loss stays NaN or Inf.
 
     ``validator`` (:class:`ppcr.eval.validate.Validator`, built by the entry point: training does not
-    import evaluation) has ``name`` and ``run(model, should_stop) -> (metrics, image) | None``; it asks
+    import evaluation) has ``name``, ``run(model, should_stop) -> (metrics, image) | None`` and
+    ``summary(metrics) -> str`` (the console line); it asks
     ``should_stop`` between its batches, so that a preemption during validation checkpoints and exits
     within a batch."""
     t = cfg.train
@@ -114,6 +115,7 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
         while step < t.max_steps:
             profiler.begin(step + 1)
             share = max(0.0, 1.0 - step / t.sam_gt_box_steps) if t.sam_gt_box_steps else 0.0
+            share = max(share, t.sam_gt_box_floor)
             sam_boxes = {"gt_box_share": share, "gt_box_jitter": t.sam_box_jitter, "step": step + 1}
             with mark("step"):
                 finite = optimizer_step(engine, batches, guard, window, t.grad_accum, sam_boxes)
@@ -158,9 +160,7 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
                 result, image = done
                 log.scalars(step, result, prefix=f"val/{validator.name}")
                 if dist.is_main:
-                    shown = ("cIoU", "gIoU", "BoxAcc@0.5", "TextBoxAcc@0.5", "tf_BoxAcc@0.5", "image_dependence_spasp")
-                    tqdm.write(f"step {step} validation {validator.name}: "
-                               + " ".join(f"{k} {result[k]:.3f}" for k in shown if k in result))
+                    tqdm.write(f"step {step} validation {validator.name}: {validator.summary(result)}")
                 if image is not None and (step % t.image_every == 0 or step == t.max_steps):
                     log.image(step, f"val/{validator.name}/masks", image)
             if step == t.halt_at_step:
