@@ -123,10 +123,11 @@ def check_trainable_state(model: torch.nn.Module, loaded: Iterable[str], unexpec
                            + " (are model.trainable and model.lora those the run was trained with?)")
 
 
-def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
-                    device_map: str | None = None) -> tuple[PPCRModel, Config, Path | None, str | None]:
+def load_checkpoint(path: str | Path, overrides: list[str] | None = None, device_map: str | None = None,
+                    dtype: str | None = None) -> tuple[PPCRModel, Config, Path | None, str | None]:
     """A model in eval mode from a saved model or a DeepSpeed checkpoint, its config (with
-    ``overrides``), and the run directory and checkpoint tag (None for a saved model).
+    ``overrides``), and the run directory and checkpoint tag (None for a saved model). ``dtype`` (a
+    ``model.dtype`` value) loads the model in another dtype than it was trained in.
 
     A DeepSpeed checkpoint holds the trainable parameters only (frozen ones come from the base paths
     of the config): the model is built from model.mllm_path and model.sam_checkpoint, in model.dtype,
@@ -138,8 +139,10 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
     to the base's, are skipped."""
     kind, config_file, run_dir, tag = resolve_checkpoint(path)
     cfg = load_config(config_file, overrides)
+    if dtype is not None:  # not through the overrides: train.precision, which must match it, is the run's
+        cfg = replace(cfg, model=replace(cfg.model, dtype=dtype))
     if kind == "saved":
-        model, _ = load_pretrained(path, device_map=device_map)
+        model, _ = load_pretrained(path, dtype=dtype, device_map=device_map)
         return model, cfg, None, None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
