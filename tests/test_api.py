@@ -1,17 +1,26 @@
-"""The Python API (ppcr.Segmenter): images as paths, PIL images or arrays, one or many, in another dtype."""
+"""The Python API (ppcr.Segmenter): images as paths, PIL images or arrays, one or many, in another dtype; an
+export moved away from its run loads and segments as ppcr-infer does on the run."""
 
+import json
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
+from safetensors import safe_open
 
 import ppcr
 from ppcr.data.images import ImageError
 from ppcr.eval.demo import examples
+from ppcr.eval.infer import main as infer_main
 from ppcr.eval.visualize import pixel_corners
+from ppcr.model.export import main as export_main
 from ppcr.model.saving import load_checkpoint
 
 
@@ -79,3 +88,52 @@ def test_dtype_loads_an_export_or_a_run_in_another_precision(exported, trained_r
     model, cfg, _, tag = load_checkpoint(trained_run, dtype="float16")  # the run was trained in float32
     assert {p.dtype for p in model.parameters()} == {torch.float16} and cfg.train.precision == "fp32"
     assert tag == "step_00000003"
+
+
+def test_an_export_moved_away_from_its_deleted_run_segments_as_ppcr_infer_on_the_run(
+        evaluated_run, trained_run, tiny_models, tmp_path):
+    """The run and the base models it names are copied, exported, deleted; the export is moved and loads
+    with the Python API alone, with the mask ppcr-infer gives on the original run."""
+    work = tmp_path / "work"
+    run = work / "runs" / "trained"
+    shutil.copytree(evaluated_run, run)
+    shutil.copytree(tiny_models["qwen2_5_vl"], work / "base" / "mllm")
+    shutil.copy(tiny_models["sam"], work / "base" / "sam.pth")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["model"].update(mllm_path=str(work / "base" / "mllm"), sam_checkpoint=str(work / "base" / "sam.pth"))
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    assert export_main(["--checkpoint", str(run), "--out", str(work / "export")]) == 0
+
+    files = [f for f in (work / "export").rglob("*") if f.is_file()]
+    weights = [f for f in files if f.suffix == ".safetensors"]
+    assert len(weights) == 5  # MLLM, both adapters, heads, SAM
+    for f in weights:  # what they say they are
+        with safe_open(f, "pt") as st:
+            assert list(st.keys()), f
+    for f in set(files) - set(weights):  # the rest is text: no pickle anywhere
+        assert f.suffix in {".json", ".yaml", ".md", ".jinja", ".txt"}, f
+        f.read_text(encoding="utf-8")
+    card = (work / "export" / "README.md").read_text()
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["license"] == "apache-2.0" and header["pipeline_tag"] == "image-segmentation"
+    assert header["datasets"] == ["synthetic"] and "referring-image-segmentation" in header["tags"]
+    mllm_sha = header["ppcr"]["base_models"][0]["sha256"]
+    assert re.fullmatch(r"[0-9a-f]{64}", mllm_sha) and f"sha256 `{mllm_sha}`" in card
+    results = (run / "eval/step_00000003/results.md").read_text().strip()
+    assert results in card and "| synthetic_unc/testB" in results  # make eval's table of this checkpoint
+    assert "Checkpoint `trained/step_00000003`: 3 optimizer steps of 4 expressions a step" in card
+    assert "Segmenter.from_pretrained(" in card and "## Limitations" in card
+
+    shutil.rmtree(work / "runs")
+    shutil.rmtree(work / "base")
+    moved = tmp_path / "elsewhere" / "model"
+    shutil.move(work / "export", moved)
+    image, expression = examples()[0]
+    result = ppcr.load(moved, device="cpu")(image, expression)
+    assert infer_main(["--checkpoint", str(trained_run), "--image", image, "--expression", expression,
+                       "--out", str(tmp_path / "infer"), "--device", "cpu"]) == 0
+    name = Path(image).stem
+    assert np.array_equal(np.array(Image.open(tmp_path / f"infer/{name}.mask.png")), result.mask)
+    written = json.loads((tmp_path / f"infer/{name}.json").read_text())
+    assert written["spatial_answer"] == result.spatial_answer
+    assert written["box_xyxy"] == pytest.approx(result.box, abs=1e-3)

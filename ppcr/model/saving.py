@@ -5,7 +5,11 @@
     adapters/semantic/       LoRA branch A in peft's own format
     adapters/spatial/        LoRA branch B in peft's own format
     heads.safetensors        SemSP projectors and box head
-    sam.pth                  SAM's state_dict, the layout of Meta's checkpoints
+    sam.safetensors          SAM's state_dict (Meta's key layout); exports written before this hold sam.pth,
+                             which still loads (config.yaml names the file)
+    README.md                the model card (ppcr.model.card, written by ppcr-export)
+
+Every weight is in safetensors: nothing in a saved model is unpickled.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ppcr.config import Config, dump_config, load_config
 from ppcr.common.checkpoint_paths import latest_tag
 from ppcr.model.lora import BRANCHES
 from ppcr.model.model import PPCRModel
-from ppcr.model.sam import SamSegmenter, load_sam
+from ppcr.model.sam import SamSegmenter, load_sam, save_sam_state
 from ppcr.model.mllm import load_mllm
 
 HEADS = ("sem_to_llm", "sem_to_sam", "box_head")
@@ -48,17 +52,21 @@ def _base_state_dict(model: PPCRModel) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: PPCRModel, cfg: Config, out: str | Path) -> Path:
+    """Write ``model`` (with its config) as a saved model directory (the layout above), every weight in
+    safetensors."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = model.mllm.base_model.model
     base.save_pretrained(out / "mllm", state_dict=_base_state_dict(model))
     model.processor.save_pretrained(out / "mllm")
     model.mllm.save_pretrained(out / "adapters")  # one sub-directory per branch
+    (out / "adapters" / "README.md").unlink(missing_ok=True)  # peft's blank template; the export's card says it all
     heads = {f"{name}.{k}": v.detach().contiguous() for name in HEADS
              for k, v in getattr(model, name).state_dict().items()}
     save_file(heads, out / "heads.safetensors")
-    torch.save(model.sam.sam.state_dict(), out / "sam.pth")
-    saved = replace(cfg, model=replace(cfg.model, mllm_path="mllm", sam_checkpoint="sam.pth", tiny_family=None))
+    save_sam_state(model.sam.sam.state_dict(), out / "sam.safetensors")
+    saved = replace(cfg, model=replace(cfg.model, mllm_path="mllm", sam_checkpoint="sam.safetensors",
+                                       tiny_family=None))
     (out / "config.yaml").write_text(dump_config(saved))
     return out
 
