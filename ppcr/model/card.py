@@ -196,7 +196,9 @@ def card_text(cfg: Config, *, bases: list[BaseModel], training: Training, result
     if tiny:
         limits.append("- Tiny backbones, sized for a CPU: far below the published RefCOCO numbers of PPCR-style "
                       "models (README of ppcr).")
-    limits.append("- The figures above hold for the splits listed; data unlike the training sets will score lower.")
+    if results:
+        limits.append("- The figures above hold for the splits listed; data unlike the training sets will score "
+                      "lower.")
     if export_licence(bases) != "apache-2.0":
         limits.append("- The weights derive from the base models: their licences (table above) govern use.")
     limits = "\n".join(limits)
