@@ -1,5 +1,5 @@
 """The Python API (ppcr.Segmenter): images as paths, PIL images or arrays, one or many, in another dtype; an
-export moved away from its run loads and segments as ppcr-infer does on the run."""
+export moved away from its run loads and segments as ppcr-infer does on the run; the README's example runs."""
 
 import json
 import re
@@ -22,6 +22,8 @@ from ppcr.eval.infer import main as infer_main
 from ppcr.eval.visualize import pixel_corners
 from ppcr.model.export import main as export_main
 from ppcr.model.saving import load_checkpoint
+
+ROOT = Path(__file__).parent.parent
 
 
 def from_pil_image(path):
@@ -137,3 +139,21 @@ def test_an_export_moved_away_from_its_deleted_run_segments_as_ppcr_infer_on_the
     written = json.loads((tmp_path / f"infer/{name}.json").read_text())
     assert written["spatial_answer"] == result.spatial_answer
     assert written["box_xyxy"] == pytest.approx(result.box, abs=1e-3)
+
+
+def test_the_readmes_python_example_runs(exported, tmp_path, monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    examples_run = [b for b in blocks if "from ppcr import" in b]
+    assert examples_run, "the README shows no Python example"
+    (image, _), (image2, _) = examples()[:2]
+    (tmp_path / "exports").mkdir()
+    (tmp_path / "exports/default").symlink_to(exported / "model")
+    shutil.copy(image, tmp_path / "photo.jpg")
+    shutil.copy(image2, tmp_path / "other.jpg")
+    monkeypatch.chdir(tmp_path)
+    for code in examples_run:
+        namespace: dict = {}
+        exec(compile(code, "README.md", "exec"), namespace)
+    with Image.open(tmp_path / "photo.jpg") as im:
+        assert namespace["result"].mask.shape == (im.height, im.width)
+    assert (tmp_path / "overlay.png").is_file() and len(namespace["results"]) == 2
