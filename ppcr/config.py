@@ -654,6 +654,8 @@ def dump_config(cfg: Config) -> str:
 
 @dataclass(frozen=True)
 class Setting:
+    """One key of the tree as ``--help`` lists it."""
+
     key: str  # dotted, as an override names it; a list item's fields as key[i].field
     type: str  # in words, e.g. "int or null", "one of: fp32, bf16, fp16"
     default: Any

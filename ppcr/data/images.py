@@ -62,6 +62,7 @@ def load_image(source: str | Path | Image.Image | np.ndarray, *, max_pixels: int
 
 
 def _check_size(size: tuple[int, int], what: str, max_pixels: int) -> None:
+    """Refuse an image of (width, height) ``size`` above ``max_pixels``, naming ``what`` it is."""
     w, h = size
     if w * h > max_pixels:
         raise ImageError(f"{what} is {w} x {h} px ({w * h / 1e6:.0f} MP); images up to {max_pixels / 1e6:.0f} MP "

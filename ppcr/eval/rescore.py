@@ -234,7 +234,8 @@ def compare(a: list[dict], b: list[dict], *, ablation: str, resamples: int = 200
         ca, cb = float(_ciou(pa[sel, 0], pa[sel, 1])), float(_ciou(pb[sel, 0], pb[sel, 1]))
         boot = paired_bootstrap(pa[sel], pb[sel], resamples=resamples, rng=rng)
         low, high = np.percentile(boot, [2.5, 97.5])
-        diffs.append(Difference(g, int(sel.sum()), ca, cb, cb - ca, float(boot.mean()), float(low), float(high)))
+        diffs.append(Difference(group=g, count=int(sel.sum()), ciou_a=ca, ciou_b=cb, diff=cb - ca,
+                                boot_mean=float(boot.mean()), low=float(low), high=float(high)))
 
     def iou(p):
         return 1.0 if p[1] == 0 else p[0] / p[1]

@@ -68,22 +68,25 @@ def describe_mllm(cfg: Config) -> BaseModel:
     if not Path(path).is_dir() and looks_like_hub_id(path):
         cached = try_to_load_from_cache(path, "config.json")
         m = HUB_SNAPSHOT.search(str(cached)) if isinstance(cached, str) else None
-        return BaseModel("MLLM", path, path, m["rev"] if m else None, None, _hub_licence(Path(cached).parent, path)
-                         if isinstance(cached, str) else "other")
+        licence = _hub_licence(Path(cached).parent, path) if isinstance(cached, str) else "other"
+        return BaseModel(part="MLLM", name=path, hub_id=path, revision=m["rev"] if m else None, sha256=None,
+                         licence=licence)
     d = Path(path).resolve()
     m = HUB_SNAPSHOT.search(str(d))
     if m:
         hub_id = f"{m['org']}/{m['name']}"
-        return BaseModel("MLLM", hub_id, hub_id, m["rev"], None, _hub_licence(d, hub_id))
+        return BaseModel(part="MLLM", name=hub_id, hub_id=hub_id, revision=m["rev"], sha256=None,
+                         licence=_hub_licence(d, hub_id))
     hub_id, licence = KNOWN_MLLMS.get(d.name, (None, None))
     commit = _downloaded_commit(d)
     if commit is not None:
-        return BaseModel("MLLM", hub_id or d.name, hub_id, commit, None, _hub_licence(d, hub_id, licence))
+        return BaseModel(part="MLLM", name=hub_id or d.name, hub_id=hub_id, revision=commit, sha256=None,
+                         licence=_hub_licence(d, hub_id, licence))
     if tiny is not None:
-        return BaseModel("MLLM", f"ppcr's tiny {tiny} ({path}; ppcr-tiny, ppcr-pretrain)", None, None,
-                         sha256_of(_weight_files(d)), PPCR_LICENCE)
-    return BaseModel("MLLM", hub_id or d.name, hub_id, None, sha256_of(_weight_files(d)),
-                     _hub_licence(d, hub_id, licence))
+        return BaseModel(part="MLLM", name=f"ppcr's tiny {tiny} ({path}; ppcr-tiny, ppcr-pretrain)", hub_id=None,
+                         revision=None, sha256=sha256_of(_weight_files(d)), licence=PPCR_LICENCE)
+    return BaseModel(part="MLLM", name=hub_id or d.name, hub_id=hub_id, revision=None,
+                     sha256=sha256_of(_weight_files(d)), licence=_hub_licence(d, hub_id, licence))
 
 
 def _downloaded_commit(d: Path) -> str | None:
@@ -115,7 +118,8 @@ def describe_sam(cfg: Config) -> BaseModel:
         release, md5 = SAM_RELEASES[m.sam_type]
         name = f"Meta's SAM {m.sam_type} ({release}, published md5 {md5})" if path.name == release else \
             f"SAM {m.sam_type} ({path.name})"
-    return BaseModel("SAM", name, None, None, sha256_of([path]), "apache-2.0")
+    return BaseModel(part="SAM", name=name, hub_id=None, revision=None, sha256=sha256_of([path]),
+                     licence="apache-2.0")
 
 
 @dataclass

@@ -131,7 +131,7 @@ def check_trainable_state(model: torch.nn.Module, loaded: Iterable[str], unexpec
                            + " (are model.trainable and model.lora those the run was trained with?)")
 
 
-def load_checkpoint(path: str | Path, overrides: list[str] | None = None, device_map: str | None = None,
+def load_checkpoint(path: str | Path, overrides: list[str] | None = None, *, device_map: str | None = None,
                     dtype: str | None = None) -> tuple[PPCRModel, Config, Path | None, str | None]:
     """A model in eval mode from a saved model or a DeepSpeed checkpoint, its config (with
     ``overrides``), and the run directory and checkpoint tag (None for a saved model). ``dtype`` (a
