@@ -24,7 +24,7 @@ from PIL import Image
 
 from ppcr.common.distributed import barrier, device, init_distributed
 from ppcr.common.logger import RunLogger
-from ppcr.config import ConfigError
+from ppcr.config import ConfigError, settings_help
 from ppcr.eval.evaluate import merge_records, write_records
 from ppcr.eval.report import COLUMNS, table
 from ppcr.eval.splits import MissingExpressions, evaluate_splits
@@ -34,7 +34,7 @@ from ppcr.model.saving import load_checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="launch/eval.py", description=__doc__,
+    p = argparse.ArgumentParser(prog="launch/eval.py", description=__doc__, epilog=settings_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=Path("runs/default"))
     p.add_argument("--ablations", action="store_true", help="also: box from the answer text, ground-truth box "

@@ -18,7 +18,7 @@ import deepspeed
 import torch
 from transformers.integrations import HfDeepSpeedConfig
 
-from ppcr.config import ConfigError, dump_config, load_config
+from ppcr.config import ConfigError, dump_config, load_config, settings_help
 from ppcr.data.stream import build_train_loader
 from ppcr.model.model import PPCRModel
 from ppcr.model.params import parameter_table
@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="launch/train.py", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__,
         epilog=f"recipes:\n{recipes}\n\noverrides: key.sub=value, values in YAML, e.g.\n"
-               "  train.max_steps=200 data.num_workers=0 'data.train_sets=[{name: refcoco_unc, split: train}]'\n"
-               "every key is listed with its default in ppcr/config.py")
+               "  train.max_steps=200 data.num_workers=0 'data.train_sets=[{name: refcoco_unc, split: train}]'\n\n"
+               + settings_help())
     p.add_argument("--config", required=True, help="recipe YAML")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key.sub=value")

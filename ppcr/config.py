@@ -29,92 +29,103 @@ class ConfigError(ValueError):
 Split = Literal["train", "val", "test", "testA", "testB"]
 
 
+def setting(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = dataclasses.MISSING) -> Any:
+    """A field of the tree with its one-line doc, which ``launch/train.py --help`` lists (:func:`settings_help`)."""
+    return field(default=default, default_factory=factory, metadata={"doc": doc})
+
+
 @dataclass
 class SyntheticConfig:
     """The embedded RefCOCO-shaped dataset: sizes, scene layout and expression difficulty."""
 
-    seed: int = 0
-    # Images per split; refs per image follow from the objects drawn.
-    num_images: dict[str, int] = field(
-        default_factory=lambda: {"train": 1200, "val": 100, "testA": 100, "testB": 100}
-    )
-    min_objects: int = 3
-    max_objects: int = 6
-    refs_per_image: int = 3
-    sentences_per_ref: int = 2
-    min_image_size: int = 192  # shorter side of the drawn image, pixels
-    max_image_size: int = 320  # longer side of the drawn image, pixels
-    # Weights of the expression difficulty levels: 0 unique attributes ("the red circle"),
-    # 1 size or position ("the small square on the left"), 2 relations ("the square left of the blue
-    # triangle"). A level is only used when its expression identifies the target uniquely.
-    difficulty_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
-    max_occlusion: float = 0.35  # largest share of an object another may hide
-    jpeg_quality: int = 90
+    seed: int = setting(0, "the set is a pure function of this seed")
+    num_images: dict[str, int] = setting(
+        factory=lambda: {"train": 1200, "val": 100, "testA": 100, "testB": 100},
+        doc="images per split; refs per image follow from the objects drawn")
+    min_objects: int = setting(3, "fewest objects drawn in a scene")
+    max_objects: int = setting(6, "most objects drawn in a scene")
+    refs_per_image: int = setting(3, "objects of a scene that get referring expressions (at most)")
+    sentences_per_ref: int = setting(2, "expressions written for each referred object")
+    min_image_size: int = setting(192, "shorter side of the drawn image, pixels")
+    max_image_size: int = setting(320, "longer side of the drawn image, pixels")
+    difficulty_weights: list[float] = setting(
+        factory=lambda: [1.0, 1.0, 1.0],
+        doc="weights of the expression levels: 0 unique attributes (\"the red circle\"), 1 size or position "
+            "(\"the small square on the left\"), 2 relations (\"the square left of the blue triangle\"); a level "
+            "is used only when its expression identifies the target uniquely")
+    max_occlusion: float = setting(0.35, "largest share of an object another may hide")
+    jpeg_quality: int = setting(90, "JPEG quality of the written images")
 
 
 @dataclass
 class ShardSetConfig:
     """One WebDataset shard set (a directory under paths.shards_root) and its split."""
 
-    name: str = "synthetic_unc"
-    split: Split = "train"
-    ratio: float = 1.0  # mixing weight among the training sets; ignored for evaluation
+    name: str = setting("synthetic_unc", "the shard set's directory under paths.shards_root")
+    split: Split = setting("train", "the split to read")
+    ratio: float = setting(1.0, "mixing weight among the training sets; ignored for evaluation")
 
 
 @dataclass
 class DataConfig:
-    train_sets: list[ShardSetConfig] = field(default_factory=lambda: [ShardSetConfig()])
-    num_workers: int = 2
-    shuffle_buffer: int = 256
-    flip_prob: float = 0.5
-    shard_max_samples: int = 200  # samples per shard when building
-    shard_max_mb: float = 256.0  # bytes per shard when building, whichever limit comes first
-    max_reject_share: float = 0.05  # a shard build exits non-zero past this share of rejected refs
-    # Drop every training ref whose image is in a split of eval.sets. RefCOCO, RefCOCO+ and RefCOCOg share
-    # COCO train2014 images, so one set's train split holds another's val and test images; MDETR, SeqTR
-    # and PolyFormer remove them (ppcr/data/overlap.py). Rank 0 prints what was dropped.
-    exclude_eval_images: bool = True
-    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    """What trains on, how it streams, and how shards are built."""
+
+    train_sets: list[ShardSetConfig] = setting(factory=lambda: [ShardSetConfig()],
+                                               doc="the training shard sets, mixed by their ratios")
+    num_workers: int = setting(2, "data-loader worker processes per rank (0: load in the rank's own process)")
+    shuffle_buffer: int = setting(256, "samples in each loader slot's shuffle buffer")
+    flip_prob: float = setting(0.5, "probability of a horizontal flip, which swaps 'left' and 'right' in the "
+                                    "expression")
+    shard_max_samples: int = setting(200, "samples per shard when building")
+    shard_max_mb: float = setting(256.0, "megabytes per shard when building, whichever limit comes first")
+    max_reject_share: float = setting(0.05, "a shard build exits non-zero past this share of rejected refs")
+    exclude_eval_images: bool = setting(
+        True, "drop every training ref whose image is in a split of eval.sets (RefCOCO, RefCOCO+ and RefCOCOg "
+              "share COCO train2014 images; MDETR, SeqTR and PolyFormer remove them: ppcr/data/overlap.py); rank "
+              "0 prints what was dropped")
+    synthetic: SyntheticConfig = setting(factory=SyntheticConfig, doc="the embedded synthetic dataset")
 
 
 @dataclass
 class SamArchConfig:
     """Shape of a SAM built with ``model.sam_type: tiny``; the released vit_b / vit_l / vit_h fix theirs."""
 
-    encoder_dim: int = 64
-    encoder_depth: int = 2
-    encoder_heads: int = 2
-    patch_size: int = 16
-    window_size: int = 4
-    global_attn_indexes: list[int] = field(default_factory=lambda: [1])
-    prompt_dim: int = 32  # 256 in the released SAM models
-    decoder_heads: int = 2
-    decoder_mlp_dim: Optional[int] = None  # the mask decoder's MLP width; null: 2 x prompt_dim (2048 released)
+    encoder_dim: int = setting(64, "image encoder width")
+    encoder_depth: int = setting(2, "image encoder blocks")
+    encoder_heads: int = setting(2, "image encoder attention heads")
+    patch_size: int = setting(16, "image encoder patch side, pixels")
+    window_size: int = setting(4, "windowed attention's window side, in patches")
+    global_attn_indexes: list[int] = setting(factory=lambda: [1], doc="image encoder blocks with global attention")
+    prompt_dim: int = setting(32, "prompt and mask decoder width (256 in the released SAM models)")
+    decoder_heads: int = setting(2, "mask decoder attention heads")
+    decoder_mlp_dim: Optional[int] = setting(None, "the mask decoder's MLP width; null: 2 x prompt_dim (2048 "
+                                                   "released)")
 
 
 @dataclass
 class TinyMllmConfig:
     """Shape of the tiny MLLM ``ppcr-tiny`` builds (``model.tiny_family``); a real checkpoint fixes its own."""
 
-    hidden: int = 128  # language model width
-    layers: int = 2
-    heads: int = 4
-    kv_heads: int = 2
-    vision_hidden: int = 64
-    vision_depth: int = 2
-    vision_heads: int = 2
-    vision_mlp_ratio: int = 2
-    patch_size: int = 14  # vision patch side in input pixels (Qwen merges 2 x 2 patches per image token)
+    hidden: int = setting(128, "language model width")
+    layers: int = setting(2, "language model layers")
+    heads: int = setting(4, "language model attention heads")
+    kv_heads: int = setting(2, "language model key/value heads")
+    vision_hidden: int = setting(64, "vision tower width")
+    vision_depth: int = setting(2, "vision tower layers")
+    vision_heads: int = setting(2, "vision tower attention heads")
+    vision_mlp_ratio: int = setting(2, "vision tower MLP width over its hidden width")
+    patch_size: int = setting(14, "vision patch side in input pixels (Qwen merges 2 x 2 patches per image token)")
 
 
 @dataclass
 class LoraSettings:
     """Both LoRA branches (semantic, spatial) share these; they go on the language model only."""
 
-    rank: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    rank: int = setting(8, "LoRA rank")
+    alpha: int = setting(16, "LoRA alpha (the update is scaled by alpha / rank)")
+    dropout: float = setting(0.05, "dropout on the LoRA input")
+    target_modules: list[str] = setting(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+                                        doc="language-model modules that get LoRA")
 
 
 @dataclass
@@ -123,62 +134,75 @@ class TemplateConfig:
     template. Placeholders: {expression}, {category}, {semantic} (the SemSP placeholder token) and
     {box} (the quantised box text)."""
 
-    semantic_prompt: str = 'Which object does "{expression}" refer to in this image?'
-    semantic_answer: str = "the {category} [SEM]"
-    spatial_prompt: str = 'The target is {semantic}. Where is "{expression}"? Answer with its box.'
-    spatial_answer: str = "[LOC] {box}"  # [LOC] first: the box head never sees the box text
+    semantic_prompt: str = setting('Which object does "{expression}" refer to in this image?',
+                                   "stage 1's prompt; holds {expression}")
+    semantic_answer: str = setting("the {category} [SEM]", "stage 1's answer under teacher forcing; ends in [SEM]")
+    spatial_prompt: str = setting('The target is {semantic}. Where is "{expression}"? Answer with its box.',
+                                  "stage 2's prompt; holds {expression} and {semantic}")
+    spatial_answer: str = setting("[LOC] {box}", "stage 2's answer; [LOC] first: the box head never sees the box "
+                                                 "text")
 
 
 @dataclass
 class TrainableConfig:
     """What trains. LoRA branches, projectors and the box head always do."""
 
-    embeddings: Literal["new_rows", "full"] = "new_rows"  # input embeddings: new token rows or all
-    lm_head: Literal["new_rows", "full"] = "new_rows"
-    sam_mask_decoder: bool = True
-    sam_prompt_encoder: bool = False
-    sam_image_encoder: bool = False
-    vision_tower: bool = False
-    llm_base: bool = False  # the language model's own weights, beside LoRA (tiny from-scratch runs)
+    embeddings: Literal["new_rows", "full"] = setting("new_rows", "input embeddings: new token rows or all")
+    lm_head: Literal["new_rows", "full"] = setting("new_rows", "LM head: new token rows or all")
+    sam_mask_decoder: bool = setting(True, "SAM's mask decoder")
+    sam_prompt_encoder: bool = setting(False, "SAM's prompt encoder")
+    sam_image_encoder: bool = setting(False, "SAM's image encoder")
+    vision_tower: bool = setting(False, "the MLLM's vision tower (and projector)")
+    llm_base: bool = setting(False, "the language model's own weights, beside LoRA (tiny from-scratch runs)")
 
 
 @dataclass
 class ModelConfig:
-    # The MLLM: a local directory with config, weights, tokenizer and processor (save_pretrained layout);
-    # or, only where the user opts in to the network with HF_HUB_OFFLINE=0 (ppcr/offline.py), a hub id
-    # "org/name", downloaded into the hub cache at load (README "Real data and weights").
-    mllm_path: str = "checkpoints/tiny-qwen2.5-vl"
-    # Which tiny model `ppcr-tiny` writes to mllm_path when it is missing; null for a real checkpoint.
-    tiny_family: Optional[Literal["qwen2_5_vl", "llava"]] = "qwen2_5_vl"
-    tiny_mllm: TinyMllmConfig = field(default_factory=TinyMllmConfig)
-    mllm_image_size: int = 112  # square side of the image handed to the MLLM's processor
-    sam_type: Literal["tiny", "vit_b", "vit_l", "vit_h"] = "tiny"
-    sam_checkpoint: str = "checkpoints/tiny-sam.pth"
-    sam_arch: SamArchConfig = field(default_factory=SamArchConfig)
-    sam_image_size: int = 256  # SAM's longest-side input size (1024 for the released SAM models)
-    sam_pixel_mean: list[float] = field(default_factory=lambda: [123.675, 116.28, 103.53])
-    sam_pixel_std: list[float] = field(default_factory=lambda: [58.395, 57.12, 57.375])
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    templates: TemplateConfig = field(default_factory=TemplateConfig)
-    trainable: TrainableConfig = field(default_factory=TrainableConfig)
-    # How SpaSP becomes a box: "pointer" scores the image tokens with it and reads the box from the chosen
-    # tokens' own boxes (ppcr/model/pointer.py); "mlp" regresses the box from SpaSP alone (the ablation).
-    box_head: Literal["pointer", "mlp"] = "pointer"
-    box_head_hidden: int = 256  # hidden width of either head (the pointer's seeded regressor: the pretrained one's)
-    # Put the prompt's text before the image in each stage's user turn, so that under the causal mask the
-    # image tokens see the expression (the chat template must render content in order: Qwen2-VL's and
-    # the tiny models' do, llava-hf's renders images first and is refused)
-    query_first: bool = False
-    # Bins per side of the box text "<box>(x1,y1),(x2,y2)</box>": 1000 is Qwen2-VL's convention; a small
-    # input image cannot resolve that finely (112 px: a tens digit is one pixel).
-    box_bins: int = 1000
-    gradient_checkpointing: bool = False
-    # float16 is for GPUs without bfloat16 (V100, T4), with train.precision fp16 (loss scaling)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # the MLLM's attention kernel (transformers' attn_implementation): PyTorch's SDPA, the plain one, or
-    # FlashAttention-2 (the flash-attn package, a GPU and a 16-bit dtype; checked before a run starts)
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
-    max_new_tokens: int = 40  # per stage, when generating
+    """The MLLM, SAM, the LoRA branches, the box head and what trains."""
+
+    mllm_path: str = setting(
+        "checkpoints/tiny-qwen2.5-vl",
+        "the MLLM: a local save_pretrained directory (config, safetensors weights, tokenizer, processor); or, "
+        "only where the user opts in to the network with HF_HUB_OFFLINE=0 (ppcr/offline.py), a hub id "
+        "'org/name', downloaded into the hub cache at load")
+    tiny_family: Optional[Literal["qwen2_5_vl", "llava"]] = setting(
+        "qwen2_5_vl", "which tiny model ppcr-tiny writes to mllm_path when it is missing; null for a real checkpoint")
+    tiny_mllm: TinyMllmConfig = setting(factory=TinyMllmConfig, doc="the tiny MLLM's shape")
+    mllm_image_size: int = setting(112, "square side of the image handed to the MLLM's processor")
+    sam_type: Literal["tiny", "vit_b", "vit_l", "vit_h"] = setting("tiny", "SAM's size: Meta's releases or tiny")
+    sam_checkpoint: str = setting("checkpoints/tiny-sam.pth", "SAM's state dict (.pth as Meta publishes it, or "
+                                                              ".safetensors)")
+    sam_arch: SamArchConfig = setting(factory=SamArchConfig, doc="the tiny SAM's shape")
+    sam_image_size: int = setting(256, "SAM's longest-side input size (1024 for the released SAM models)")
+    sam_pixel_mean: list[float] = setting(factory=lambda: [123.675, 116.28, 103.53],
+                                          doc="SAM's pixel mean (R, G, B); must match the checkpoint's")
+    sam_pixel_std: list[float] = setting(factory=lambda: [58.395, 57.12, 57.375],
+                                         doc="SAM's pixel std (R, G, B); must match the checkpoint's")
+    lora: LoraSettings = setting(factory=LoraSettings, doc="the LoRA branches")
+    templates: TemplateConfig = setting(factory=TemplateConfig, doc="the prompt templates")
+    trainable: TrainableConfig = setting(factory=TrainableConfig, doc="what trains")
+    box_head: Literal["pointer", "mlp"] = setting(
+        "pointer", "how SpaSP becomes a box: 'pointer' scores the image tokens with it and reads the box from the "
+                   "chosen tokens' own boxes (ppcr/model/pointer.py); 'mlp' regresses the box from SpaSP alone "
+                   "(the ablation)")
+    box_head_hidden: int = setting(256, "hidden width of either head (the pointer's seeded regressor: the "
+                                        "pretrained one's)")
+    query_first: bool = setting(
+        False, "put the prompt's text before the image in each stage's user turn, so that under the causal mask "
+               "the image tokens see the expression (the chat template must render content in order: Qwen2-VL's "
+               "and the tiny models' do, llava-hf's renders images first and is refused)")
+    box_bins: int = setting(
+        1000, "bins per side of the box text '<box>(x1,y1),(x2,y2)</box>': 1000 is Qwen2-VL's convention; a small "
+              "input image cannot resolve that finely (112 px: a tens digit is one pixel)")
+    gradient_checkpointing: bool = setting(False, "recompute the MLLM's activations in backward (less memory)")
+    dtype: Literal["float32", "bfloat16", "float16"] = setting(
+        "float32", "the whole model's dtype; float16 is for GPUs without bfloat16 (V100, T4), with "
+                   "train.precision fp16 (loss scaling)")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = setting(
+        "sdpa", "the MLLM's attention kernel (transformers' attn_implementation): PyTorch's SDPA, the plain one, "
+                "or FlashAttention-2 (the flash-attn package, a GPU and a 16-bit dtype; checked before a run "
+                "starts)")
+    max_new_tokens: int = setting(40, "tokens generated per stage at most")
 
 
 @dataclass
@@ -186,14 +210,14 @@ class LossWeights:
     """Total = w_ce_sem*CE_A + w_ce_spa*CE_B + w_l1*L1 + w_giou*GIoU + w_bce*BCE + w_dice*Dice, and with the
     pointer box head (model.box_head) + w_point*Point + w_token_box*(w_l1*L1_token + w_giou*GIoU_token)."""
 
-    w_ce_sem: float = 1.0
-    w_ce_spa: float = 1.0
-    w_l1: float = 5.0
-    w_giou: float = 2.0
-    w_point: float = 1.0  # the pointer's cross-entropy over image tokens (ppcr.model.pointer)
-    w_token_box: float = 1.0  # the selected tokens' own boxes, on top of w_l1 and w_giou
-    w_bce: float = 2.0
-    w_dice: float = 0.5
+    w_ce_sem: float = setting(1.0, "stage 1's answer cross-entropy")
+    w_ce_spa: float = setting(1.0, "stage 2's answer cross-entropy")
+    w_l1: float = setting(5.0, "L1 between the head's box and the ground truth")
+    w_giou: float = setting(2.0, "GIoU loss between the head's box and the ground truth")
+    w_point: float = setting(1.0, "the pointer's cross-entropy over image tokens (ppcr.model.pointer)")
+    w_token_box: float = setting(1.0, "the selected tokens' own boxes, on top of w_l1 and w_giou")
+    w_bce: float = setting(2.0, "the mask's binary cross-entropy")
+    w_dice: float = setting(0.5, "the mask's Dice loss")
 
 
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # train.precision -> model.dtype
@@ -201,75 +225,84 @@ PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0  # initial weights and data order; each rank's dropout draws from seed + rank
-    micro_batch_size: int = 4  # samples per rank per forward
-    grad_accum: int = 1  # micro batches per optimizer step
-    # Samples per optimizer step over all ranks. When set, grad_accum follows from it and the world size
-    # (global_batch_size / (micro_batch_size x world size)), so a recipe keeps its batch on any node count.
-    global_batch_size: Optional[int] = None
-    max_steps: int = 2000  # optimizer steps
-    lr: float = 2e-4  # LoRA branches
-    # pretrained weights that train whole (model.trainable: vision_tower, llm_base, full embeddings and lm_head);
-    # null: train.lr
-    base_lr: Optional[float] = None
-    head_lr: float = 1e-3  # SemSP projectors, box head, new token rows or full embeddings and LM head
-    sam_lr: float = 1e-4  # SAM's mask decoder, and its other parts when they train
-    weight_decay: float = 0.0  # never applied to norms and biases
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.1  # cosine decay ends at this share of each group's lr
-    grad_clip: float = 1.0
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    # fp16 only: DeepSpeed's dynamic loss scaling starts at 2**loss_scale_power, halves on a gradient
-    # overflow (that step makes no update) and doubles after 1000 steps without one
-    loss_scale_power: int = 16
-    ds_config: str = "ds_configs/zero3.json"  # ZeRO settings; batch, clipping and precision come from here
-    run_name: str = "default"  # the run directory is <paths.runs_root>/<run_name>
-    save_every: int = 500  # steps between checkpoints (and one at the end)
-    keep_last: int = 2  # checkpoints kept
-    log_every: int = 10
-    val_every: int = 500  # steps between validations on a slice of the first eval set
-    val_samples: int = 64  # expressions in that slice, over all ranks
-    image_every: int = 500  # steps between mask grids in TensorBoard
-    # A micro-batch whose loss is NaN or Inf on any rank gets no backward on every rank, and a step
-    # without a finite micro-batch no update; after this many such steps in a row the run stops.
-    max_nonfinite_steps: int = 3
-    # SAM's box in training: a jittered ground-truth box with a probability that falls linearly from 1 at
-    # step 0 to 0 at this step, the box head's (detached) box otherwise; 0: always the head's box.
-    sam_gt_box_steps: int = 0
-    sam_box_jitter: float = 0.1  # centre shift and log size change, in box sides (standard deviation)
-    # The share of jittered ground-truth boxes never falls below this: a mask decoder trained only on the
-    # head's (poor) boxes forgets how to follow a box (DESIGN.md section 9)
-    sam_gt_box_floor: float = 0.0
-    halt_at_step: Optional[int] = None  # checkpoint and stop after this step (time-boxed jobs, tests)
-    # Profile steps profile_at_step .. profile_at_step + profile_steps - 1: a trace and the split of step
-    # time by stage, in <run>/profile/ (ppcr.train.profiling); null profiles nothing.
-    profile_at_step: Optional[int] = None
-    profile_steps: int = 2
-    loss: LossWeights = field(default_factory=LossWeights)
+    """The run: batch, steps, optimizer, precision, checkpoints, logging and validation."""
+
+    seed: int = setting(0, "initial weights and data order; each rank's dropout draws from seed + rank")
+    micro_batch_size: int = setting(4, "samples per rank per forward")
+    grad_accum: int = setting(1, "micro batches per optimizer step")
+    global_batch_size: Optional[int] = setting(
+        None, "samples per optimizer step over all ranks; when set, grad_accum follows from it and the world size "
+              "(global_batch_size / (micro_batch_size x world size)), so a recipe keeps its batch on any node count")
+    max_steps: int = setting(2000, "optimizer steps")
+    lr: float = setting(2e-4, "learning rate of the LoRA branches")
+    base_lr: Optional[float] = setting(
+        None, "learning rate of pretrained weights that train whole (model.trainable: vision_tower, llm_base, full "
+              "embeddings and lm_head); null: train.lr")
+    head_lr: float = setting(1e-3, "learning rate of the SemSP projectors, box head, new token rows or full "
+                                   "embeddings and LM head")
+    sam_lr: float = setting(1e-4, "learning rate of SAM's mask decoder, and of its other parts when they train")
+    weight_decay: float = setting(0.0, "AdamW weight decay, never applied to norms and biases")
+    warmup_steps: int = setting(100, "linear warmup steps before the cosine decay")
+    min_lr_ratio: float = setting(0.1, "cosine decay ends at this share of each group's lr")
+    grad_clip: float = setting(1.0, "gradient norm clipping (0: off)")
+    precision: Literal["fp32", "bf16", "fp16"] = setting("fp32", "DeepSpeed's precision; must match model.dtype")
+    loss_scale_power: int = setting(
+        16, "fp16 only: DeepSpeed's dynamic loss scaling starts at 2**loss_scale_power, halves on a gradient "
+            "overflow (that step makes no update) and doubles after 1000 steps without one")
+    ds_config: str = setting("ds_configs/zero3.json", "DeepSpeed JSON: ZeRO settings; batch, clipping and "
+                                                      "precision come from the recipe")
+    run_name: str = setting("default", "the run directory is <paths.runs_root>/<run_name>")
+    save_every: int = setting(500, "steps between checkpoints (and one at the end)")
+    keep_last: int = setting(2, "checkpoints kept")
+    log_every: int = setting(10, "steps between metric lines (console, metrics.jsonl, TensorBoard)")
+    val_every: int = setting(500, "steps between validations on a slice of the first eval set")
+    val_samples: int = setting(64, "expressions in that slice, over all ranks (0: no validation)")
+    image_every: int = setting(500, "steps between mask grids in TensorBoard")
+    max_nonfinite_steps: int = setting(
+        3, "a micro-batch whose loss is NaN or Inf on any rank gets no backward on every rank, and a step without "
+           "a finite micro-batch no update; after this many such steps in a row the run stops")
+    sam_gt_box_steps: int = setting(
+        0, "SAM's box in training: a jittered ground-truth box with a probability that falls linearly from 1 at "
+           "step 0 to 0 at this step, the box head's (detached) box otherwise; 0: always the head's box")
+    sam_box_jitter: float = setting(0.1, "centre shift and log size change of that box, in box sides (standard "
+                                         "deviation)")
+    sam_gt_box_floor: float = setting(
+        0.0, "the share of jittered ground-truth boxes never falls below this: a mask decoder trained only on the "
+             "head's (poor) boxes forgets how to follow a box")
+    halt_at_step: Optional[int] = setting(None, "checkpoint and stop after this step (time-boxed jobs, tests)")
+    profile_at_step: Optional[int] = setting(
+        None, "profile steps profile_at_step .. profile_at_step + profile_steps - 1: a trace and the split of step "
+              "time by stage, in <run>/profile/ (ppcr.train.profiling); null profiles nothing")
+    profile_steps: int = setting(2, "steps profiled")
+    loss: LossWeights = setting(factory=LossWeights, doc="the loss weights")
 
 
 @dataclass
 class EvalConfig:
-    sets: list[ShardSetConfig] = field(
-        default_factory=lambda: [
+    """Evaluation by generation (make eval) and validation during training."""
+
+    sets: list[ShardSetConfig] = setting(
+        factory=lambda: [
             ShardSetConfig(split="val"),
             ShardSetConfig(split="testA"),
             ShardSetConfig(split="testB"),
-        ]
-    )
-    batch_size: int = 8  # expressions decoded together per rank (validation too)
-    max_expressions: Optional[int] = None  # per split, over all ranks; None evaluates every expression
-    # an expression of the source split missing from the shards (rejected at build, unreadable): stop the
-    # evaluation, or score it as a miss and flag it in the table (ppcr.eval.splits)
-    on_missing: Literal["fail", "score_zero"] = "fail"
+        ],
+        doc="the splits evaluated, in order; validation uses the first")
+    batch_size: int = setting(8, "expressions decoded together per rank (validation too)")
+    max_expressions: Optional[int] = setting(None, "per split, over all ranks; null evaluates every expression")
+    on_missing: Literal["fail", "score_zero"] = setting(
+        "fail", "an expression of the source split missing from the shards (rejected at build, unreadable): stop "
+                "the evaluation, or score it as a miss and flag it in the table (ppcr.eval.splits)")
 
 
 @dataclass
 class PretrainStageConfig:
-    steps: int = 1000
-    batch_size: int = 16  # scenes per step
-    lr: float = 1e-3
-    warmup_steps: int = 100
+    """One stage of ``ppcr-pretrain``."""
+
+    steps: int = setting(1000, "optimizer steps")
+    batch_size: int = setting(16, "scenes per step")
+    lr: float = setting(1e-3, "peak learning rate")
+    warmup_steps: int = setting(100, "linear warmup steps")
 
 
 @dataclass
@@ -277,33 +310,42 @@ class PretrainConfig:
     """``ppcr-pretrain``: the tiny backbones' pretraining (``ppcr/pretrain/``) on synthetic scenes drawn
     from a seed of their own, never the dataset's images. Writes model.mllm_path and model.sam_checkpoint."""
 
-    seed: int = 1  # scenes of this seed; must differ from data.synthetic.seed
-    vision: PretrainStageConfig = field(default_factory=lambda: PretrainStageConfig(steps=6000))
-    grounding: PretrainStageConfig = field(default_factory=lambda: PretrainStageConfig(steps=4000, lr=5e-4))
-    sam: PretrainStageConfig = field(default_factory=lambda: PretrainStageConfig(steps=3000, batch_size=8))
-    sam_jitter: float = 0.1  # box jitter, in box sides (SAM's own training used about 0.1)
-    num_workers: int = 1  # scene-drawing processes beside the training process
-    log_every: int = 50
-    eval_every: int = 500
-    eval_scenes: int = 64  # held-out scenes (another index range of the pretraining seed)
+    seed: int = setting(1, "scenes of this seed; must differ from data.synthetic.seed")
+    vision: PretrainStageConfig = setting(factory=lambda: PretrainStageConfig(steps=6000),
+                                          doc="the vision tower and projector, on per-token targets")
+    grounding: PretrainStageConfig = setting(factory=lambda: PretrainStageConfig(steps=4000, lr=5e-4),
+                                             doc="the language model, on listing and locating objects in box text")
+    sam: PretrainStageConfig = setting(factory=lambda: PretrainStageConfig(steps=3000, batch_size=8),
+                                       doc="SAM, from a box to the object's mask")
+    sam_jitter: float = setting(0.1, "box jitter, in box sides (SAM's own training used about 0.1)")
+    num_workers: int = setting(1, "scene-drawing processes beside the training process")
+    log_every: int = setting(50, "steps between log lines")
+    eval_every: int = setting(500, "steps between held-out evaluations")
+    eval_scenes: int = setting(64, "held-out scenes (another index range of the pretraining seed)")
 
 
 @dataclass
 class PathsConfig:
-    refer_root: str = "data/refer"  # REFER files: <refer_root>/<dataset>/refs(<split_by>).p
-    images_root: str = "data/images"  # images: <images_root>/<dataset>/ for the synthetic set
-    shards_root: str = "shards"
-    runs_root: str = "runs"  # run directories: checkpoints, TensorBoard logs, metrics
+    """Where data, shards and runs live."""
+
+    refer_root: str = setting("data/refer", "REFER files: <refer_root>/<dataset>/refs(<split_by>).p")
+    images_root: str = setting("data/images", "images: <images_root>/<dataset>/ for the synthetic set")
+    shards_root: str = setting("shards", "shard sets: <shards_root>/<name>/")
+    runs_root: str = setting("runs", "run directories: checkpoints, TensorBoard logs, metrics")
 
 
 @dataclass
 class Config:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    paths: PathsConfig = field(default_factory=PathsConfig)
+    """Every setting of ppcr."""
+
+    data: DataConfig = setting(factory=DataConfig, doc="what trains, how it streams and how shards are built")
+    model: ModelConfig = setting(factory=ModelConfig,
+                                 doc="the MLLM, SAM, the LoRA branches, the box head and what trains")
+    train: TrainConfig = setting(factory=TrainConfig,
+                                 doc="the training run: batch, steps, optimizer, checkpoints, logs")
+    eval: EvalConfig = setting(factory=EvalConfig, doc="evaluation by generation (make eval) and validation")
+    pretrain: PretrainConfig = setting(factory=PretrainConfig, doc="ppcr-pretrain: the tiny backbones' pretraining")
+    paths: PathsConfig = setting(factory=PathsConfig, doc="where data, shards and runs live")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -368,7 +410,7 @@ def _check_values(cfg: Config) -> None:
     need(t.semantic_answer.rstrip().endswith("[SEM]"), "model.templates.semantic_answer", "must end in [SEM]")
     sa = t.spatial_answer.rstrip()
     # The box head reads the hidden state at [LOC]: under teacher forcing one that had seen the box text
-    # would learn to parse the ground-truth digits instead of localising (DESIGN.md section 2).
+    # would learn to parse the ground-truth digits instead of localising (README, "The model").
     need(sa.count("[LOC]") == 1 and (sa.endswith("[LOC]") and "{box}" not in sa
                                      or sa.endswith("{box}") and sa.count("{box}") == 1 and sa.index("[LOC]") < sa.index("{box}")),
          "model.templates.spatial_answer", "must hold [LOC] once and end in it, or end in one {box} written after "
@@ -603,3 +645,79 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Every key with its type, default and doc, for --help
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One key of the tree as ``--help`` lists it."""
+
+    key: str  # dotted, as an override names it; a list item's fields as key[i].field
+    type: str  # in words, e.g. "int or null", "one of: fp32, bf16, fp16"
+    default: Any
+    doc: str
+    section: bool = False  # a group of keys (a nested dataclass), not a value
+
+
+def _type_label(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of: " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_label(a) for a in args) + (" or null" if len(args) < len(typing.get_args(tp)) else "")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return "list of mappings (keys below)" if dataclasses.is_dataclass(item) else f"list of {_type_label(item)}"
+    if origin is dict:
+        k, v = typing.get_args(tp)
+        return f"mapping of {_type_label(k)} to {_type_label(v)}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def settings(cls: type = Config, prefix: str = "", instance: Any = None) -> list[Setting]:
+    """Every key under ``cls``, in the tree's order, with its type, its default (taken from ``instance``, so
+    that a nested default such as ``pretrain.vision.steps`` is the tree's) and its doc (the field's
+    ``metadata["doc"]``, see :func:`setting`). A nested dataclass is a section followed by its keys; the
+    fields of a list's items are listed as ``key[i].field`` with the item class's defaults."""
+    instance = cls() if instance is None else instance
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        key, tp, value = f"{prefix}{f.name}", hints[f.name], getattr(instance, f.name)
+        doc = f.metadata.get("doc", "")
+        if dataclasses.is_dataclass(tp):
+            out.append(Setting(key, tp.__name__, None, doc, section=True))
+            out += settings(tp, f"{key}.", value)
+            continue
+        item = typing.get_args(tp)[0] if typing.get_origin(tp) is list else None
+        out.append(Setting(key, _type_label(tp), value, doc))
+        if dataclasses.is_dataclass(item):
+            out += settings(item, f"{key}[i].")
+    return out
+
+
+def _yaml(value: Any) -> str:
+    """A value as an override would write it (YAML flow style)."""
+    if isinstance(value, list) and value and dataclasses.is_dataclass(value[0]):
+        value = [to_dict(v) for v in value]
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000, sort_keys=False).strip()
+    return text[:-4].strip() if text.endswith("\n...") else text
+
+
+def settings_help(width: int = 110) -> str:
+    """The list ``--help`` prints: every key, its type, default and doc."""
+    import textwrap
+
+    lines = ["settings: override any key below as key.sub=value (the value is YAML); type, default, what it does"]
+    for s in settings():
+        if s.section:
+            lines += ["", f"{s.key}: {s.doc}"]
+            continue
+        lines.append(f"  {s.key} ({s.type}; default {_yaml(s.default)})")
+        lines += textwrap.wrap(s.doc, width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines)

@@ -6,6 +6,7 @@ import json
 import os
 import pickle
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,12 +127,26 @@ def trained_run(tiny_shards, tiny_models, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def exported(trained_run, tmp_path_factory) -> Path:
-    """The trained run exported (``model``) and merged into a plain MLLM (``merged``)."""
+    """The trained run exported, under ``model``."""
     from ppcr.model.export import main as export_main
 
     out = tmp_path_factory.mktemp("export")
-    assert export_main(["--checkpoint", str(trained_run), "--out", str(out / "model"),
-                        "--merge-into", str(out / "merged"), "--branch", "spatial"]) == 0
+    assert export_main(["--checkpoint", str(trained_run), "--out", str(out / "model")]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def evaluated_run(trained_run, tiny_shards, tmp_path_factory) -> Path:
+    """A copy of the trained run with make eval's outputs for its checkpoint (launch/eval.py --ablations on 8
+    expressions of val and of testB): results.json, results.md and the predictions files under eval/<tag>/."""
+    from launching import run
+
+    out = tmp_path_factory.mktemp("evaluated") / "trained"
+    shutil.copytree(trained_run, out, ignore=shutil.ignore_patterns("eval"))
+    sets = f"eval.sets=[{{name: {tiny_shards.name}, split: val}}, {{name: {tiny_shards.name}, split: testB}}]"
+    done = run([sys.executable, "launch/eval.py", "--checkpoint", str(out), "--ablations", sets,
+                "eval.max_expressions=8"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
 
 

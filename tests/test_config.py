@@ -26,3 +26,33 @@ def test_overrides_set_nested_values_with_yaml_types():
     assert [(s.name, s.split, s.ratio) for s in cfg.data.train_sets] == [("a", "train", 3.0), ("b", "val", 1.0)]
 
 
+
+
+def test_every_key_is_listed_with_its_type_default_and_doc_and_the_listed_default_loads():
+    """``--help``'s list (ppcr.config.settings) names every key the loader takes, each with a doc, and
+    writing each listed default back as an override gives the default config."""
+    from ppcr.config import _yaml, settings, settings_help, to_dict
+
+    listed = settings()
+    keys = {s.key for s in listed if not s.section}
+
+    def leaves(tree, prefix=""):
+        for k, v in tree.items():
+            if isinstance(v, dict) and k != "num_images":  # the one mapping-valued key
+                yield from leaves(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}"
+
+    assert set(leaves(to_dict(Config()))) == {k for k in keys if "[i]" not in k}
+    assert {k for k in keys if "[i]" in k} == {f"{lst}[i].{f}" for lst in ("data.train_sets", "eval.sets")
+                                               for f in ("name", "split", "ratio")}
+    assert all(s.doc.strip() for s in listed), [s.key for s in listed if not s.doc.strip()]
+    by_key = {s.key: s for s in listed}
+    assert by_key["pretrain.vision.steps"].default == 6000  # the tree's nested default, not the class's 1000
+    assert by_key["train.precision"].type == "one of: fp32, bf16, fp16"
+    assert by_key["train.global_batch_size"].type == "int or null"
+    text = settings_help()
+    assert "  train.sam_gt_box_floor (float; default 0.0)\n      the share of jittered ground-truth boxes" in text
+    assert "  eval.sets[i].split (one of: train, val, test, testA, testB; default train)" in text
+    overrides = [f"{s.key}={_yaml(s.default)}" for s in listed if not s.section and "[i]" not in s.key]
+    assert load_config(None, overrides) == Config()

@@ -11,23 +11,22 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ppcr.eval.demo import MAX_EXPRESSION_CHARS, DemoInputError, Segmenter, examples
+from ppcr.eval.demo import MAX_EXPRESSION_CHARS, DemoInputError, RequestHandler, examples
 from ppcr.eval.demo import main as demo_main
-from ppcr.model.saving import load_checkpoint
+from ppcr.eval.segmenter import Segmenter
 from test_images import exif_rotated_jpeg
 
 ROOT = Path(__file__).parent.parent
 
 
 @pytest.fixture(scope="module")
-def segmenter(exported):
-    model, _, _, _ = load_checkpoint(exported / "model")
-    return Segmenter(model)
+def handler(exported):
+    return RequestHandler(Segmenter.from_pretrained(exported / "model", device="cpu", batch_size=1))
 
 
-def test_an_example_gets_the_overlay_both_answers_and_the_details(segmenter):
+def test_an_example_gets_the_overlay_both_answers_and_the_details(handler):
     image, expression = examples()[0]
-    answer = segmenter(image, expression)
+    answer = handler(image, expression)
     with Image.open(image) as im:
         assert answer.overlay.size == im.size
     assert isinstance(answer.semantic_answer, str) and isinstance(answer.spatial_answer, str)
@@ -43,7 +42,7 @@ def test_an_example_gets_the_overlay_both_answers_and_the_details(segmenter):
     ("not an image", "cannot read image"),
     ("huge image", "9000 x 8000 px (72 MP)"),
 ])
-def test_bad_input_is_answered_with_a_message(segmenter, tmp_path, case, message):
+def test_bad_input_is_answered_with_a_message(handler, tmp_path, case, message):
     image, expression = examples()[0]
     if case == "no image":
         image = None
@@ -60,7 +59,7 @@ def test_bad_input_is_answered_with_a_message(segmenter, tmp_path, case, message
         Image.new("1", (9000, 8000)).save(tmp_path / "huge.png")
         image = str(tmp_path / "huge.png")
     with pytest.raises(DemoInputError) as caught:
-        segmenter(image, expression)
+        handler(image, expression)
     assert message in str(caught.value)
 
 
@@ -70,7 +69,7 @@ def test_bad_input_is_answered_with_a_message(segmenter, tmp_path, case, message
     ("16-bit", "16-bit grey scaled to 8 bits", (64, 48)),
     ("exif", "rotated as its EXIF orientation (6) says", (40, 60)),
 ])
-def test_odd_images_are_answered_and_the_page_says_what_was_converted(segmenter, tmp_path, kind, note, shown_size):
+def test_odd_images_are_answered_and_the_page_says_what_was_converted(handler, tmp_path, kind, note, shown_size):
     path = tmp_path / ("photo.jpg" if kind == "exif" else "photo.png")
     if kind == "grey":
         Image.fromarray(np.full((48, 64), 90, np.uint8)).save(path)
@@ -80,7 +79,7 @@ def test_odd_images_are_answered_and_the_page_says_what_was_converted(segmenter,
         Image.fromarray(np.full((48, 64), 40000, np.uint16)).save(path)
     else:
         exif_rotated_jpeg(path)
-    answer = segmenter(str(path), "the thing in the middle")
+    answer = handler(str(path), "the thing in the middle")
     assert answer.overlay.size == shown_size  # (width, height) as a viewer shows the image
     assert note in answer.details
 
@@ -101,7 +100,7 @@ def browser_missing() -> str | None:
     return None
 
 
-def test_the_page_answers_in_a_real_browser(segmenter, exported, tmp_path):
+def test_the_page_answers_in_a_real_browser(handler, exported, tmp_path):
     reason = browser_missing()
     if reason:
         print(f"SKIPPED browser test: {reason}")
@@ -113,7 +112,7 @@ def test_the_page_answers_in_a_real_browser(segmenter, exported, tmp_path):
                            "--timeout", "120"], cwd=ROOT, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     shown = json.loads(done.stdout.strip().splitlines()[-1])
-    expected = segmenter(image, expression)  # the same model in this process: the page must show its answer
+    expected = handler(image, expression)  # the same model in this process: the page must show its answer
     assert shown["semantic_answer"] == expected.semantic_answer
     assert shown["spatial_answer"] == expected.spatial_answer
     with Image.open(image) as im:

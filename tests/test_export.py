@@ -1,16 +1,25 @@
-"""Export from a 2-rank ZeRO-3 checkpoint, loading with peft alone, merging, and ppcr-infer."""
+"""Export from a 2-rank ZeRO-3 checkpoint, loading with peft alone, the layout before safetensors, publishing to
+the hub under the network opt-in, and ppcr-infer."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import torch
+import yaml
+from huggingface_hub import constants, metadata_load
 from peft import PeftModel
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
 from ppcr.model.predict import predict
 from ppcr.data.shards import decode_sample, iter_tar_samples, load_manifest
 from ppcr.eval.infer import main as infer_main
+from ppcr.model.export import main as export_main
 from ppcr.model.saving import load_checkpoint, load_pretrained
 
 
@@ -36,7 +45,7 @@ def test_export_predicts_the_checkpoints_masks(trained_run, exported, tiny_shard
         assert torch.equal(x.mask, y.mask)
 
 
-def test_adapters_load_with_peft_alone_and_merge_gives_a_plain_model(exported):
+def test_adapters_load_with_peft_alone(exported):
     base = AutoModelForImageTextToText.from_pretrained(exported / "model/mllm")
     peft_model = PeftModel.from_pretrained(base, exported / "model/adapters/semantic", adapter_name="semantic")
     peft_model.load_adapter(exported / "model/adapters/spatial", adapter_name="spatial")
@@ -46,20 +55,7 @@ def test_adapters_load_with_peft_alone_and_merge_gives_a_plain_model(exported):
         if "lora_" in name:
             assert torch.equal(p, theirs[name]), name
     trained_b = [p for n, p in theirs.items() if "lora_B" in n and ".spatial" in n]
-    assert any(p.abs().sum() > 0 for p in trained_b)  # the branch learned something to merge
-
-    merged = AutoModelForImageTextToText.from_pretrained(exported / "merged")
-    assert not any("lora_" in n for n, _ in merged.named_parameters())
-    key = "model.language_model.layers.0.self_attn.q_proj.weight"
-    fresh = AutoModelForImageTextToText.from_pretrained(exported / "model/mllm")
-    assert not torch.equal(dict(merged.named_parameters())[key], dict(fresh.named_parameters())[key])
-    peft_model.set_adapter("spatial")
-    peft_model.eval()
-    ids = torch.tensor([[5, 6, 7, 8]])
-    with torch.no_grad():
-        expected = peft_model.model.model.language_model(input_ids=ids).last_hidden_state
-        got = merged.model.language_model(input_ids=ids).last_hidden_state
-    assert torch.allclose(expected, got, atol=1e-4)
+    assert any(p.abs().sum() > 0 for p in trained_b)  # the branch learned something
 
 
 def test_infer_writes_mask_overlay_and_json_and_reports_bad_requests(exported, tiny_shards, tmp_path, capsys):
@@ -101,3 +97,47 @@ def test_infer_masks_an_exif_rotated_photo_in_the_orientation_a_viewer_shows(exp
     assert np.array(Image.open(tmp_path / "out/phone.mask.png")).shape == (60, 40)
     assert Image.open(tmp_path / "out/phone.overlay.png").size == (40, 60)
     assert "rotated as its EXIF orientation (6) says" in capsys.readouterr().out
+
+
+def test_an_export_with_sams_state_as_a_pickle_still_loads(exported, tmp_path):
+    """Exports written before SAM's state went into safetensors hold sam.pth (config.yaml names it)."""
+    old = tmp_path / "old"
+    shutil.copytree(exported / "model", old)
+    torch.save(load_file(old / "sam.safetensors"), old / "sam.pth")
+    (old / "sam.safetensors").unlink()
+    cfg = yaml.safe_load((old / "config.yaml").read_text())
+    assert cfg["model"]["sam_checkpoint"] == "sam.safetensors"
+    cfg["model"]["sam_checkpoint"] = "sam.pth"
+    (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    a, b = (load_pretrained(d)[0].sam.sam.state_dict() for d in (old, exported / "model"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_push_to_hub_is_refused_without_the_network_opt_in(exported, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "out"
+    assert export_main(["--checkpoint", str(exported / "model"), "--out", str(out), "--push-to-hub", "org/name"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --push-to-hub org/name: ppcr does not reach the network unless you opt in" in err
+    assert "HF_HUB_OFFLINE=0" in err and not out.exists()  # refused before any work
+    assert export_main(["--checkpoint", str(exported / "model"), "--out", str(out), "--push-to-hub", "a/b/c"]) == 2
+    assert "is not a hub repo id 'org/name'" in capsys.readouterr().err
+
+
+def test_push_to_hub_with_the_opt_in_reaches_the_hub_and_keeps_the_export(exported, tmp_path):
+    """HF_HUB_OFFLINE=0 (in a fresh process: the hub reads it at import) and an endpoint that refuses
+    connections: the upload is tried, fails with the hub client's connection error, and the export (of an
+    export: its card keeps the run's facts) stays."""
+    out = tmp_path / "again"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
+    env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_test", HF_HOME=str(tmp_path / "hf"),
+               OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "ppcr.model.export", "--checkpoint", str(exported / "model"), "--out",
+                           str(out), "--push-to-hub", "someorg/ppcr-test"], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=tmp_path)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "error: could not upload" in done.stderr and "someorg/ppcr-test" in done.stderr
+    assert "Connection refused" in done.stderr and "OfflineModeIsEnabled" not in done.stderr
+    before, after = (metadata_load(d / "README.md")["ppcr"] for d in (exported / "model", out))
+    assert after == before and after["training"]["checkpoint"] == "trained/step_00000003"
+    assert (out / "sam.safetensors").is_file() and load_pretrained(out)[0] is not None

@@ -66,3 +66,22 @@ def test_missing_broken_and_too_large_images_are_refused_with_the_reason(tmp_pat
     Image.new("1", (9000, 8000)).save(tmp_path / "huge.png")  # 72 MP, a small file
     with pytest.raises(ImageError, match=r"9000 x 8000 px \(72 MP\); images up to 64 MP"):
         load_image(tmp_path / "huge.png")
+
+
+def test_a_pil_image_or_an_array_is_taken_as_a_file_is(tmp_path):
+    exif_rotated_jpeg(tmp_path / "phone.jpg")
+    with Image.open(tmp_path / "phone.jpg") as im:
+        loaded = load_image(im)  # a PIL image a user opened: its EXIF orientation applies too
+    assert np.array_equal(loaded.pixels, load_image(tmp_path / "phone.jpg").pixels)
+    assert loaded.pixels.shape == (60, 40, 3) and any("EXIF orientation (6)" in n for n in loaded.notes)
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    assert np.array_equal(load_image(rgb).pixels, rgb) and load_image(rgb).notes == []
+    depth = load_image(np.full((4, 5), 65535, np.uint16))
+    assert (depth.pixels == 255).all() and "16-bit grey scaled to 8 bits" in depth.notes
+    assert (load_image(np.full((4, 5), 0.5)).pixels == 128).all()  # a float grey in [0, 1]
+    with pytest.raises(ImageError, match=r"image array of shape \(4, 5, 2\) and dtype uint8: give"):
+        load_image(np.zeros((4, 5, 2), np.uint8))
+    with pytest.raises(ImageError, match="a float grey must lie in"):
+        load_image(np.full((4, 5), 3.0))
+    with pytest.raises(ImageError, match=r"the PIL image is 9000 x 8000 px \(72 MP\)"):
+        load_image(Image.new("1", (9000, 8000)))

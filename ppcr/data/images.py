@@ -1,4 +1,5 @@
-"""A user's image, as a person sees it, for inference (``ppcr-infer``) and the demo (``ppcr-demo``).
+"""A user's image, as a person sees it, for inference (``ppcr.Segmenter``, ``ppcr-infer``) and the demo
+(``ppcr-demo``): a file, a PIL image or an array.
 
 Photos from phones and cameras are often stored sideways with an EXIF orientation tag that viewers
 apply; the mask must line up with what the user sees, so the tag is applied here. Training and
@@ -33,19 +34,24 @@ class LoadedImage:
     notes: list[str] = field(default_factory=list)  # conversions applied, in words
 
 
-def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> LoadedImage:
-    """Open ``path`` as 8-bit RGB in display orientation; :class:`ImageError` names the file and why."""
-    path = Path(path)
+def load_image(source: str | Path | Image.Image | np.ndarray, *, max_pixels: int = MAX_PIXELS) -> LoadedImage:
+    """A file path, a PIL image or an array as 8-bit RGB in display orientation; :class:`ImageError` names the
+    file (or the array's shape and dtype) and why. A PIL image gets the same treatment as a file (its EXIF
+    orientation, mode conversions); an array is taken as stored: (H, W, 3) or (H, W, 4) uint8 RGB(A), or an
+    (H, W) grey of uint8, uint16, bool or float in [0, 1]."""
+    if isinstance(source, np.ndarray):
+        return _to_rgb(_array_image(source, max_pixels))
+    if isinstance(source, Image.Image):
+        _check_size(source.size, "the PIL image", max_pixels)
+        return _to_rgb(source)
+    path = Path(source)
     if not path.is_file():
         raise ImageError(f"image not found: {path}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
-                w, h = im.size
-                if w * h > max_pixels:
-                    raise ImageError(f"{path} is {w} x {h} px ({w * h / 1e6:.0f} MP); images up to "
-                                     f"{max_pixels / 1e6:.0f} MP are taken")
+                _check_size(im.size, str(path), max_pixels)
                 return _to_rgb(im)
     except ImageError:
         raise
@@ -53,6 +59,30 @@ def load_image(path: str | Path, *, max_pixels: int = MAX_PIXELS) -> LoadedImage
         raise ImageError(f"cannot read image {path}: not an image file PIL can open ({e})") from e
     except (OSError, ValueError, SyntaxError) as e:  # truncated or corrupt files raise these from PIL's decoders
         raise ImageError(f"cannot read image {path} ({e})") from e
+
+
+def _check_size(size: tuple[int, int], what: str, max_pixels: int) -> None:
+    """Refuse an image of (width, height) ``size`` above ``max_pixels``, naming ``what`` it is."""
+    w, h = size
+    if w * h > max_pixels:
+        raise ImageError(f"{what} is {w} x {h} px ({w * h / 1e6:.0f} MP); images up to {max_pixels / 1e6:.0f} MP "
+                         "are taken")
+
+
+def _array_image(a: np.ndarray, max_pixels: int) -> Image.Image:
+    """An array as the PIL image of the same pixels (the modes :func:`_to_rgb` converts)."""
+    what = f"image array of shape {a.shape} and dtype {a.dtype}"
+    grey = a.ndim == 2 and a.dtype in (np.uint8, np.uint16, np.bool_, np.float32, np.float64)
+    colour = a.ndim == 3 and a.shape[2] in (3, 4) and a.dtype == np.uint8
+    if not (grey or colour) or min(a.shape[:2]) == 0:
+        raise ImageError(f"{what}: give (H, W, 3) or (H, W, 4) uint8 RGB(A), or an (H, W) grey of uint8, uint16, "
+                         "bool or float in [0, 1]")
+    _check_size((a.shape[1], a.shape[0]), f"the {what}", max_pixels)
+    if a.dtype == np.float64:
+        a = a.astype(np.float32)
+    if a.dtype == np.float32 and not (np.isfinite(a).all() and 0.0 <= a.min() and a.max() <= 1.0):
+        raise ImageError(f"{what}: a float grey must lie in [0, 1]")
+    return Image.fromarray(np.ascontiguousarray(a))
 
 
 def _to_rgb(im: Image.Image) -> LoadedImage:

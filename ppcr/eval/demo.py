@@ -29,10 +29,8 @@ import torch
 from PIL import Image
 
 from ppcr.config import ConfigError
-from ppcr.data.images import ImageError, load_image
-from ppcr.eval.visualize import overlay, pixel_corners
-from ppcr.model.predict import predict
-from ppcr.model.saving import load_checkpoint
+from ppcr.data.images import ImageError
+from ppcr.eval.segmenter import Segmentation, Segmenter
 
 EXAMPLES_DIR = Path(__file__).parent / "demo_examples"
 MAX_EXPRESSION_CHARS = 200  # RefCOCOg's longest expressions are under 100 words' worth of characters
@@ -61,52 +59,51 @@ def check_expression(expression: str | None) -> str:
     return text
 
 
-class Segmenter:
-    """The loaded model and the one request path of the app (also called directly by the tests)."""
+class RequestHandler:
+    """The one request path of the app around the loaded :class:`ppcr.Segmenter` (also called directly by the
+    tests): the checks a page needs, then the answer as the page shows it."""
 
-    def __init__(self, model) -> None:
-        self.model = model
+    def __init__(self, segmenter: Segmenter) -> None:
+        self.segmenter = segmenter
 
     def __call__(self, image_path: str | None, expression: str | None) -> Answer:
         if not image_path:
             raise DemoInputError("Upload an image (or pick one of the examples) first.")
         text = check_expression(expression)
+        t0 = time.perf_counter()
         try:
-            loaded = load_image(image_path)
+            result = self.segmenter(image_path, text)
         except ImageError as e:
             raise DemoInputError(str(e)) from e
-        t0 = time.perf_counter()
-        pred = predict(self.model, [loaded.pixels], [text], batch_size=1)[0]
         total = time.perf_counter() - t0
-        picture = overlay(loaded.pixels, pred.mask.numpy(), pred.box, pred.text_box)
-        notes = list(loaded.notes)
+        picture = result.overlay()
+        notes = list(result.notes)
         if max(picture.size) > DISPLAY_MAX_SIDE:
             notes.append(f"shown at most {DISPLAY_MAX_SIDE} px wide (the image is {picture.width} x "
                          f"{picture.height})")
             picture.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
-        return Answer(picture, pred.semantic_answer, pred.spatial_answer,
-                      details(pred, total=total, size=loaded.pixels.shape[:2], notes=notes))
+        return Answer(picture, result.semantic_answer, result.spatial_answer, details(result, total=total, notes=notes))
 
 
-def details(pred, *, total: float, size: tuple[int, int], notes: list[str]) -> str:
+def details(result: Segmentation, *, total: float, notes: list[str]) -> str:
     """The answer's facts as Markdown."""
-    h, w = size
+    h, w = result.mask.shape
 
     def fmt(box):
         if box is None:
             return "none written"
-        x1, y1, x2, y2 = pixel_corners(box, h, w)
+        x1, y1, x2, y2 = box
         return f"({x1:.0f}, {y1:.0f}) - ({x2:.0f}, {y2:.0f}) px"
 
-    agreement = "-" if pred.box_agreement is None else f"{pred.box_agreement:.2f}"
-    stages = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in pred.timings.items())
-    lines = [f"- **mask**: {int(pred.mask.sum())} px of {w} x {h}",
-             f"- **box head** (yellow): {fmt(pred.box)}",
-             f"- **box in the answer** (cyan): {fmt(pred.text_box)}",
+    agreement = "-" if result.box_agreement is None else f"{result.box_agreement:.2f}"
+    stages = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in result.timings.items())
+    lines = [f"- **mask**: {int(result.mask.sum())} px of {w} x {h}",
+             f"- **box head** (yellow): {fmt(result.box)}",
+             f"- **box in the answer** (cyan): {fmt(result.text_box)}",
              f"- **agreement** of the two boxes (IoU): {agreement}",
              f"- **time**: {1000 * total:.0f} ms ({stages})"]
-    if not all(pred.stopped.values()):
-        missing = [k for k, v in pred.stopped.items() if not v]
+    if not all(result.stopped.values()):
+        missing = [k for k, v in result.stopped.items() if not v]
         lines.append(f"- stopped at the token limit before its end token: {' and '.join(missing)} stage"
                      f"{'s' if len(missing) > 1 else ''}")
     lines += [f"- *{n}*" for n in notes]
@@ -119,13 +116,13 @@ def examples() -> list[list[str]]:
     return [[str(EXAMPLES_DIR / e["image"]), e["expression"]] for e in listed]
 
 
-def build_app(segmenter: Segmenter, *, title: str):
-    """The Gradio Blocks page around ``segmenter``."""
+def build_app(handler: RequestHandler, *, title: str):
+    """The Gradio Blocks page around ``handler``."""
     import gradio as gr  # only the demo needs it
 
     def run(image_path, expression):
         try:
-            a = segmenter(image_path, expression)
+            a = handler(image_path, expression)
         except DemoInputError as e:
             raise gr.Error(str(e), print_exception=False) from None
         return a.overlay, a.semantic_answer, a.spatial_answer, a.details
@@ -165,14 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     try:
-        model, cfg, _, tag = load_checkpoint(args.checkpoint, device_map=args.device_map)
+        segmenter = Segmenter.from_pretrained(args.checkpoint, device=args.device, device_map=args.device_map,
+                                              batch_size=1)
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError, OSError) as e:
         print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
         return 2
-    if args.device_map is None:
-        model = model.to(args.device)
-    title = f"Model: `{args.checkpoint}`" + (f" ({tag})" if tag else "")
-    app = build_app(Segmenter(model), title=title)
+    title = f"Model: `{args.checkpoint}`" + (f" ({segmenter.tag})" if segmenter.tag else "")
+    app = build_app(RequestHandler(segmenter), title=title)
     app.queue(default_concurrency_limit=1)  # one request at a time on the one model; the rest wait
     print(f"ppcr-demo: serving {args.checkpoint} on http://{args.host}:{args.port}", flush=True)
     app.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=False)

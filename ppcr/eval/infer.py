@@ -6,12 +6,13 @@
 
 For each request it writes <id>.mask.png (the mask at the image's resolution), <id>.overlay.png
 (mask, the head's box in yellow and the answer's box in cyan over the image) and <id>.json (both
-generated answers, the box from the box head and the one parsed from the answer, their agreement,
-per-stage timings). A bad request (missing file,
-unreadable image, empty expression) is reported with its line and skipped; the others still run,
-and the exit code is 1 if any failed. The model loads once; requests are decoded --batch-size at a
-time (a request's answer does not depend on the others in its batch). Images are taken as a viewer
-shows them (EXIF orientation applied; grey, 16-bit and transparent images converted: ppcr.data.images).
+generated answers, the box from the box head and the one parsed from the answer, in pixels and
+normalised, their agreement, per-stage timings), through the Python API (ppcr.Segmenter). A bad
+request (missing file, unreadable image, empty expression) is reported with its line and skipped;
+the others still run, and the exit code is 1 if any failed. The model loads once; requests are
+decoded --batch-size at a time (a request's answer does not depend on the others in its batch).
+Images are taken as a viewer shows them (EXIF orientation applied; grey, 16-bit and transparent
+images converted: ppcr.data.images).
 """
 
 from __future__ import annotations
@@ -21,15 +22,12 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
 from ppcr.config import ConfigError
-from ppcr.data.images import ImageError, load_image
-from ppcr.eval.visualize import overlay
-from ppcr.model.predict import predict
-from ppcr.model.saving import load_checkpoint
+from ppcr.data.images import ImageError, LoadedImage, load_image
+from ppcr.eval.segmenter import Segmentation, Segmenter
 
 
 class RequestError(ValueError):
@@ -58,7 +56,7 @@ def read_requests(args: argparse.Namespace) -> list[tuple[str, dict | None, str 
     return out
 
 
-def check(req: dict) -> tuple[np.ndarray, str]:
+def check(req: dict) -> tuple[LoadedImage, str]:
     expression = str(req.get("expression") or "").strip()
     if not expression:
         raise RequestError("empty expression")
@@ -68,20 +66,15 @@ def check(req: dict) -> tuple[np.ndarray, str]:
         raise RequestError(str(e)) from e
     for note in loaded.notes:
         print(f"{req.get('image')}: {note}")
-    return loaded.pixels, expression
+    return loaded, expression
 
 
-def write_outputs(out: Path, name: str, *, req: dict, image: np.ndarray, expression: str, pred) -> None:
-    mask = pred.mask.numpy()
-    Image.fromarray(mask).save(out / f"{name}.mask.png")
-    overlay(image, mask, pred.box, pred.text_box).save(out / f"{name}.overlay.png")
-    (out / f"{name}.json").write_text(json.dumps({
-        "image": str(req["image"]), "expression": expression, "semantic_answer": pred.semantic_answer,
-        "spatial_answer": pred.spatial_answer, "box_cxcywh": pred.box.tolist(),
-        "text_box_cxcywh": None if pred.text_box is None else pred.text_box.tolist(),
-        "box_agreement_iou": pred.box_agreement, "mask_area": int(mask.sum()), "timings_s": pred.timings,
-        "stopped": pred.stopped}, indent=1))
-    print(f"{name}: {expression!r} -> mask of {int(mask.sum())} px, box {[round(v, 3) for v in pred.box.tolist()]}")
+def write_outputs(out: Path, name: str, *, req: dict, result: Segmentation) -> None:
+    Image.fromarray(result.mask).save(out / f"{name}.mask.png")
+    result.overlay().save(out / f"{name}.overlay.png")
+    (out / f"{name}.json").write_text(json.dumps({"image": str(req["image"]), **result.to_json()}, indent=1))
+    print(f"{name}: {result.expression!r} -> mask of {int(result.mask.sum())} px, box "
+          f"{[round(v, 1) for v in result.box]} px")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,12 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batch-size must be at least 1, not {args.batch_size}")
     try:
         requests = read_requests(args)
-        model, _, _, _ = load_checkpoint(args.checkpoint, device_map=args.device_map)
+        segmenter = Segmenter.from_pretrained(args.checkpoint, device=args.device, device_map=args.device_map,
+                                              batch_size=args.batch_size)
     except (RequestError, ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if args.device_map is None:
-        model = model.to(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed, good = 0, []
@@ -125,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         good.append((name, req, image, expression))
     for start in range(0, len(good), args.batch_size):
         chunk = good[start: start + args.batch_size]
-        preds = predict(model, [g[2] for g in chunk], [g[3] for g in chunk], batch_size=args.batch_size)
-        for (name, req, image, expression), pred in zip(chunk, preds):
-            write_outputs(out, name, req=req, image=image, expression=expression, pred=pred)
+        results = segmenter([g[2] for g in chunk], [g[3] for g in chunk])
+        for (name, req, _, _), result in zip(chunk, results):
+            write_outputs(out, name, req=req, result=result)
     return 1 if failed else 0
 
 

@@ -5,7 +5,11 @@
     adapters/semantic/       LoRA branch A in peft's own format
     adapters/spatial/        LoRA branch B in peft's own format
     heads.safetensors        SemSP projectors and box head
-    sam.pth                  SAM's state_dict, the layout of Meta's checkpoints
+    sam.safetensors          SAM's state_dict (Meta's key layout); exports written before this hold sam.pth,
+                             which still loads (config.yaml names the file)
+    README.md                the model card (ppcr.model.card, written by ppcr-export)
+
+Every weight is in safetensors: nothing in a saved model is unpickled.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from ppcr.config import Config, dump_config, load_config
 from ppcr.common.checkpoint_paths import latest_tag
 from ppcr.model.lora import BRANCHES
 from ppcr.model.model import PPCRModel
-from ppcr.model.sam import SamSegmenter, load_sam
+from ppcr.model.sam import SamSegmenter, load_sam, save_sam_state
 from ppcr.model.mllm import load_mllm
 
 HEADS = ("sem_to_llm", "sem_to_sam", "box_head")
@@ -48,17 +52,21 @@ def _base_state_dict(model: PPCRModel) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: PPCRModel, cfg: Config, out: str | Path) -> Path:
+    """Write ``model`` (with its config) as a saved model directory (the layout above), every weight in
+    safetensors."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base = model.mllm.base_model.model
     base.save_pretrained(out / "mllm", state_dict=_base_state_dict(model))
     model.processor.save_pretrained(out / "mllm")
     model.mllm.save_pretrained(out / "adapters")  # one sub-directory per branch
+    (out / "adapters" / "README.md").unlink(missing_ok=True)  # peft's blank template; the export's card says it all
     heads = {f"{name}.{k}": v.detach().contiguous() for name in HEADS
              for k, v in getattr(model, name).state_dict().items()}
     save_file(heads, out / "heads.safetensors")
-    torch.save(model.sam.sam.state_dict(), out / "sam.pth")
-    saved = replace(cfg, model=replace(cfg.model, mllm_path="mllm", sam_checkpoint="sam.pth", tiny_family=None))
+    save_sam_state(model.sam.sam.state_dict(), out / "sam.safetensors")
+    saved = replace(cfg, model=replace(cfg.model, mllm_path="mllm", sam_checkpoint="sam.safetensors",
+                                       tiny_family=None))
     (out / "config.yaml").write_text(dump_config(saved))
     return out
 
@@ -123,10 +131,11 @@ def check_trainable_state(model: torch.nn.Module, loaded: Iterable[str], unexpec
                            + " (are model.trainable and model.lora those the run was trained with?)")
 
 
-def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
-                    device_map: str | None = None) -> tuple[PPCRModel, Config, Path | None, str | None]:
+def load_checkpoint(path: str | Path, overrides: list[str] | None = None, *, device_map: str | None = None,
+                    dtype: str | None = None) -> tuple[PPCRModel, Config, Path | None, str | None]:
     """A model in eval mode from a saved model or a DeepSpeed checkpoint, its config (with
-    ``overrides``), and the run directory and checkpoint tag (None for a saved model).
+    ``overrides``), and the run directory and checkpoint tag (None for a saved model). ``dtype`` (a
+    ``model.dtype`` value) loads the model in another dtype than it was trained in.
 
     A DeepSpeed checkpoint holds the trainable parameters only (frozen ones come from the base paths
     of the config): the model is built from model.mllm_path and model.sam_checkpoint, in model.dtype,
@@ -138,8 +147,10 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None,
     to the base's, are skipped."""
     kind, config_file, run_dir, tag = resolve_checkpoint(path)
     cfg = load_config(config_file, overrides)
+    if dtype is not None:  # not through the overrides: train.precision, which must match it, is the run's
+        cfg = replace(cfg, model=replace(cfg.model, dtype=dtype))
     if kind == "saved":
-        model, _ = load_pretrained(path, device_map=device_map)
+        model, _ = load_pretrained(path, dtype=dtype, device_map=device_map)
         return model, cfg, None, None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
