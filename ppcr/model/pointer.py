@@ -117,19 +117,20 @@ class PointerBoxHead(nn.Module):
         q = self.query(spasp)  # (B, D)
         k = self.key(tokens.states)  # (B, T, D)
         logits = (k @ q.unsqueeze(-1)).squeeze(-1) / math.sqrt(q.shape[-1])  # (B, T)
-        corners = self.token_box(tokens.features, tokens.centres)  # (B, T, 4) xyxy
+        # the boxes in fp32 whatever the model's dtype: bf16 cannot hold 1 - 1e-4, whose logit would be inf
+        corners = self.token_box(tokens.features, tokens.centres).float()  # (B, T, 4) xyxy
         weights = selected_weights(logits, corners)  # (B, T), sums to 1 over the selected tokens
         box = (weights.unsqueeze(-1) * corners).sum(1)  # (B, 4) xyxy
-        pooled = (weights.unsqueeze(-1) * tokens.states).sum(1)  # (B, H)
-        delta = self.refine(torch.cat([spasp, pooled.to(spasp.dtype)], -1))
+        pooled = (weights.unsqueeze(-1).to(tokens.states.dtype) * tokens.states).sum(1)  # (B, H)
+        delta = self.refine(torch.cat([spasp, pooled.to(spasp.dtype)], -1)).float()
         box = box_convert(box, "xyxy", "cxcywh").clamp(1e-4, 1 - 1e-4)
-        return BoxOutput(box=torch.sigmoid(torch.logit(box) + delta.to(box.dtype)), token_logits=logits,
+        return BoxOutput(box=torch.sigmoid(torch.logit(box) + delta), token_logits=logits,
                          token_boxes=box_convert(corners, "xyxy", "cxcywh"))
 
 
 def selected_weights(logits: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
-    """(B, T) softmax weights kept on the best-scoring token and the tokens whose box overlaps its box at
-    IoU >= :data:`SAME_OBJECT_IOU`, renormalised; ``corners`` (B, T, 4) xyxy. The choice is not
+    """(B, T) fp32 softmax weights kept on the best-scoring token and the tokens whose box overlaps its box
+    at IoU >= :data:`SAME_OBJECT_IOU`, renormalised; ``corners`` (B, T, 4) xyxy. The choice is not
     differentiated; the weights within it are."""
     p = logits.float().softmax(-1)
     b, t = p.shape
@@ -138,7 +139,7 @@ def selected_weights(logits: torch.Tensor, corners: torch.Tensor) -> torch.Tenso
         iou = box_iou(corners.reshape(b * t, 4).float(), best.float()).view(b, t, b)
         same = iou[torch.arange(b), :, torch.arange(b)] >= SAME_OBJECT_IOU  # (B, T); the best token is in it
     kept = p * same
-    return (kept / kept.sum(-1, keepdim=True)).to(corners.dtype)
+    return kept / kept.sum(-1, keepdim=True)  # fp32
 
 
 def pointer_losses(out: BoxOutput, cover: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
