@@ -15,8 +15,9 @@ Stages, each on synthetic scenes of ``pretrain.seed`` (never the dataset's image
 The MLLM is written with ``save_pretrained`` to ``model.mllm_path`` and SAM as a state dict to
 ``model.sam_checkpoint`` (``.safetensors`` or ``.pth``): the layouts a download gives, loaded by the
 same code. The vision stage's per-token box head is kept beside the MLLM's weights
-(``ppcr.model.pointer.TOKEN_BOX_FILE``): PPCR's pointer box head starts its per-token regressor from it. The learning curves go to ``pretrain_curve.jsonl`` beside the MLLM. Deterministic: the
-same config gives the same weights.
+(``ppcr.model.pointer.TOKEN_BOX_FILE``): PPCR's pointer box head starts its per-token regressor from it.
+The learning curves go to ``pretrain_curve.jsonl`` beside the MLLM. Deterministic: the same config gives
+the same weights, whether the stages run in one command or one by one (each seeds what it builds).
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from ppcr.config import Config, ConfigError, load_config
 from ppcr.data.transforms import Preprocessor, box_pair_iou
 from ppcr.model.mllm import family_of, image_token_id, load_mllm
 from ppcr.model.pointer import TOKEN_BOX_FILE
-from ppcr.model.sam import SamSegmenter, save_sam_state
-from ppcr.model.tiny import build_tiny_mllm, build_tiny_sam
+from ppcr.model.sam import SamSegmenter, build_sam, save_sam_state
+from ppcr.model.tiny import build_tiny_mllm
 from ppcr.pretrain.grounding import grounding_box, grounding_examples, grounding_loss
 from ppcr.pretrain.loop import fit
 from ppcr.pretrain.sam import collate_scenes, sam_items, sam_loss, sam_scores
@@ -161,7 +162,8 @@ class MllmPretraining:
 
 def pretrain_sam(cfg: Config, curve: Path) -> tuple[torch.nn.Module, list[dict]]:
     pt, m = cfg.pretrain, cfg.model
-    sam = build_tiny_sam(m.sam_arch, m.sam_image_size)
+    torch.manual_seed(pt.seed + 1)  # SAM's initial weights do not depend on which stages ran before it
+    sam = build_sam(m.sam_arch, m.sam_image_size)
     seg = SamSegmenter(sam)
     pre = Preprocessor.from_config(m)
     scenes = scene_config(cfg.data.synthetic, pt.seed + 1)  # other scenes than the MLLM's
