@@ -6,7 +6,7 @@ import torch
 from segment_anything import sam_model_registry
 
 from ppcr.config import ModelConfig, SamArchConfig
-from ppcr.model.sam import SamSegmenter, load_sam
+from ppcr.model.sam import SAM_ARCHS, SamSegmenter, build_sam, load_sam
 from ppcr.model.tiny import save_tiny_sam
 
 
@@ -23,6 +23,17 @@ def test_tiny_checkpoint_loads_through_the_same_path(tmp_path):
     low = seg.decode(emb, torch.tensor([[10.0, 10, 60, 50], [0, 0, 127, 127]]), torch.randn(2, cfg.sam_arch.prompt_dim))
     assert low.shape == (2, 32, 32)
     assert seg.to_original(low[0], (96, 128), (150, 200)).shape == (150, 200)
+
+
+@pytest.mark.parametrize("size", ["vit_b", "vit_l", "vit_h"])
+def test_one_builder_makes_segment_anythings_released_sizes(size):
+    """build_sam from SAM_ARCHS lays out the very modules segment_anything's registry builds (on the meta
+    device: no memory), so Meta's checkpoints load into it."""
+    with torch.device("meta"):
+        ours, theirs = build_sam(SAM_ARCHS[size], 1024), sam_model_registry[size]()
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
+        {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert repr(ours) == repr(theirs)
 
 
 def test_released_sam_layout_loads_through_segment_anything_registry(tmp_path):

@@ -38,7 +38,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from segment_anything import sam_model_registry
 from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
 from ppcr.bench import machine, memory
@@ -47,8 +46,8 @@ from ppcr.bench.training import run_launcher
 from ppcr.config import SyntheticConfig, load_config
 from ppcr.data import synthetic
 from ppcr.data.shards import build_shards, iter_tar_samples, split_shards
-from ppcr.model.sam import save_sam_state
-from ppcr.model.tiny import LLAVA_SPECIAL, QWEN_SPECIAL, build_processor, build_tiny_sam, build_tokenizer
+from ppcr.model.sam import build_sam, sam_arch, save_sam_state
+from ppcr.model.tiny import LLAVA_SPECIAL, QWEN_SPECIAL, build_processor, build_tokenizer
 
 GIB = 2**30
 RUN_NAME = "gpu_check"
@@ -172,7 +171,7 @@ def write_sam(cfg, path: Path, *, seed: int) -> Path:
     torch.manual_seed(seed)
     with torch.device(_device()):
         m = cfg.model
-        sam = build_tiny_sam(m.sam_arch, m.sam_image_size) if m.sam_type == "tiny" else sam_model_registry[m.sam_type]()
+        sam = build_sam(sam_arch(m), m.sam_image_size)
     save_sam_state({k: v.cpu() for k, v in sam.state_dict().items()}, path)
     return path
 

@@ -26,7 +26,6 @@ from deepspeed.runtime.zero.stage3 import (
 )
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 from peft.tuners.lora import LoraLayer
-from segment_anything import sam_model_registry
 from torch import nn
 from transformers import (
     LlavaConfig,
@@ -39,14 +38,8 @@ from ppcr.bench.report import table
 from ppcr.config import Config, load_config
 from ppcr.model.model import PPCRModel
 from ppcr.model.params import parameter_counts, parameter_table
-from ppcr.model.sam import SamSegmenter
-from ppcr.model.tiny import (
-    LLAVA_SPECIAL,
-    QWEN_SPECIAL,
-    build_processor,
-    build_tiny_sam,
-    build_tokenizer,
-)
+from ppcr.model.sam import SamSegmenter, build_sam, sam_arch
+from ppcr.model.tiny import LLAVA_SPECIAL, QWEN_SPECIAL, build_processor, build_tokenizer
 from ppcr.model.tokens import NEW_TOKENS, render_prompts
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,8 +187,7 @@ def build_meta_model(name: str, *, overrides: list[str] | tuple[str, ...] = (),
         raise ValueError(f"{name}: the real tokenizer plus PPCR's tokens would outgrow {rows} embedding rows")
     processor = _processor(mllm_type, cfg.model.mllm_image_size)
     with torch.device("meta"):
-        sam = (build_tiny_sam(cfg.model.sam_arch, cfg.model.sam_image_size) if cfg.model.sam_type == "tiny"
-               else sam_model_registry[cfg.model.sam_type]())
+        sam = build_sam(sam_arch(cfg.model), cfg.model.sam_image_size)
         model = PPCRModel(mllm, processor, SamSegmenter(sam), cfg.model, cfg.train.loss)
     if model.mllm.base_model.model.get_input_embeddings().weight.shape[0] != rows:
         raise AssertionError(f"{name}: PPCRModel resized the embeddings; the counts would not be the real ones")

@@ -1,32 +1,75 @@
 """SAM for PPCR: segment_anything's model, loaded from a local checkpoint, prompted by a box and SemSP.
 
-The released vit_b / vit_l / vit_h checkpoints load through segment_anything's registry; the tiny
-one is built from the same classes and loaded the same way (a plain state_dict). Image
-preprocessing is :class:`ppcr.data.transforms.Preprocessor`, checked here against SAM's own
-pixel mean and std so that the two cannot drift apart.
+One builder, :func:`build_sam`, makes every size from an architecture spec (:class:`ppcr.config.SamArchConfig`):
+the released vit_b / vit_l / vit_h are the specs of segment_anything's own registry (:data:`SAM_ARCHS`, tested
+equal to it), the tiny one is ``model.sam_arch``. All load the same way (a plain state_dict). Image
+preprocessing is :class:`ppcr.data.transforms.Preprocessor`, checked here against SAM's own pixel mean and std
+so that the two cannot drift apart.
 """
 
 from __future__ import annotations
 
 import pickle
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
-from segment_anything import sam_model_registry
-from segment_anything.modeling import Sam
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ppcr.config import ModelConfig
+from ppcr.config import ModelConfig, SamArchConfig
 from ppcr.data.transforms import frame_region
-from ppcr.model.tiny import build_tiny_sam
 
 
 # The released SAM checkpoints: file name and published md5 (segment_anything's README links them).
 SAM_RELEASES = {"vit_h": ("sam_vit_h_4b8939.pth", "4b8939a88964f0f4ff5f5b2642c598a6"),
                 "vit_l": ("sam_vit_l_0b3195.pth", "0b3195507c641ddb6910d2bb5adee89c"),
                 "vit_b": ("sam_vit_b_01ec64.pth", "01ec64d29a2fca3f0661936605ae66f8")}
+
+
+# segment_anything's build_sam_vit_b / _l / _h, as specs (image size 1024 for all three).
+_RELEASED = dict(patch_size=16, window_size=14, prompt_dim=256, decoder_heads=8, decoder_mlp_dim=2048)
+SAM_ARCHS = {
+    "vit_b": SamArchConfig(encoder_dim=768, encoder_depth=12, encoder_heads=12, global_attn_indexes=[2, 5, 8, 11],
+                           **_RELEASED),
+    "vit_l": SamArchConfig(encoder_dim=1024, encoder_depth=24, encoder_heads=16, global_attn_indexes=[5, 11, 17, 23],
+                           **_RELEASED),
+    "vit_h": SamArchConfig(encoder_dim=1280, encoder_depth=32, encoder_heads=16, global_attn_indexes=[7, 15, 23, 31],
+                           **_RELEASED),
+}
+
+
+def sam_arch(cfg: ModelConfig) -> SamArchConfig:
+    """The architecture ``model.sam_type`` names: a released size's, or ``model.sam_arch`` for tiny."""
+    return cfg.sam_arch if cfg.sam_type == "tiny" else SAM_ARCHS[cfg.sam_type]
+
+
+def build_sam(arch: SamArchConfig, image_size: int) -> Sam:
+    """A randomly initialised SAM of segment_anything's own classes, laid out as its ``_build_sam`` lays them
+    (which fixes the sizes and 1024 px; here they come from ``arch`` and ``image_size``)."""
+    grid = image_size // arch.patch_size
+    return Sam(
+        image_encoder=ImageEncoderViT(
+            depth=arch.encoder_depth, embed_dim=arch.encoder_dim, img_size=image_size, mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=arch.encoder_heads,
+            patch_size=arch.patch_size, qkv_bias=True, use_rel_pos=True,
+            global_attn_indexes=tuple(arch.global_attn_indexes), window_size=arch.window_size,
+            out_chans=arch.prompt_dim,
+        ),
+        prompt_encoder=PromptEncoder(embed_dim=arch.prompt_dim, image_embedding_size=(grid, grid),
+                                     input_image_size=(image_size, image_size), mask_in_chans=16),
+        mask_decoder=MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=TwoWayTransformer(depth=2, embedding_dim=arch.prompt_dim,
+                                          mlp_dim=arch.decoder_mlp_dim or 2 * arch.prompt_dim,
+                                          num_heads=arch.decoder_heads),
+            transformer_dim=arch.prompt_dim, iou_head_depth=3, iou_head_hidden_dim=arch.prompt_dim,
+        ),
+        pixel_mean=[123.675, 116.28, 103.53],
+        pixel_std=[58.395, 57.12, 57.375],
+    )
 
 
 def check_sam_checkpoint(cfg: ModelConfig) -> Path:
@@ -45,10 +88,7 @@ def check_sam_checkpoint(cfg: ModelConfig) -> Path:
 def load_sam(cfg: ModelConfig) -> Sam:
     path = check_sam_checkpoint(cfg)
     try:
-        if cfg.sam_type == "tiny":
-            sam = build_tiny_sam(cfg.sam_arch, cfg.sam_image_size)
-        else:
-            sam = sam_model_registry[cfg.sam_type](checkpoint=None)
+        sam = build_sam(sam_arch(cfg), cfg.sam_image_size)
         if path.suffix == ".safetensors":
             state = load_file(path)
         else:

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from functools import partial
 from pathlib import Path
 
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessor,
@@ -34,6 +32,7 @@ from transformers import (
 
 from ppcr.config import SamArchConfig, TinyMllmConfig
 from ppcr.data import synthetic
+from ppcr.model.sam import build_sam, save_sam_state
 from ppcr.model.tokens import BOX_CLOSE, BOX_OPEN
 
 FAMILIES = ("qwen2_5_vl", "llava")
@@ -156,37 +155,10 @@ def build_processor(family: str, image_size: int, tokenizer: PreTrainedTokenizer
                           chat_template=LLAVA_CHAT_TEMPLATE)
 
 
-def build_tiny_sam(arch: SamArchConfig, image_size: int) -> Sam:
-    """A SAM of segment_anything's own classes at a tiny size (the layout of its ``_build_sam``)."""
-    grid = image_size // arch.patch_size
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=arch.encoder_depth, embed_dim=arch.encoder_dim, img_size=image_size, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=arch.encoder_heads,
-            patch_size=arch.patch_size, qkv_bias=True, use_rel_pos=True,
-            global_attn_indexes=tuple(arch.global_attn_indexes), window_size=arch.window_size,
-            out_chans=arch.prompt_dim,
-        ),
-        prompt_encoder=PromptEncoder(embed_dim=arch.prompt_dim, image_embedding_size=(grid, grid),
-                                     input_image_size=(image_size, image_size), mask_in_chans=16),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=arch.prompt_dim,
-                                          mlp_dim=arch.decoder_mlp_dim or 2 * arch.prompt_dim,
-                                          num_heads=arch.decoder_heads),
-            transformer_dim=arch.prompt_dim, iou_head_depth=3, iou_head_hidden_dim=arch.prompt_dim,
-        ),
-        pixel_mean=[123.675, 116.28, 103.53],
-        pixel_std=[58.395, 57.12, 57.375],
-    )
-
-
 def save_tiny_sam(arch: SamArchConfig, image_size: int, path: str | Path, seed: int = 0) -> Path:
     """A tiny SAM checkpoint: a plain state_dict, as Meta's sam_vit_*.pth files are."""
-    from ppcr.model.sam import save_sam_state
-
     torch.manual_seed(seed)
-    return save_sam_state(build_tiny_sam(arch, image_size).state_dict(), path)
+    return save_sam_state(build_sam(arch, image_size).state_dict(), path)
 
 
 def main(argv: list[str] | None = None) -> int:
