@@ -29,6 +29,7 @@ from ppcr.eval.evaluate import merge_records, write_records
 from ppcr.eval.report import COLUMNS, table
 from ppcr.eval.splits import MissingExpressions, evaluate_splits
 from ppcr.eval.visualize import grid, precision_plot
+from ppcr.model.fingerprint import BASE_FLAG, BaseMismatch
 from ppcr.model.predict import ABLATIONS, PPCR
 from ppcr.model.saving import load_checkpoint
 
@@ -39,12 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", type=Path, default=Path("runs/default"))
     p.add_argument("--ablations", action="store_true", help="also: box from the answer text, ground-truth box "
                    "(oracle), SAM with the box only and with SemSP only (one generation serves every row)")
+    p.add_argument(BASE_FLAG, action="store_true", help="evaluate even when the base weights differ from those the "
+                   "checkpoint was trained on (model.mllm_path, model.sam_checkpoint)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key.sub=value (eval.sets=[...], eval.batch_size=8, paths.shards_root=...)")
     args = p.parse_args(argv)
     try:
-        model, cfg, run_dir, tag = load_checkpoint(args.checkpoint, args.overrides)
-    except (ConfigError, FileNotFoundError) as e:
+        model, cfg, run_dir, tag = load_checkpoint(args.checkpoint, args.overrides,
+                                                   allow_base_mismatch=args.allow_base_mismatch)
+    except (ConfigError, FileNotFoundError, BaseMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dist = init_distributed()

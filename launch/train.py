@@ -5,7 +5,9 @@
     srun python launch/train.py --config RECIPE.yaml [...]        (ranks from SLURM variables)
     python launch/train.py --config RECIPE.yaml [...]             (one process)
 
-Re-running the same command resumes from the run's latest complete checkpoint.
+Re-running the same command resumes from the run's latest complete checkpoint, on the base weights it
+was trained on (their fingerprint is in every checkpoint) and with the same model settings; a difference
+is refused, naming it (--allow-base-mismatch, --allow-model-change resume anyway).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from ppcr.train.loop import train
 from ppcr.train.nonfinite import NonfiniteLossError
 from ppcr.train.offload import CpuAdamUnavailable, load_cpu_adam, offloads_optimizer
 from ppcr.train.optim import build_optimizer, build_scheduler
-from ppcr.train.preflight import check_run_inputs
+from ppcr.model.fingerprint import BASE_FLAG, MODEL_FLAG, BaseMismatch
+from ppcr.train.preflight import check_run_inputs, run_identity
 from ppcr.train.rng import seed_rank
 from ppcr.eval.validate import Validator
 
@@ -45,6 +48,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                "  train.max_steps=200 data.num_workers=0 'data.train_sets=[{name: refcoco_unc, split: train}]'\n\n"
                + settings_help())
     p.add_argument("--config", required=True, help="recipe YAML")
+    p.add_argument(BASE_FLAG, action="store_true", help="resume even when the base weights (model.mllm_path, "
+                   "model.sam_checkpoint) differ from those the checkpoint was trained on")
+    p.add_argument(MODEL_FLAG, action="store_true", help="resume even when model.* settings differ from those the "
+                   "checkpoint was trained with")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     return p.parse_args(argv)
@@ -62,10 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.paths.runs_root) / cfg.train.run_name
     try:
         ds = check_run_inputs(cfg, dist.world_size, run_dir)  # before anything heavy
-    except ConfigError as e:
+        identity = run_identity(cfg, run_dir, allow_base=args.allow_base_mismatch, allow_model=args.allow_model_change)
+    except (ConfigError, BaseMismatch) as e:
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    cfg = identity.config  # the hub commit pinned
     if offloads_optimizer(ds):  # its C++ op, built on first use: before the model, so that a failure is quick
         try:
             load_cpu_adam(ds_config=cfg.train.ds_config, announce=dist.is_main)
@@ -100,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     validator = Validator(cfg, dist, synced=synced) if cfg.train.val_samples and cfg.eval.sets else None
     log = RunLogger(run_dir, dist)
     try:
-        status, step, totals = train(cfg, dist, engine, loader, run_dir, start, log, validator)
+        status, step, totals = train(cfg, dist, engine, loader, run_dir=run_dir, start_step=start, log=log,
+                                     identity=identity.files(), validator=validator)
     except NonfiniteLossError as e:
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)

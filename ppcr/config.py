@@ -165,6 +165,10 @@ class ModelConfig:
         "the MLLM: a local save_pretrained directory (config, safetensors weights, tokenizer, processor); or, "
         "only where the user opts in to the network with HF_HUB_OFFLINE=0 (ppcr/offline.py), a hub id "
         "'org/name', downloaded into the hub cache at load")
+    mllm_revision: Optional[str] = setting(
+        None, "for a hub id: the hub commit (or branch, tag) to load; null: the newest when a run starts, which the "
+              "run then records here and in its checkpoints, so that resume, make eval and ppcr-export load that "
+              "commit")
     tiny_family: Optional[Literal["qwen2_5_vl", "llava"]] = setting(
         "qwen2_5_vl", "which tiny model ppcr-tiny writes to mllm_path when it is missing; null for a real checkpoint")
     tiny_mllm: TinyMllmConfig = setting(factory=TinyMllmConfig, doc="the tiny MLLM's shape")
@@ -389,6 +393,8 @@ def _check_values(cfg: Config) -> None:
     need(bool(m.mllm_path.strip()) and "://" not in m.mllm_path, "model.mllm_path",
          f"must be a save_pretrained directory or, with HF_HUB_OFFLINE=0, a hub id 'org/name' (not a URL), "
          f"got {m.mllm_path!r}")
+    need(m.mllm_revision is None or (bool(m.mllm_revision) and not any(c.isspace() for c in m.mllm_revision)),
+         "model.mllm_revision", f"a hub commit, branch or tag without spaces, or null; got {m.mllm_revision!r}")
     need(m.mllm_image_size >= 16, "model.mllm_image_size", "must be >= 16")
     need(m.sam_image_size >= 16, "model.sam_image_size", "must be >= 16")
     need(len(m.sam_pixel_mean) == 3, "model.sam_pixel_mean", "three values (R, G, B)")

@@ -31,6 +31,7 @@ from PIL import Image
 from ppcr.config import ConfigError
 from ppcr.data.images import ImageError
 from ppcr.eval.segmenter import Segmentation, Segmenter
+from ppcr.model.fingerprint import BASE_FLAG
 
 EXAMPLES_DIR = Path(__file__).parent / "demo_examples"
 MAX_EXPRESSION_CHARS = 200  # RefCOCOg's longest expressions are under 100 words' worth of characters
@@ -159,11 +160,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--share", action="store_true", help="also open a public Gradio link (off by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--device-map", help="'auto' spreads a large MLLM over the visible GPUs (saved models)")
+    p.add_argument(BASE_FLAG, action="store_true", help="load even when the base weights differ from those the "
+                   "model was trained on")
     args = p.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     try:
         segmenter = Segmenter.from_pretrained(args.checkpoint, device=args.device, device_map=args.device_map,
-                                              batch_size=1)
+                                              batch_size=1, allow_base_mismatch=args.allow_base_mismatch)
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError, OSError) as e:
         print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
         return 2

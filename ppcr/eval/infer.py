@@ -28,6 +28,7 @@ from PIL import Image
 from ppcr.config import ConfigError
 from ppcr.data.images import ImageError, LoadedImage, load_image
 from ppcr.eval.segmenter import Segmentation, Segmenter
+from ppcr.model.fingerprint import BASE_FLAG
 
 
 class RequestError(ValueError):
@@ -89,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=8, help="requests decoded together (answers do not depend on it)")
     p.add_argument("--device-map", help="'auto' spreads a large MLLM over the visible GPUs (saved models)")
+    p.add_argument(BASE_FLAG, action="store_true", help="load even when the base weights differ from those the "
+                   "model was trained on")
     args = p.parse_args(argv)
     if (args.jsonl is None) == (args.image is None):
         p.error("give either --image with --expression, or --jsonl")
@@ -97,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         requests = read_requests(args)
         segmenter = Segmenter.from_pretrained(args.checkpoint, device=args.device, device_map=args.device_map,
-                                              batch_size=args.batch_size)
+                                              batch_size=args.batch_size, allow_base_mismatch=args.allow_base_mismatch)
     except (RequestError, ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

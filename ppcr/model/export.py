@@ -25,6 +25,7 @@ from huggingface_hub.utils import validate_repo_id
 
 from ppcr.config import ConfigError
 from ppcr.model.card import write_card
+from ppcr.model.fingerprint import BASE_FLAG
 from ppcr.model.saving import load_checkpoint, save_pretrained
 from ppcr.offline import hub_online
 
@@ -66,13 +67,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the export to this hub model repo "
                    "(needs HF_HUB_OFFLINE=0)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument(BASE_FLAG, action="store_true", help="export even when the base weights differ from those the "
+                   "checkpoint was trained on (model.mllm_path, model.sam_checkpoint)")
     args = p.parse_args(argv)
     if args.private and not args.push_to_hub:
         p.error("--private goes with --push-to-hub")
     try:
         if args.push_to_hub:
             check_push(args.push_to_hub)
-        model, cfg, run_dir, tag = load_checkpoint(args.checkpoint)
+        model, cfg, run_dir, tag = load_checkpoint(args.checkpoint, allow_base_mismatch=args.allow_base_mismatch)
     except (UploadRefused, ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -120,7 +120,8 @@ class PPCRModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, loss: LossWeights) -> "PPCRModel":
-        mllm, processor = load_mllm(cfg.mllm_path, cfg.dtype, attn_implementation=cfg.attn_implementation)
+        mllm, processor = load_mllm(cfg.mllm_path, cfg.dtype, attn_implementation=cfg.attn_implementation,
+                                    revision=cfg.mllm_revision)
         return cls(mllm, processor, SamSegmenter(load_sam(cfg)), cfg, loss)
 
     @property

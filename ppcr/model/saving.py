@@ -1,6 +1,8 @@
 """A trained PPCR model as a plain directory, loadable without DeepSpeed:
 
     config.yaml              the resolved config (paths inside point into this directory)
+    ppcr_base.json           the fingerprint of mllm/ and the SAM file as written (ppcr.model.fingerprint),
+                             checked at every load
     mllm/                    the base MLLM with PPCR's token rows written in, tokenizer and processor
     adapters/semantic/       LoRA branch A in peft's own format
     adapters/spatial/        LoRA branch B in peft's own format
@@ -24,6 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from ppcr.config import Config, dump_config, load_config
 from ppcr.common.checkpoint_paths import latest_tag
+from ppcr.model.fingerprint import (CONFIG_FILE, base_fingerprint, check_base, pin_revision, read_fingerprint,
+                                    write_fingerprint)
 from ppcr.model.lora import BRANCHES
 from ppcr.model.model import PPCRModel
 from ppcr.model.sam import SamSegmenter, load_sam, save_sam_state
@@ -66,15 +70,21 @@ def save_pretrained(model: PPCRModel, cfg: Config, out: str | Path) -> Path:
     save_file(heads, out / "heads.safetensors")
     save_sam_state(model.sam.sam.state_dict(), out / "sam.safetensors")
     saved = replace(cfg, model=replace(cfg.model, mllm_path="mllm", sam_checkpoint="sam.safetensors",
-                                       tiny_family=None))
+                                       mllm_revision=None, tiny_family=None))
     (out / "config.yaml").write_text(dump_config(saved))
+    fingerprint = base_fingerprint(replace(saved.model, mllm_path=str(out / "mllm"),
+                                           sam_checkpoint=str(out / "sam.safetensors")))
+    fingerprint["mllm"]["path"], fingerprint["sam"]["path"] = "mllm", "sam.safetensors"  # inside the export
+    write_fingerprint(out, fingerprint)
     return out
 
 
-def load_pretrained(path: str | Path, dtype: str | None = None,
-                    device_map: str | None = None) -> tuple[PPCRModel, Config]:
+def load_pretrained(path: str | Path, dtype: str | None = None, device_map: str | None = None, *,
+                    allow_base_mismatch: bool = False) -> tuple[PPCRModel, Config]:
     """A saved directory -> (model in eval mode, in model.dtype throughout, its config with paths resolved). ``device_map``
-    ("auto") lets transformers/accelerate place a large MLLM over the visible GPUs."""
+    ("auto") lets transformers/accelerate place a large MLLM over the visible GPUs. Its MLLM and SAM files must be
+    those it was written with (its ``ppcr_base.json``), else :class:`ppcr.model.fingerprint.BaseMismatch` unless
+    ``allow_base_mismatch``."""
     path = Path(path)
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a saved PPCR model (config.yaml missing)")
@@ -82,6 +92,7 @@ def load_pretrained(path: str | Path, dtype: str | None = None,
     m = replace(cfg.model, mllm_path=str(path / cfg.model.mllm_path), sam_checkpoint=str(path / cfg.model.sam_checkpoint),
                 dtype=dtype or cfg.model.dtype)
     cfg = replace(cfg, model=m)
+    check_base(read_fingerprint(path), m, what=f"export {path}", allow=allow_base_mismatch)
     mllm, processor = load_mllm(m.mllm_path, m.dtype, device_map=device_map,
                                 attn_implementation=m.attn_implementation)
     model = PPCRModel(mllm, processor, SamSegmenter(load_sam(m)), m, cfg.train.loss)
@@ -107,10 +118,17 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path, Path | None, str | 
         tag = latest_tag(path / "checkpoints")
         if tag is None:
             raise FileNotFoundError(f"{path}/checkpoints has no complete checkpoint yet (no 'latest')")
-        return "run", path / "config.yaml", path, tag
+        return "run", _config_of(path / "checkpoints" / tag), path, tag
     if path.name.startswith("step_") and (path.parent.parent / "config.yaml").is_file():
-        return "run", path.parent.parent / "config.yaml", path.parent.parent, path.name
+        return "run", _config_of(path), path.parent.parent, path.name
     raise FileNotFoundError(f"checkpoint {path}: neither a run directory, a checkpoint directory nor a saved model")
+
+
+def _config_of(ckpt: Path) -> Path:
+    """The config a checkpoint was written with: its own copy, or for a checkpoint from before copies were kept,
+    the run's (which the latest launch wrote)."""
+    own = ckpt / CONFIG_FILE
+    return own if own.is_file() else ckpt.parent.parent / "config.yaml"
 
 
 def check_trainable_state(model: torch.nn.Module, loaded: Iterable[str], unexpected: Iterable[str],
@@ -132,10 +150,14 @@ def check_trainable_state(model: torch.nn.Module, loaded: Iterable[str], unexpec
 
 
 def load_checkpoint(path: str | Path, overrides: list[str] | None = None, *, device_map: str | None = None,
-                    dtype: str | None = None) -> tuple[PPCRModel, Config, Path | None, str | None]:
-    """A model in eval mode from a saved model or a DeepSpeed checkpoint, its config (with
-    ``overrides``), and the run directory and checkpoint tag (None for a saved model). ``dtype`` (a
-    ``model.dtype`` value) loads the model in another dtype than it was trained in.
+                    dtype: str | None = None,
+                    allow_base_mismatch: bool = False) -> tuple[PPCRModel, Config, Path | None, str | None]:
+    """A model in eval mode from a saved model or a DeepSpeed checkpoint, its config (the checkpoint's own copy,
+    with ``overrides``), and the run directory and checkpoint tag (None for a saved model). ``dtype`` (a
+    ``model.dtype`` value) loads the model in another dtype than it was trained in. Before anything is built,
+    the base files the config names are compared with the checkpoint's fingerprint
+    (:func:`ppcr.model.fingerprint.check_base`): a difference raises ``BaseMismatch`` naming the file, both
+    hashes and the flag, unless ``allow_base_mismatch``.
 
     A DeepSpeed checkpoint holds the trainable parameters only (frozen ones come from the base paths
     of the config): the model is built from model.mllm_path and model.sam_checkpoint, in model.dtype,
@@ -150,10 +172,14 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None, *, dev
     if dtype is not None:  # not through the overrides: train.precision, which must match it, is the run's
         cfg = replace(cfg, model=replace(cfg.model, dtype=dtype))
     if kind == "saved":
-        model, _ = load_pretrained(path, dtype=dtype, device_map=device_map)
+        model, _ = load_pretrained(path, dtype=dtype, device_map=device_map, allow_base_mismatch=allow_base_mismatch)
         return model, cfg, None, None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    ckpt = run_dir / "checkpoints" / tag
+    saved = read_fingerprint(ckpt)
+    cfg = replace(cfg, model=pin_revision(cfg.model, saved))
+    check_base(saved, cfg.model, what=f"checkpoint {ckpt}", allow=allow_base_mismatch)
     model = PPCRModel.from_config(cfg.model, cfg.train.loss)
     state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag,
                                                      exclude_frozen_parameters=True)

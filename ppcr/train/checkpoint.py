@@ -14,6 +14,8 @@ A checkpoint holds the trainable parameters only (DeepSpeed's exclude_frozen_par
 MLLM base, vision tower and SAM image encoder are those of model.mllm_path and model.sam_checkpoint,
 which a resume and an evaluation build the model from anyway. At 7B that keeps the frozen 16-bit
 weights (15-18 GB) out of every checkpoint. Resume checks that every trainable parameter is in it.
+What those base files were is recorded beside them (``ppcr_base.json``, with the resolved config in
+``ppcr_config.yaml``: :mod:`ppcr.model.fingerprint`), and every loader compares.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from ppcr.model.saving import check_trainable_state
 from ppcr.train.rng import rng_state, set_rng_state
 
 
-def save(engine, ckpt_dir: Path, step: int, loader, dist: DistInfo, keep_last: int) -> Path:
+def save(engine, ckpt_dir: Path, step: int, *, loader, dist: DistInfo, keep_last: int,
+         identity: dict[str, str]) -> Path:
+    """Write checkpoint ``step`` (every rank its shard; rank 0 also ``identity``: file name -> text, the base
+    fingerprint and resolved config of :class:`ppcr.train.preflight.RunIdentity`) and make it ``latest``."""
     tag = tag_of(step)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
                            exclude_frozen_parameters=True)
@@ -41,6 +46,9 @@ def save(engine, ckpt_dir: Path, step: int, loader, dist: DistInfo, keep_last: i
     state = {"step": step, "loader": loader.state_dict(), "python_random": dump_random()}
     (out / f"ppcr_rank{dist.rank}.json").write_text(json.dumps(state))
     torch.save(rng_state(), out / f"ppcr_rank{dist.rank}_rng.pt")
+    if dist.is_main:
+        for name, text in identity.items():
+            (out / name).write_text(text)
     barrier()  # every rank's files are on disk
     if dist.is_main:
         tmp = ckpt_dir / f".{LATEST}.tmp"

@@ -89,11 +89,12 @@ def optimizer_step(engine, batches, guard: NonfiniteGuard, window: Window, grad_
     return finite
 
 
-def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step: int, log: RunLogger,
-          validator=None) -> tuple[str, int, dict[str, int]]:
+def train(cfg: Config, dist: DistInfo, engine, loader, *, run_dir: Path, start_step: int, log: RunLogger,
+          identity: dict[str, str], validator=None) -> tuple[str, int, dict[str, int]]:
     """Run from ``start_step`` to train.max_steps; returns ("done" | "halted" | "preempted", last step,
     run totals for the summary: samples skipped over all ranks, steps without update). Raises
-    :class:`NonfiniteLossError` when the loss stays NaN or Inf.
+    :class:`NonfiniteLossError` when the loss stays NaN or Inf. ``identity`` goes into every checkpoint
+    (:func:`ppcr.train.checkpoint.save`).
 
     ``validator`` (:class:`ppcr.eval.validate.Validator`, built by the entry point: training does not
     import evaluation) has ``name``, ``run(model, should_stop) -> (metrics, image) | None`` and
@@ -146,7 +147,8 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
                 if guard.in_streak:
                     log.message(f"step {step}: no checkpoint while the loss is not finite")
                 else:
-                    checkpoint.save(engine, ckpt_dir, step, loader, dist, t.keep_last)
+                    checkpoint.save(engine, ckpt_dir, step, loader=loader, dist=dist, keep_last=t.keep_last,
+                                    identity=identity)
             if stop:
                 status = "preempted"
                 break
@@ -154,7 +156,8 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
                 done = validator.run(engine.module, should_stop=preempt.agreed_now)
                 if done is None:  # preempted during validation: this step's checkpoint, then out
                     if step % t.save_every and step != t.max_steps and not guard.in_streak:
-                        checkpoint.save(engine, ckpt_dir, step, loader, dist, t.keep_last)
+                        checkpoint.save(engine, ckpt_dir, step, loader=loader, dist=dist, keep_last=t.keep_last,
+                                        identity=identity)
                     status = "preempted"
                     break
                 result, image = done
