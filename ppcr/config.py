@@ -83,6 +83,10 @@ class DataConfig:
         True, "drop every training ref whose image is in a split of eval.sets (RefCOCO, RefCOCO+ and RefCOCOg "
               "share COCO train2014 images; MDETR, SeqTR and PolyFormer remove them: ppcr/data/overlap.py); rank "
               "0 prints what was dropped")
+    eval_splits_missing_ok: list[str] = setting(
+        factory=list, doc="eval splits ('name/split') that may have no shards when training starts: with "
+                          "exclude_eval_images a missing eval split otherwise stops the run, since its images cannot be "
+                          "left out of training; make eval flags a split training did not leave out")
     synthetic: SyntheticConfig = setting(factory=SyntheticConfig, doc="the embedded synthetic dataset")
 
 
@@ -382,6 +386,9 @@ def _check_values(cfg: Config) -> None:
         for i, s in enumerate(sets):
             need(s.ratio > 0, f"{key}[{i}].ratio", f"must be > 0, got {s.ratio}")
             need(bool(s.name), f"{key}[{i}].name", "must name a shard set directory")
+    for i, name in enumerate(cfg.data.eval_splits_missing_ok):
+        need(name.count("/") == 1 and all(name.split("/")), f"data.eval_splits_missing_ok[{i}]",
+             f"a split as 'name/split' (e.g. refcoco_unc/val), got {name!r}")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     need(0.0 <= cfg.data.flip_prob <= 1.0, "data.flip_prob", "must lie in [0, 1]")

@@ -16,6 +16,7 @@ opt-in as downloads; without it the upload is refused before anything is exporte
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ppcr.config import ConfigError
+from ppcr.data.overlap import RECORD_FILE as EXCLUSION_RECORD
 from ppcr.model.card import write_card
 from ppcr.model.fingerprint import BASE_FLAG
 from ppcr.model.saving import load_checkpoint, save_pretrained
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = save_pretrained(model, cfg, args.out)
+    source = run_dir / "checkpoints" / tag if run_dir is not None else Path(args.checkpoint)
+    if (source / EXCLUSION_RECORD).is_file():  # which eval splits its training left out, for make eval on the export
+        shutil.copyfile(source / EXCLUSION_RECORD, out / EXCLUSION_RECORD)
     card = write_card(out, cfg, source=Path(args.checkpoint), run_dir=run_dir, tag=tag)
     print(f"exported {args.checkpoint} ({tag or 'saved model'}) to {out}; model card {card}")
     if args.push_to_hub:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ppcr.common.distributed import gather_objects
 from ppcr.config import Config, ConfigError, dump_config, load_config
+from ppcr.data.overlap import RECORD_FILE, check_eval_splits_present, exclusion_record
 from ppcr.data.shards import split_shards
 from ppcr.model.fingerprint import (CONFIG_FILE, FINGERPRINT_FILE, BaseMismatch, base_fingerprint, check_base,
                                     check_model_settings, pin_revision, read_fingerprint)
@@ -57,20 +58,30 @@ def check_run_inputs(cfg: Config, world_size: int, run_dir: Path) -> dict:
         latest_tag(run_dir / "checkpoints")  # a 'latest' that names a missing checkpoint
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from e
+    if cfg.data.exclude_eval_images:
+        try:
+            check_eval_splits_present(cfg.paths.shards_root, cfg.data.train_sets, cfg.eval.sets,
+                                      cfg.data.eval_splits_missing_ok)
+        except ValueError as e:
+            raise ConfigError(f"config key 'eval.sets': {e}") from e
     return ds
 
 
 @dataclass(frozen=True)
 class RunIdentity:
-    """What every checkpoint of this launch records beside DeepSpeed's files: the base fingerprint and the
-    resolved config (:mod:`ppcr.model.fingerprint`)."""
+    """What every checkpoint of this launch records beside DeepSpeed's files: the base fingerprint, the
+    resolved config (:mod:`ppcr.model.fingerprint`) and the eval splits training left out."""
 
     fingerprint: dict
     config: Config
 
     def files(self) -> dict[str, str]:
-        """File name -> text, as :func:`ppcr.train.checkpoint.save` writes them into a checkpoint."""
-        return {FINGERPRINT_FILE: json.dumps(self.fingerprint, indent=1) + "\n", CONFIG_FILE: dump_config(self.config)}
+        """File name -> text, as :func:`ppcr.train.checkpoint.save` writes them into a checkpoint: also which eval
+        splits training left out (:func:`ppcr.data.overlap.exclusion_record`), which make eval reports."""
+        c = self.config
+        excluded = exclusion_record(c.paths.shards_root, c.data.train_sets, c.eval.sets, c.data.exclude_eval_images)
+        return {FINGERPRINT_FILE: json.dumps(self.fingerprint, indent=1) + "\n", CONFIG_FILE: dump_config(c),
+                RECORD_FILE: json.dumps(excluded, indent=1) + "\n"}
 
 
 def _identity_on_this_rank(cfg: Config, run_dir: Path, *, allow_base: bool, allow_model: bool) -> RunIdentity:
