@@ -211,6 +211,11 @@ class ModelConfig:
                 "or FlashAttention-2 (the flash-attn package, a GPU and a 16-bit dtype; checked before a run "
                 "starts)")
     max_new_tokens: int = setting(40, "tokens generated per stage at most")
+    init_from: Optional[str] = setting(
+        None, "start a new run from a trained PPCR model: an export, a run directory (its latest checkpoint) or a "
+              "checkpoint directory; its trained weights replace the base's where this run trains, while the "
+              "optimizer, schedule and data start fresh (fine-tuning a released model on new data). Its base "
+              "weights must be this run's (checked); a run that has a checkpoint resumes from it instead")
 
 
 @dataclass
@@ -278,6 +283,9 @@ class TrainConfig:
         0.0, "the share of jittered ground-truth boxes never falls below this: a mask decoder trained only on the "
              "head's (poor) boxes forgets how to follow a box")
     halt_at_step: Optional[int] = setting(None, "checkpoint and stop after this step (time-boxed jobs, tests)")
+    record_samples: bool = setting(
+        False, "write every sample each rank trains on (step, key, epoch) to <run>/samples/rank<R>.jsonl: an audit "
+               "of the data order, e.g. across an elastic resume (ppcr.train.loop.SampleRecord)")
     profile_at_step: Optional[int] = setting(
         None, "profile steps profile_at_step .. profile_at_step + profile_steps - 1: a trace and the split of step "
               "time by stage, in <run>/profile/ (ppcr.train.profiling); null profiles nothing")
@@ -429,6 +437,8 @@ def _check_values(cfg: Config) -> None:
          "model.templates.spatial_answer", "must hold [LOC] once and end in it, or end in one {box} written after "
          f"[LOC] (the box head must not see the box text); got {t.spatial_answer!r}")
     need(m.max_new_tokens >= 4, "model.max_new_tokens", "must be >= 4")
+    need(m.init_from is None or bool(m.init_from.strip()), "model.init_from",
+         "an export, run or checkpoint directory, or null")
     tm = m.tiny_mllm
     need(min(tm.hidden, tm.layers, tm.heads, tm.kv_heads, tm.vision_hidden, tm.vision_depth, tm.vision_heads,
              tm.vision_mlp_ratio, tm.patch_size) >= 1, "model.tiny_mllm", "every size must be >= 1")

@@ -27,7 +27,7 @@ from huggingface_hub.utils import validate_repo_id
 from ppcr.config import ConfigError
 from ppcr.data.overlap import RECORD_FILE as EXCLUSION_RECORD
 from ppcr.model.card import write_card
-from ppcr.model.fingerprint import BASE_FLAG
+from ppcr.model.fingerprint import BASE_FLAG, FINGERPRINT_FILE, TRAINED_ON_FILE
 from ppcr.model.saving import load_checkpoint, save_pretrained
 from ppcr.offline import hub_online
 
@@ -85,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     source = run_dir / "checkpoints" / tag if run_dir is not None else Path(args.checkpoint)
     if (source / EXCLUSION_RECORD).is_file():  # which eval splits its training left out, for make eval on the export
         shutil.copyfile(source / EXCLUSION_RECORD, out / EXCLUSION_RECORD)
+    trained_on = source / (FINGERPRINT_FILE if run_dir is not None else TRAINED_ON_FILE)
+    if trained_on.is_file():  # the base its checkpoint trained on: model.init_from checks a new run's against it
+        shutil.copyfile(trained_on, out / TRAINED_ON_FILE)
     card = write_card(out, cfg, source=Path(args.checkpoint), run_dir=run_dir, tag=tag)
     print(f"exported {args.checkpoint} ({tag or 'saved model'}) to {out}; model card {card}")
     if args.push_to_hub:

@@ -33,15 +33,17 @@ from ppcr.model.sam import check_sam_checkpoint
 
 FINGERPRINT_FILE = "ppcr_base.json"
 CONFIG_FILE = "ppcr_config.yaml"  # the resolved config a checkpoint was written with
+TRAINED_ON_FILE = "ppcr_trained_on.json"  # in an export: the fingerprint of the base its checkpoint trained on
 BASE_FLAG = "--allow-base-mismatch"
 BASE_FLAG_PY = "allow_base_mismatch=True"
 MODEL_FLAG = "--allow-model-change"
 # Files of an MLLM directory that make the model: weights, configs, tokenizer and processor, chat template.
 MLLM_SUFFIXES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".tiktoken")
 # model.* settings a resume may change: where the base lives (its content is checked by hash), what only
-# ppcr-tiny reads, and how the same weights are computed or decoded.
+# ppcr-tiny reads, how the same weights are computed or decoded, and where a run started from (read at its
+# start only).
 RESUME_MAY_CHANGE = ("mllm_path", "sam_checkpoint", "tiny_family", "tiny_mllm", "max_new_tokens",
-                     "attn_implementation", "gradient_checkpointing")
+                     "attn_implementation", "gradient_checkpointing", "init_from")
 
 
 class BaseMismatch(RuntimeError):
@@ -78,16 +80,16 @@ def pin_revision(m: ModelConfig, fingerprint: dict | None) -> ModelConfig:
     return m
 
 
-def write_fingerprint(directory: Path, fingerprint: dict) -> Path:
-    path = Path(directory) / FINGERPRINT_FILE
+def write_fingerprint(directory: Path, fingerprint: dict, name: str = FINGERPRINT_FILE) -> Path:
+    path = Path(directory) / name
     path.write_text(json.dumps(fingerprint, indent=1) + "\n")
     return path
 
 
-def read_fingerprint(directory: Path) -> dict | None:
+def read_fingerprint(directory: Path, name: str = FINGERPRINT_FILE) -> dict | None:
     """The fingerprint recorded in ``directory``; None when it records none (written before fingerprints).
     A file that is there but unreadable is an error naming it."""
-    path = Path(directory) / FINGERPRINT_FILE
+    path = Path(directory) / name
     if not path.is_file():
         return None
     try:

@@ -24,10 +24,10 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from ppcr.config import Config, dump_config, load_config
+from ppcr.config import Config, ModelConfig, dump_config, load_config
 from ppcr.common.checkpoint_paths import latest_tag
-from ppcr.model.fingerprint import (CONFIG_FILE, base_fingerprint, check_base, pin_revision, read_fingerprint,
-                                    write_fingerprint)
+from ppcr.model.fingerprint import (CONFIG_FILE, TRAINED_ON_FILE, base_fingerprint, check_base, pin_revision,
+                                    read_fingerprint, write_fingerprint)
 from ppcr.model.lora import BRANCHES
 from ppcr.model.model import PPCRModel
 from ppcr.model.sam import SamSegmenter, load_sam, save_sam_state
@@ -186,3 +186,23 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None, *, dev
     result = model.load_state_dict(state, strict=False)
     check_trainable_state(model, state.keys(), result.unexpected_keys, run_dir / "checkpoints" / tag)
     return model.eval(), cfg, run_dir, tag
+
+
+def trained_state(path: str | Path, m: ModelConfig, *, allow_base_mismatch: bool = False) -> tuple[dict, bool]:
+    """The trained weights of a PPCR model (``model.init_from``: an export, a run directory or a checkpoint) as
+    a state dict under :class:`PPCRModel`'s names, for a new run built from ``m``, and whether it holds every
+    weight (an export) or the trained ones only (a checkpoint). The base weights ``m`` names must be those the
+    source was trained on (its fingerprint; an export keeps its checkpoint's as ``ppcr_trained_on.json``), else
+    ``BaseMismatch`` unless ``allow_base_mismatch``."""
+    kind, _, run_dir, tag = resolve_checkpoint(path)
+    if kind == "saved":
+        check_base(read_fingerprint(Path(path), TRAINED_ON_FILE), m, what=f"model.init_from {path}",
+                   allow=allow_base_mismatch)
+        model, _ = load_pretrained(path)
+        return model.state_dict(), True
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = run_dir / "checkpoints" / tag
+    check_base(read_fingerprint(ckpt), m, what=f"model.init_from {ckpt}", allow=allow_base_mismatch)
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag,
+                                                    exclude_frozen_parameters=True), False
