@@ -134,3 +134,33 @@ def test_make_eval_writes_each_split_reports_a_failing_one_keeps_done_ones_and_f
     assert second.returncode == 4 and f"kept from an earlier run (--redo evaluates again): {tiny_shards.name}/val, " \
                                       f"{tiny_shards.name}/testB" in second.stdout
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+
+
+def test_zero3_synced_decoding_gives_the_answers_and_boxes_of_one_process(trained_run, tmp_path):
+    """Two ranks decode with the weights partitioned (every forward gathers them, so the ranks run the same
+    number of forwards: uneven shares, a filler batch, rows that stop at different steps); each expression's
+    answers and boxes are those one process with the whole model decodes."""
+    from launching import VENV_BIN
+    from ppcr.common.distributed import DistInfo, free_port
+    from ppcr.eval.evaluate import evaluate_batches, filler_item, groups_of, split_batches
+    from ppcr.model.saving import load_checkpoint
+
+    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+           str(ROOT / "tests/zero3_decoding.py"), "--checkpoint", str(trained_run), "--out", str(tmp_path),
+           "--limit", "7", "--batch-size", "2"]
+    done = run(cmd)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["partitioned"] for r in ranks)
+    assert [len(r["records"]) for r in ranks] == [4, 3]
+    model, cfg, _, _ = load_checkpoint(trained_run)
+    spec, one = cfg.eval.sets[0], DistInfo(rank=0, world_size=1, local_rank=0, node_rank=0)
+    whole = evaluate_batches(model, split_batches(cfg, spec, one, batch_size=3), filler=filler_item(cfg, spec),
+                             dist=one, synced=False, groups=groups_of(cfg, spec), records=True).records
+    alone = {(r["key"], r["sentence"]): r for r in whole}
+    synced = [r for rank in ranks for r in rank["records"]]
+    assert len({(r["key"], r["sentence"]) for r in synced}) == 7
+    for z in synced:
+        r = alone[(z["key"], z["sentence"])]
+        assert (z["semantic_answer"], z["spatial_answer"]) == (r["semantic_answer"], r["spatial_answer"])
+        assert z["box"] == pytest.approx(r["box"], abs=1e-4) and z["text_box"] == r["text_box"]

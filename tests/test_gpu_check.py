@@ -142,3 +142,26 @@ def test_bad_plans_and_peaks():
     assert done.returncode == 2 and "layers must be >= 1" in done.stderr
     assert gpu_check._window_pairs(16, 4) == 16 * 16**2  # 16 windows of 4 x 4
     assert gpu_check._window_pairs(5, 4) == 16**2 + 2 * 4**2 + 1  # one whole window, two edges, a corner
+
+
+def test_the_measured_peak_is_compared_with_the_estimated_allocations_not_the_allowance(monkeypatch):
+    """torch.cuda.max_memory_allocated counts what the allocator handed out; the estimate's allowance (CUDA
+    context, NCCL buffers, fragmentation) is not in it, so the ratio leaves it out: a peak equal to model states
+    plus activations reads 1.0."""
+    from types import SimpleNamespace
+
+    gib = gpu_check.GIB
+    monkeypatch.setattr(gpu_check.machine, "describe", lambda: {"gpus": [{"name": "NVIDIA H100 80GB HBM3"}]})
+    predicted = {"model_states": 10 * gib, "activations": 2 * gib, "allowance": 1.5 * gib, "allocated": 12 * gib,
+                 "per_gpu": 13.5 * gib, "model_states_bf16": 9 * gib}
+    records = [{"kind": "train", "step": s, "loss": 1.0, "samples_per_s": 2.0, "data_wait_share": 0.0,
+                "memory_gb": 12.0, "host_rss_gb": 1.0} for s in (1, 2, 3)]
+    r = gpu_check.report(gpu_check.Plan(steps=2, warmup_steps=1), load_config(None),
+                         SimpleNamespace(total=3, trainable=1, frozen=2), records=records, overrides=[],
+                         flops=dict.fromkeys(("model", "hardware", "tokens_semantic_image", "tokens_semantic_text",
+                                              "tokens_spatial_image", "tokens_spatial_text", "lm_forward",
+                                              "lm_backward", "lm_head", "vision_tower", "sam_image_encoder",
+                                              "recompute"), 1e12), predicted=predicted,
+                         timing={"train_wall_s": 1.0, "total_s": 2.0})
+    assert r["memory"]["peak_vs_predicted"] == pytest.approx(1.0)
+    assert "measured / estimated allocations (model states + activations) 1.00" in gpu_check.render(r)

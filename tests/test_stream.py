@@ -246,3 +246,23 @@ def test_resume_refuses_shards_whose_content_changed(tiny_shards, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="'shards' was .* the shards' contents \\(manifest sha256\\) changed"):
         build_train_loader(cfg, 0, 1).load_state_dict(state)
+
+
+@pytest.mark.parametrize("bufsize", [1, 4, 16, 500])
+def test_the_shuffle_buffer_gives_webdatasets_own_order(tiny_shards, bufsize):
+    """SetReader writes webdataset's shuffle stage out (a checkpoint must read and rebuild its buffer); same
+    samples in, same RNG, the same order out as wds.shuffle. Old checkpoints replay on that equality."""
+    import random
+
+    import webdataset as wds
+
+    from ppcr.data.stream import shard_samples, slot_shards
+
+    ss = ShardSet.open(tiny_shards.parent, train_set(tiny_shards))
+    for slot, num_slots in ((0, 1), (1, 3)):
+        reader = SetReader(ss, set_index=0, seed=5, slot=slot, num_slots=num_slots, shuffle_buffer=bufsize,
+                           errors=_Errors(), epochs=1)
+        ours = [r["__key__"] for r in reader]
+        raw = (r for s in slot_shards(ss.shards, 5, 0, 0, slot, num_slots, True) for r in shard_samples(s["path"], _Errors()))
+        theirs = [r["__key__"] for r in wds.shuffle(bufsize, initial=bufsize, rng=random.Random(f"5-0-0-{slot}"))(raw)]
+        assert ours == theirs and len(ours) > 1
