@@ -9,7 +9,8 @@ the overlay (the mask in red, the box head's box in yellow, the box written in t
 both generated answers, the agreement of the two boxes and the time of each stage.
 
 Bad input is answered in the page, never with a stack trace: no image, an empty or overlong
-expression, an image that cannot be read or is too large. Odd images are taken as a viewer shows
+expression, an image that cannot be read (corrupt or truncated: the upload reaches ppcr's own decoding,
+not Gradio's), is too large or of a degenerate shape, or one that fails in the model. Odd images are taken as a viewer shows
 them (``ppcr.data.images``: EXIF orientation, grey, 16-bit, transparency) and the page says what
 was converted. The server binds to 127.0.0.1 unless ``--host`` says otherwise; a public Gradio link
 only with ``--share``.
@@ -76,6 +77,10 @@ class RequestHandler:
             result = self.segmenter(image_path, text)
         except ImageError as e:
             raise DemoInputError(str(e)) from e
+        except (ValueError, RuntimeError) as e:  # in the model: an input the checks let through, or the device
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise DemoInputError(f"This image could not be segmented ({type(e).__name__}: {first}). Try another "
+                                 "image, or a smaller one.") from e
         total = time.perf_counter() - t0
         picture = result.overlay()
         notes = list(result.notes)
@@ -105,8 +110,8 @@ def details(result: Segmentation, *, total: float, notes: list[str]) -> str:
              f"- **time**: {1000 * total:.0f} ms ({stages})"]
     if not all(result.stopped.values()):
         missing = [k for k, v in result.stopped.items() if not v]
-        lines.append(f"- stopped at the token limit before its end token: {' and '.join(missing)} stage"
-                     f"{'s' if len(missing) > 1 else ''}")
+        lines.append(f"- ended (end of sequence or token limit) before its [SEM] / [LOC] token: "
+                     f"{' and '.join(missing)} stage{'s' if len(missing) > 1 else ''}")
     lines += [f"- *{n}*" for n in notes]
     return "\n".join(lines)
 
@@ -121,6 +126,18 @@ def build_app(handler: RequestHandler, *, title: str):
     """The Gradio Blocks page around ``handler``."""
     import gradio as gr  # only the demo needs it
 
+    class UploadedImage(gr.Image):
+        """Gradio's image input (the same page element: ``is_template``), handing over the uploaded file's path
+        unopened: Gradio's own preprocessing opens it with PIL, so a corrupt or truncated upload failed there, a
+        bare "Error" in the page and a traceback in the log; ppcr's decoding (ppcr.data.images) answers it."""
+
+        is_template = True
+
+        def preprocess(self, payload):
+            if payload is None or payload.path is None or (payload.url or "").startswith("data:"):
+                return super().preprocess(payload)
+            return str(payload.path)
+
     def run(image_path, expression):
         try:
             a = handler(image_path, expression)
@@ -133,8 +150,8 @@ def build_app(handler: RequestHandler, *, title: str):
                     "picks out one object; the model answers in two stages and SAM draws the mask.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="ppcr-image",
-                                 sources=["upload", "clipboard"])
+                image = UploadedImage(type="filepath", image_mode=None, label="image", elem_id="ppcr-image",
+                                      sources=["upload", "clipboard"])
                 expression = gr.Textbox(label="expression", placeholder="the red circle on the left",
                                         max_lines=3, elem_id="ppcr-expression")
                 button = gr.Button("Segment", variant="primary", elem_id="ppcr-segment")
