@@ -126,17 +126,14 @@ def build_app(handler: RequestHandler, *, title: str):
     """The Gradio Blocks page around ``handler``."""
     import gradio as gr  # only the demo needs it
 
-    class UploadedImage(gr.Image):
-        """Gradio's image input (the same page element: ``is_template``), handing over the uploaded file's path
-        unopened: Gradio's own preprocessing opens it with PIL, so a corrupt or truncated upload failed there, a
-        bare "Error" in the page and a traceback in the log; ppcr's decoding (ppcr.data.images) answers it."""
-
-        is_template = True
-
-        def preprocess(self, payload):
-            if payload is None or payload.path is None or (payload.url or "").startswith("data:"):
-                return super().preprocess(payload)
-            return str(payload.path)
+    def unopened(payload):
+        """The uploaded file's path, unopened (Gradio's own image preprocessing opens it with PIL first, so a corrupt
+        or truncated upload failed there: a bare "Error" in the page and a traceback in the log); ppcr's decoding
+        (ppcr.data.images) answers it. Set on the input element itself rather than in a subclass of gr.Image:
+        Gradio's component metaclass writes a .pyi stub beside the module of every subclass."""
+        if payload is None or payload.path is None or (payload.url or "").startswith("data:"):
+            return image_preprocess(payload)
+        return str(payload.path)
 
     def run(image_path, expression):
         try:
@@ -150,8 +147,9 @@ def build_app(handler: RequestHandler, *, title: str):
                     "picks out one object; the model answers in two stages and SAM draws the mask.")
         with gr.Row():
             with gr.Column():
-                image = UploadedImage(type="filepath", image_mode=None, label="image", elem_id="ppcr-image",
-                                      sources=["upload", "clipboard"])
+                image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="ppcr-image",
+                                 sources=["upload", "clipboard"])
+                image_preprocess, image.preprocess = image.preprocess, unopened
                 expression = gr.Textbox(label="expression", placeholder="the red circle on the left",
                                         max_lines=3, elem_id="ppcr-expression")
                 button = gr.Button("Segment", variant="primary", elem_id="ppcr-segment")
