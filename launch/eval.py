@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -70,20 +71,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ablations", action="store_true", help="also: box from the answer text, ground-truth box "
                    "(oracle), SAM with the box only and with SemSP only (one generation serves every row)")
     p.add_argument("--redo", action="store_true", help="evaluate again the splits an earlier run already wrote")
+    p.add_argument("--device", help="where the model runs (default: this rank's GPU, else the CPU)")
+    p.add_argument("--device-map", help="'auto' spreads a large MLLM over the visible GPUs (one process only)")
     p.add_argument(BASE_FLAG, action="store_true", help="evaluate even when the base weights differ from those the "
                    "checkpoint was trained on (model.mllm_path, model.sam_checkpoint)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="key.sub=value (eval.sets=[...], eval.batch_size=8, paths.shards_root=...)")
     args = p.parse_args(argv)
+    if args.device_map and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        p.error("--device-map spreads one model over the GPUs: run one process (python launch/eval.py), not ranks")
+    if args.device_map and args.device:
+        p.error("give --device or --device-map, not both")
     try:
         model, cfg, run_dir, tag = load_checkpoint(args.checkpoint, args.overrides,
+                                                   device=None if args.device_map else args.device or device(),
+                                                   device_map=args.device_map,
                                                    allow_base_mismatch=args.allow_base_mismatch)
         record = read_exclusion_record(run_dir / "checkpoints" / tag if run_dir else args.checkpoint)
     except (ConfigError, FileNotFoundError, BaseMismatch, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dist = init_distributed()
-    model = model.to(device())
     out = (run_dir or args.checkpoint) / "eval" / (tag or "saved")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
