@@ -5,6 +5,7 @@
     python launch/eval.py --checkpoint runs/default/checkpoints/step_00001000
     python launch/eval.py --checkpoint exported_model/      # a saved model (ppcr.model.saving)
     deepspeed --num_gpus 8 launch/eval.py --checkpoint runs/X --ablations [key.sub=value ...]
+    deepspeed --num_gpus 8 launch/eval.py --checkpoint runs/X --zero3      # weights partitioned over the GPUs
 
 Prints the table papers print (cIoU, gIoU, Prec@0.5-0.9, Box Acc@0.5, count per dataset/split; beside
 them the text box's accuracy, head/text agreement, missing expressions and throughput) and writes
@@ -73,6 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redo", action="store_true", help="evaluate again the splits an earlier run already wrote")
     p.add_argument("--device", help="where the model runs (default: this rank's GPU, else the CPU)")
     p.add_argument("--device-map", help="'auto' spreads a large MLLM over the visible GPUs (one process only)")
+    p.add_argument("--zero3", action="store_true", help="partition the weights over the ranks with ZeRO-3, for a "
+                   "model too large for one device (every forward gathers them, so the ranks decode in lockstep) "
+                   "instead of every rank holding the whole model")
     p.add_argument(BASE_FLAG, action="store_true", help="evaluate even when the base weights differ from those the "
                    "checkpoint was trained on (model.mllm_path, model.sam_checkpoint)")
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -80,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.device_map and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         p.error("--device-map spreads one model over the GPUs: run one process (python launch/eval.py), not ranks")
-    if args.device_map and args.device:
-        p.error("give --device or --device-map, not both")
+    if args.device_map and (args.device or args.zero3):
+        p.error("--device-map places one whole model: not with --device or --zero3")
+    if args.zero3:  # before the model is built: SAM registers the weights its prompt encoder reads directly
+        import deepspeed
     try:
         model, cfg, run_dir, tag = load_checkpoint(args.checkpoint, args.overrides,
-                                                   device=None if args.device_map else args.device or device(),
+                                                   device=None if args.device_map or args.zero3 else
+                                                   args.device or device(),
                                                    device_map=args.device_map,
                                                    allow_base_mismatch=args.allow_base_mismatch)
         record = read_exclusion_record(run_dir / "checkpoints" / tag if run_dir else args.checkpoint)
@@ -92,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dist = init_distributed()
+    if args.zero3:  # inference only: no optimizer; DeepSpeed moves each rank's partition to its device
+        ds = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+        model = deepspeed.initialize(model=model, config=ds)[0].module
     out = (run_dir or args.checkpoint) / "eval" / (tag or "saved")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -112,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"evaluating {args.checkpoint} ({tag or 'saved model'}) by generation on {dist.world_size} rank(s), "
               f"batch {cfg.eval.batch_size}" + (f"; kept from an earlier run (--redo evaluates again): "
                                                 f"{', '.join(kept)}" if kept else ""), flush=True)
-    # every rank holds the whole model: no collective inside a forward, so no lockstep decoding
-    for split in evaluate_splits(model, cfg, dist, synced=False, ablations=ablations, skip=frozenset(kept)):
+    # every rank holds the whole model: no collective inside a forward, no lockstep decoding; under ZeRO-3 each
+    # forward gathers the weights collectively, so the ranks agree at every decoding step
+    synced = args.zero3 and dist.world_size > 1
+    for split in evaluate_splits(model, cfg, dist, synced=synced, ablations=ablations, skip=frozenset(kept)):
         if split.error is not None:
             errors[split.name] = split.error
             if dist.is_main:

@@ -16,28 +16,39 @@ from ppcr.data.shards import load_manifest
 from ppcr.eval.rescore import read_records, rescore
 
 
-def test_eval_on_two_ranks_equals_one_process_and_counts_every_expression(tiny_shards, trained_run):
+def test_eval_on_two_zero3_ranks_equals_one_process_and_counts_every_expression(tiny_shards, trained_run):
+    """Two ranks with the weights partitioned by ZeRO-3 (--zero3: every forward gathers them, so the ranks decode
+    in lockstep; a rank whose share ran out runs filler batches) give every expression the answers and boxes one
+    process with the whole model gives, and the same table; each expression is scored once."""
     run_dir = trained_run
-    sets = f"eval.sets=[{{name: {tiny_shards.name}, split: val}}, {{name: {tiny_shards.name}, split: testB}}]"
+    sets = f"eval.sets=[{{name: {tiny_shards.name}, split: val}}]"
     one = run([sys.executable, "launch/eval.py", "--checkpoint", str(run_dir), sets])
     assert one.returncode == 0, one.stderr[-3000:]
-    rows_one = json.loads((run_dir / "eval/step_00000003/results.json").read_text())["rows"]
+    out = run_dir / "eval/step_00000003"
+    rows_one = json.loads((out / "results.json").read_text())["rows"]
+    records_one = read_records(out / f"predictions_{tiny_shards.name}_val.jsonl")
     cmd = deepspeed_cmd([])
     cmd[cmd.index(str(ROOT / "launch/train.py"))] = str(ROOT / "launch/eval.py")
-    cmd = cmd[:cmd.index("--config")] + ["--checkpoint", str(run_dir), sets, "--redo"]  # not the splits just written
+    cmd = cmd[:cmd.index("--config")] + ["--checkpoint", str(run_dir), sets, "--redo", "--zero3"]
     two = run(cmd)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "kept from an earlier run" not in two.stdout
-    rows_two = json.loads((run_dir / "eval/step_00000003/results.json").read_text())["rows"]
+    assert "kept from an earlier run" not in two.stdout  # --redo: not the split just written
+    rows_two = json.loads((out / "results.json").read_text())["rows"]
     timing = ("seconds", "expressions_per_s", "lm_forwards_per_expression")  # differ with the ranks' batches
     assert [{k: v for k, v in r.items() if k not in timing} for r in rows_one] == \
         [{k: v for k, v in r.items() if k not in timing} for r in rows_two]
+    alone = {(r["key"], r["sentence"]): r for r in records_one}
+    synced = read_records(out / f"predictions_{tiny_shards.name}_val.jsonl")
+    assert len(synced) == len(alone)
+    for z in synced:
+        r = alone[(z["key"], z["sentence"])]
+        assert (z["semantic_answer"], z["spatial_answer"]) == (r["semantic_answer"], r["spatial_answer"])
+        assert z["box"] == pytest.approx(r["box"], abs=1e-4) and z["text_box"] == r["text_box"]
     manifest = load_manifest(tiny_shards)
     whole = [r for r in rows_one if r["group"] == "all"]
-    assert [r["count"] for r in whole] == [manifest["splits"]["val"]["expressions"],
-                                           manifest["splits"]["testB"]["expressions"]]
-    # each split's groups partition it, with the counts its manifest gives
-    for split, row in zip(("val", "testB"), whole):
+    assert [r["count"] for r in whole] == [manifest["splits"]["val"]["expressions"]]
+    # the split's groups partition it, with the counts its manifest gives
+    for split, row in zip(("val",), whole):
         groups = {r["group"]: r["count"] for r in rows_one if r["split"] == row["split"] and r["group"] != "all"}
         assert groups == manifest["splits"][split]["groups"] and sum(groups.values()) == row["count"]
     assert "| synthetic_unc/val" in one.stdout and "cIoU" in one.stdout
@@ -79,7 +90,7 @@ def test_every_count_is_checked_before_the_first_forward_and_a_bad_split_loses_n
     shutil.copytree(tiny_shards, broken.parent / tiny_shards.name)
     sets = f"eval.sets=[{{name: {tiny_shards.name}, split: testB}}, {{name: {broken.name}, split: val}}]"
     cfg = model_config(tiny_shards, tiny_models, "llava", f"paths.shards_root={broken.parent}", sets,
-                       "model.max_new_tokens=4")
+                       "model.max_new_tokens=4", "eval.max_expressions=3")
     events = []
     counted, forward = splits.expected_expressions, evaluate.predict_items
     monkeypatch.setattr(splits, "expected_expressions", lambda d, s: (events.append(("count", Path(d).name)),
@@ -89,7 +100,7 @@ def test_every_count_is_checked_before_the_first_forward_and_a_bad_split_loses_n
     one = DistInfo(rank=0, world_size=1, local_rank=0, node_rank=0)
     good, bad = evaluate_splits_list(model, cfg, one, PPCR)
     assert events.index(("count", broken.name)) < events.index("forward")  # every split checked first
-    assert good.error is None and good.rows[0]["count"] == load_manifest(tiny_shards)["splits"]["testB"]["expressions"]
+    assert good.error is None and good.rows[0]["count"] == 3
     assert bad.rows == [] and f"{broken}: manifest.json split 'val' has no source counts" in bad.error
 
 
@@ -134,33 +145,3 @@ def test_make_eval_writes_each_split_reports_a_failing_one_keeps_done_ones_and_f
     assert second.returncode == 4 and f"kept from an earlier run (--redo evaluates again): {tiny_shards.name}/val, " \
                                       f"{tiny_shards.name}/testB" in second.stdout
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
-
-
-def test_zero3_synced_decoding_gives_the_answers_and_boxes_of_one_process(trained_run, tmp_path):
-    """Two ranks decode with the weights partitioned (every forward gathers them, so the ranks run the same
-    number of forwards: uneven shares, a filler batch, rows that stop at different steps); each expression's
-    answers and boxes are those one process with the whole model decodes."""
-    from launching import VENV_BIN
-    from ppcr.common.distributed import DistInfo, free_port
-    from ppcr.eval.evaluate import evaluate_batches, filler_item, groups_of, split_batches
-    from ppcr.model.saving import load_checkpoint
-
-    cmd = [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests/zero3_decoding.py"), "--checkpoint", str(trained_run), "--out", str(tmp_path),
-           "--limit", "7", "--batch-size", "2"]
-    done = run(cmd)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert all(r["partitioned"] for r in ranks)
-    assert [len(r["records"]) for r in ranks] == [4, 3]
-    model, cfg, _, _ = load_checkpoint(trained_run)
-    spec, one = cfg.eval.sets[0], DistInfo(rank=0, world_size=1, local_rank=0, node_rank=0)
-    whole = evaluate_batches(model, split_batches(cfg, spec, one, batch_size=3), filler=filler_item(cfg, spec),
-                             dist=one, synced=False, groups=groups_of(cfg, spec), records=True).records
-    alone = {(r["key"], r["sentence"]): r for r in whole}
-    synced = [r for rank in ranks for r in rank["records"]]
-    assert len({(r["key"], r["sentence"]) for r in synced}) == 7
-    for z in synced:
-        r = alone[(z["key"], z["sentence"])]
-        assert (z["semantic_answer"], z["spatial_answer"]) == (r["semantic_answer"], r["spatial_answer"])
-        assert z["box"] == pytest.approx(r["box"], abs=1e-4) and z["text_box"] == r["text_box"]

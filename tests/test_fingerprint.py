@@ -120,7 +120,8 @@ def test_checkpoints_record_their_base_and_config_and_evaluation_checks_them(tra
     ckpt = trained_run / "checkpoints/step_00000003"
     saved = json.loads((ckpt / FINGERPRINT_FILE).read_text())
     assert saved["sam"]["sha256"] == sha256_uncached(tiny_models["sam"])
-    assert saved["mllm"]["files"]["model.safetensors"] == sha256_uncached(tiny_models["qwen2_5_vl"] / "model.safetensors")
+    weights = tiny_models["qwen2_5_vl"] / "model.safetensors"
+    assert saved["mllm"]["files"]["model.safetensors"] == sha256_uncached(weights)
     assert load_config(ckpt / CONFIG_FILE).train.run_name == "trained"
 
     run = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval"))

@@ -20,7 +20,7 @@ ROOT = Path(__file__).parent.parent
 
 def test_gpu_check_trains_the_7b_architecture_shrunk_in_depth(tmp_path):
     out = tmp_path / "check"
-    cmd = [sys.executable, str(ROOT / "launch/gpu_check.py"), "--layers", "1", "--steps", "2", "--warmup-steps", "1",
+    cmd = [sys.executable, str(ROOT / "launch/gpu_check.py"), "--layers", "1", "--steps", "1", "--warmup-steps", "1",
            "--train-images", "8", "--out", str(out),
            "train.micro_batch_size=1", "train.grad_accum=1", "data.num_workers=1"]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -41,9 +41,9 @@ def test_gpu_check_trains_the_7b_architecture_shrunk_in_depth(tmp_path):
     assert not any(k.startswith("image_encoder.blocks.1.") for k in keys)
 
     # Every step trained and was logged; the first is left out of the timing.
-    assert r["losses_finite"] and sorted(map(int, r["losses"])) == [1, 2, 3]
-    assert (r["warmup_steps"], r["timed_steps"], r["samples_per_step"], r["ranks"]) == (1, 2, 1, 1)
-    assert r["step_s"]["n"] == 2 and r["step_s"]["median"] > 0 and r["samples_per_s"]["median"] > 0
+    assert r["losses_finite"] and sorted(map(int, r["losses"])) == [1, 2]
+    assert (r["warmup_steps"], r["timed_steps"], r["samples_per_step"], r["ranks"]) == (1, 1, 1, 1)
+    assert r["step_s"]["n"] == 1 and r["step_s"]["median"] > 0 and r["samples_per_s"]["median"] > 0
     # The estimator counted the model the run trained: the run's parameter table has the same totals.
     total = re.search(r"^total\s+([\d,]+)\s+([\d,]+)\s+([\d,]+)$", done.stdout, re.M)
     assert total, done.stdout[-3000:]

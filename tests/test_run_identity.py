@@ -29,17 +29,20 @@ from ppcr.train.init_from import init_trained
 
 @pytest.fixture(scope="module")
 def long_run(tiny_shards, tiny_models, tmp_path_factory):
-    """20 steps of 4 samples: steps 1-8 on 2 ZeRO-3 ranks, 9-14 on 1, 15-20 on 2 again, every sample recorded;
+    """20 steps of 4 samples: steps 1-8 on 2 ZeRO-3 ranks, 9-14 on 1 process, 15-20 on 2 again, every sample recorded;
     on a SAM file of the run's own that a test may replace. The head's learning rate is twice the LoRA's, so
     that an optimizer group given another group's settings shows."""
     root = tmp_path_factory.mktemp("identity")
     sam = shutil.copy(tiny_models["sam"], root / "sam.pth")
     args = overrides(tiny_shards, tiny_models, root / "runs", f"model.sam_checkpoint={sam}", "train.max_steps=20",
-                     "train.save_every=100", "train.run_name=long", "model.max_new_tokens=6", "train.global_batch_size=4",
-                     "train.record_samples=true", "train.lr=1e-3", "train.head_lr=2e-3", "train.sam_lr=1e-3")
+                     "train.save_every=100", "train.run_name=long", "model.max_new_tokens=6",
+                     "train.global_batch_size=4", "train.record_samples=true", "train.lr=1e-3", "train.head_lr=2e-3",
+                     "train.sam_lr=1e-3")
+    one_rank = [sys.executable, "launch/train.py", "--config", "launch/configs/default.yaml"]  # one process
     phases = []
     for ranks, halt in ((2, 8), (1, 14), (2, None)):
-        done = run(deepspeed_cmd(args + ([f"train.halt_at_step={halt}"] if halt else []), ranks=ranks))
+        extra = [f"train.halt_at_step={halt}"] if halt else []
+        done = run(deepspeed_cmd(args + extra) if ranks == 2 else one_rank + args + extra)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         phases.append(done)
     return {"run": root / "runs/long", "sam": root / "sam.pth", "args": args, "root": root, "phases": phases}
@@ -114,7 +117,9 @@ def test_a_replaced_sam_file_is_refused_by_resume_eval_export_and_infer_unless_o
     with pytest.warns(UserWarning, match="loaded anyway as asked"):
         assert infer_main(infer + [flag]) == 0
 
-    resume = deepspeed_cmd(long_run["args"] + ["train.max_steps=21"])
+    # one process: the refusal comes before any rank would start; with the flag, an elastic resume (2 -> 1)
+    resume = [sys.executable, "launch/train.py", "--config", "launch/configs/default.yaml", *long_run["args"],
+              "train.max_steps=21"]
     done = run(resume)
     assert done.returncode == 2
     refused(done.stderr)

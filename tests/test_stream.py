@@ -263,6 +263,7 @@ def test_the_shuffle_buffer_gives_webdatasets_own_order(tiny_shards, bufsize):
         reader = SetReader(ss, set_index=0, seed=5, slot=slot, num_slots=num_slots, shuffle_buffer=bufsize,
                            errors=_Errors(), epochs=1)
         ours = [r["__key__"] for r in reader]
-        raw = (r for s in slot_shards(ss.shards, 5, 0, 0, slot, num_slots, True) for r in shard_samples(s["path"], _Errors()))
+        raw = (r for s in slot_shards(ss.shards, 5, 0, 0, slot, num_slots, True)
+               for r in shard_samples(s["path"], _Errors()))
         theirs = [r["__key__"] for r in wds.shuffle(bufsize, initial=bufsize, rng=random.Random(f"5-0-0-{slot}"))(raw)]
         assert ours == theirs and len(ours) > 1
