@@ -85,8 +85,8 @@ class DataConfig:
               "0 prints what was dropped")
     eval_splits_missing_ok: list[str] = setting(
         factory=list, doc="eval splits ('name/split') that may have no shards when training starts: with "
-                          "exclude_eval_images a missing eval split otherwise stops the run, since its images cannot be "
-                          "left out of training; make eval flags a split training did not leave out")
+                          "exclude_eval_images a missing eval split otherwise stops the run, since its images cannot "
+                          "be left out of training; make eval flags a split training did not leave out")
     synthetic: SyntheticConfig = setting(factory=SyntheticConfig, doc="the embedded synthetic dataset")
 
 

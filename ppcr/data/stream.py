@@ -422,7 +422,8 @@ class TrainStream(IterableDataset):
         worker = ((info.id if info else 0) + self.worker_offset) % num_workers
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         errors = _Errors()
-        plans = self.worker_plans[worker] if self.worker_plans and self.worker_plans[worker] else [None] * len(self.sets)
+        dealt = self.worker_plans[worker] if self.worker_plans else None
+        plans = dealt or [None] * len(self.sets)
         readers = [SetReader(x, set_index=i, seed=self.seed, slot=slot, num_slots=num_slots,
                              shuffle_buffer=self.shuffle_buffer, errors=errors, plans=plans[i])
                    for i, x in enumerate(self.sets)]

@@ -9,10 +9,10 @@ the overlay (the mask in red, the box head's box in yellow, the box written in t
 both generated answers, the agreement of the two boxes and the time of each stage.
 
 Bad input is answered in the page, never with a stack trace: no image, an empty or overlong
-expression, an image that cannot be read (corrupt or truncated: the upload reaches ppcr's own decoding,
-not Gradio's), is too large or of a degenerate shape, or one that fails in the model. Odd images are taken as a viewer shows
-them (``ppcr.data.images``: EXIF orientation, grey, 16-bit, transparency) and the page says what
-was converted. The server binds to 127.0.0.1 unless ``--host`` says otherwise; a public Gradio link
+expression, an image that cannot be read (corrupt or truncated: the upload reaches ppcr's own
+decoding, not Gradio's), is too large or of a degenerate shape, or one that fails in the model.
+Odd images are taken as a viewer shows them (``ppcr.data.images``: EXIF orientation, grey, 16-bit,
+transparency) and the page says what was converted. The server binds to 127.0.0.1 unless ``--host`` says otherwise; a public Gradio link
 only with ``--share``.
 """
 

@@ -83,8 +83,8 @@ class Segmenter:
         directory. ``device`` defaults to the GPU where there is one; ``dtype`` ("bfloat16", torch.bfloat16,
         ...) overrides the dtype the model was trained in; ``device_map="auto"`` spreads a large MLLM over
         the visible GPUs instead of ``device`` (the rest of the model on its first one), for an export or a
-        run checkpoint alike (:func:`ppcr.model.saving.place`). Needs no DeepSpeed for an export. Base weights other than those
-        the model was trained on are refused (``ppcr.model.fingerprint.BaseMismatch``) unless
+        run checkpoint alike (:func:`ppcr.model.saving.place`). Needs no DeepSpeed for an export. Base weights
+        other than those the model was trained on are refused (``ppcr.model.fingerprint.BaseMismatch``) unless
         ``allow_base_mismatch``."""
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")

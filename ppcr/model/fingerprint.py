@@ -68,7 +68,8 @@ def base_fingerprint(m: ModelConfig) -> dict:
     local = download_mllm(hub_id, m.mllm_revision) if hub_id else where
     mllm = {"path": m.mllm_path, "hub_id": hub_id, "revision": snapshot_revision(local) if hub_id else None,
             "files": {p.name: file_sha256(p) for p in mllm_files(local)}}
-    return {"version": 1, "mllm": mllm, "sam": {"path": m.sam_checkpoint, "sha256": file_sha256(check_sam_checkpoint(m))}}
+    sam = {"path": m.sam_checkpoint, "sha256": file_sha256(check_sam_checkpoint(m))}
+    return {"version": 1, "mllm": mllm, "sam": sam}
 
 
 def pin_revision(m: ModelConfig, fingerprint: dict | None) -> ModelConfig:
