@@ -168,7 +168,7 @@ def test_device_map_places_a_run_checkpoint_and_an_export_alike(trained_run, exp
 
     asked = []
     for module in (model_module, saving):
-        monkeypatch.setattr(module, "load_mllm", lambda *a, _f=module.load_mllm, **k: (asked.append(k["device_map"]),
+        monkeypatch.setattr(module, "load_mllm", lambda *a, _f=module.load_mllm, **k: (asked.append(k.get("device_map")),
                                                                                         _f(*a, **k))[1])
     image, expression = examples()[0]
     plain = ppcr.Segmenter.from_pretrained(trained_run, device="cpu")(image, expression)
