@@ -15,13 +15,18 @@ SHARDS     := shards/synthetic_unc/manifest.json
 
 .PHONY: install test shards models pretrain train eval figures bench soak clean-data
 
-# Reinstalled when the package metadata or this file changes (the stamp is then stale).
-$(STAMP): setup.cfg pyproject.toml Makefile
+# LOCKED=1 installs deepspeed and ppcr's dependencies at the versions the test suite passed with
+# (constraints.txt; torch stays TORCH_SPEC's); without it, the newest that setup.cfg's bounds allow.
+LOCKED     ?=
+PIN        := $(if $(LOCKED),-c constraints.txt)
+
+# Reinstalled when the package metadata, the constraints or this file change (the stamp is then stale).
+$(STAMP): setup.cfg pyproject.toml Makefile constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip setuptools wheel
 	$(PY) -m pip install $(TORCH_SPEC)
-	DS_BUILD_OPS=0 $(PY) -m pip install --no-build-isolation deepspeed
-	$(PY) -m pip install --no-build-isolation -e '.[dev]'
+	DS_BUILD_OPS=0 $(PY) -m pip install --no-build-isolation $(PIN) deepspeed
+	$(PY) -m pip install --no-build-isolation $(PIN) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

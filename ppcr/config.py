@@ -83,6 +83,10 @@ class DataConfig:
         True, "drop every training ref whose image is in a split of eval.sets (RefCOCO, RefCOCO+ and RefCOCOg "
               "share COCO train2014 images; MDETR, SeqTR and PolyFormer remove them: ppcr/data/overlap.py); rank "
               "0 prints what was dropped")
+    eval_splits_missing_ok: list[str] = setting(
+        factory=list, doc="eval splits ('name/split') that may have no shards when training starts: with "
+                          "exclude_eval_images a missing eval split otherwise stops the run, since its images cannot "
+                          "be left out of training; make eval flags a split training did not leave out")
     synthetic: SyntheticConfig = setting(factory=SyntheticConfig, doc="the embedded synthetic dataset")
 
 
@@ -165,6 +169,10 @@ class ModelConfig:
         "the MLLM: a local save_pretrained directory (config, safetensors weights, tokenizer, processor); or, "
         "only where the user opts in to the network with HF_HUB_OFFLINE=0 (ppcr/offline.py), a hub id "
         "'org/name', downloaded into the hub cache at load")
+    mllm_revision: Optional[str] = setting(
+        None, "for a hub id: the hub commit (or branch, tag) to load; null: the newest when a run starts, which the "
+              "run then records here and in its checkpoints, so that resume, make eval and ppcr-export load that "
+              "commit")
     tiny_family: Optional[Literal["qwen2_5_vl", "llava"]] = setting(
         "qwen2_5_vl", "which tiny model ppcr-tiny writes to mllm_path when it is missing; null for a real checkpoint")
     tiny_mllm: TinyMllmConfig = setting(factory=TinyMllmConfig, doc="the tiny MLLM's shape")
@@ -203,6 +211,11 @@ class ModelConfig:
                 "or FlashAttention-2 (the flash-attn package, a GPU and a 16-bit dtype; checked before a run "
                 "starts)")
     max_new_tokens: int = setting(40, "tokens generated per stage at most")
+    init_from: Optional[str] = setting(
+        None, "start a new run from a trained PPCR model: an export, a run directory (its latest checkpoint) or a "
+              "checkpoint directory; its trained weights replace the base's where this run trains, while the "
+              "optimizer, schedule and data start fresh (fine-tuning a released model on new data). Its base "
+              "weights must be this run's (checked); a run that has a checkpoint resumes from it instead")
 
 
 @dataclass
@@ -270,6 +283,9 @@ class TrainConfig:
         0.0, "the share of jittered ground-truth boxes never falls below this: a mask decoder trained only on the "
              "head's (poor) boxes forgets how to follow a box")
     halt_at_step: Optional[int] = setting(None, "checkpoint and stop after this step (time-boxed jobs, tests)")
+    record_samples: bool = setting(
+        False, "write every sample each rank trains on (step, key, epoch) to <run>/samples/rank<R>.jsonl: an audit "
+               "of the data order, e.g. across an elastic resume (ppcr.train.loop.SampleRecord)")
     profile_at_step: Optional[int] = setting(
         None, "profile steps profile_at_step .. profile_at_step + profile_steps - 1: a trace and the split of step "
               "time by stage, in <run>/profile/ (ppcr.train.profiling); null profiles nothing")
@@ -378,6 +394,9 @@ def _check_values(cfg: Config) -> None:
         for i, s in enumerate(sets):
             need(s.ratio > 0, f"{key}[{i}].ratio", f"must be > 0, got {s.ratio}")
             need(bool(s.name), f"{key}[{i}].name", "must name a shard set directory")
+    for i, name in enumerate(cfg.data.eval_splits_missing_ok):
+        need(name.count("/") == 1 and all(name.split("/")), f"data.eval_splits_missing_ok[{i}]",
+             f"a split as 'name/split' (e.g. refcoco_unc/val), got {name!r}")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
     need(0.0 <= cfg.data.flip_prob <= 1.0, "data.flip_prob", "must lie in [0, 1]")
@@ -389,6 +408,8 @@ def _check_values(cfg: Config) -> None:
     need(bool(m.mllm_path.strip()) and "://" not in m.mllm_path, "model.mllm_path",
          f"must be a save_pretrained directory or, with HF_HUB_OFFLINE=0, a hub id 'org/name' (not a URL), "
          f"got {m.mllm_path!r}")
+    need(m.mllm_revision is None or (bool(m.mllm_revision) and not any(c.isspace() for c in m.mllm_revision)),
+         "model.mllm_revision", f"a hub commit, branch or tag without spaces, or null; got {m.mllm_revision!r}")
     need(m.mllm_image_size >= 16, "model.mllm_image_size", "must be >= 16")
     need(m.sam_image_size >= 16, "model.sam_image_size", "must be >= 16")
     need(len(m.sam_pixel_mean) == 3, "model.sam_pixel_mean", "three values (R, G, B)")
@@ -416,6 +437,8 @@ def _check_values(cfg: Config) -> None:
          "model.templates.spatial_answer", "must hold [LOC] once and end in it, or end in one {box} written after "
          f"[LOC] (the box head must not see the box text); got {t.spatial_answer!r}")
     need(m.max_new_tokens >= 4, "model.max_new_tokens", "must be >= 4")
+    need(m.init_from is None or bool(m.init_from.strip()), "model.init_from",
+         "an export, run or checkpoint directory, or null")
     tm = m.tiny_mllm
     need(min(tm.hidden, tm.layers, tm.heads, tm.kv_heads, tm.vision_hidden, tm.vision_depth, tm.vision_heads,
              tm.vision_mlp_ratio, tm.patch_size) >= 1, "model.tiny_mllm", "every size must be >= 1")

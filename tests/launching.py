@@ -19,8 +19,8 @@ def overrides(tiny_shards, tiny_models, runs, *extra):
             "train.micro_batch_size=2", "train.warmup_steps=2", "train.log_every=1", "train.val_samples=0", *extra]
 
 
-def deepspeed_cmd(args, script=ROOT / "launch/train.py"):
-    return [str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+def deepspeed_cmd(args, script=ROOT / "launch/train.py", ranks=2):
+    return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
             str(script), "--config", str(ROOT / "launch/configs/default.yaml"), *args]
 
 

@@ -157,3 +157,39 @@ def test_the_readmes_python_example_runs(exported, tmp_path, monkeypatch):
     with Image.open(tmp_path / "photo.jpg") as im:
         assert namespace["result"].mask.shape == (im.height, im.width)
     assert (tmp_path / "overlay.png").is_file() and len(namespace["results"]) == 2
+
+
+def test_device_map_places_a_run_checkpoint_and_an_export_alike(trained_run, exported, monkeypatch):
+    """--device-map was ignored for a run checkpoint (left on the CPU) and placed only an export's MLLM; now both
+    load through one placement: the MLLM loaded with the device map (accelerate dispatches it where there are
+    GPUs), every other part on its input device, the language model's and vision tower's outputs brought back
+    there. (On this CPU machine every device is the CPU and transformers does not dispatch.)"""
+    from ppcr.model import model as model_module, saving
+
+    asked = []
+    for module in (model_module, saving):
+        monkeypatch.setattr(module, "load_mllm", lambda *a, _f=module.load_mllm, **k: (asked.append(k.get("device_map")),
+                                                                                        _f(*a, **k))[1])
+    image, expression = examples()[0]
+    plain = ppcr.Segmenter.from_pretrained(trained_run, device="cpu")(image, expression)
+    for path in (trained_run, exported / "model"):
+        asked.clear()
+        segmenter = ppcr.Segmenter.from_pretrained(path, device_map="auto")
+        model = segmenter.model
+        assert asked == ["auto"], path  # the MLLM loaded with the map, for a run checkpoint too
+        first = model.mllm.get_input_embeddings().weight.device
+        assert {p.device for n, p in model.named_parameters() if not n.startswith("mllm.")} == {first}
+        assert all(getattr(m, "_hf_hook", None) is not None
+                   for m in (model.family.language_model, *model.family.vision_modules))
+        if path == trained_run:
+            result = segmenter(image, expression)
+            assert result.spatial_answer == plain.spatial_answer and np.array_equal(result.mask, plain.mask)
+
+
+def test_model_overrides_an_export_cannot_take_are_refused(exported):
+    from ppcr.config import ConfigError
+
+    with pytest.raises(ConfigError, match="config key 'model.lora' cannot apply to an export: its weights fix"):
+        load_checkpoint(exported / "model", ["model.lora.rank=4"])
+    model, cfg, _, _ = load_checkpoint(exported / "model", ["model.max_new_tokens=5", "eval.batch_size=2"])
+    assert model.cfg.max_new_tokens == cfg.model.max_new_tokens == 5 and cfg.eval.batch_size == 2

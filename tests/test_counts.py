@@ -170,7 +170,7 @@ def test_evaluation_stops_on_missing_expressions_or_scores_them_as_misses(reject
                                                                         monkeypatch):
     from conftest import model_config
     from ppcr.common.distributed import DistInfo
-    from ppcr.eval.splits import MissingExpressions, evaluate_splits
+    from ppcr.eval.splits import evaluate_splits
     from ppcr.model.model import PPCRModel
     from ppcr.model.predict import PPCR
 
@@ -180,9 +180,26 @@ def test_evaluation_stops_on_missing_expressions_or_scores_them_as_misses(reject
     cfg = model_config(tiny_shards, tiny_models, "llava", f"paths.shards_root={rejecting.parent}", sets,
                        "model.max_new_tokens=4")
     model = PPCRModel.from_config(cfg.model, cfg.train.loss).eval()
-    with pytest.raises(MissingExpressions, match=r"refcoco_unc/train: the shards hold 3 of the source's 7 expressions"):
-        evaluate_splits(model, cfg, one, synced=False, ablations=[PPCR])
+    (failed,) = evaluate_splits(model, cfg, one, synced=False, ablations=[PPCR])
+    assert failed.rows == [] and "refcoco_unc/train: the shards hold 3 of the source's 7 expressions" in failed.error
     cfg.eval.on_missing = "score_zero"
-    (row,) = evaluate_splits(model, cfg, one, synced=False, ablations=[PPCR]).rows
+    (scored,) = evaluate_splits(model, cfg, one, synced=False, ablations=[PPCR])
+    row = scored.rows[0]
+    assert row["group"] == "all" and scored.error is None
     assert row["count"] == 7 and row["missing"] == 4  # the 3 written are scored, the 4 rejected are misses
     assert row["Prec@0.5"] <= 3 / 7 and row["BoxAcc@0.5"] <= 3 / 7
+
+
+def test_training_refuses_an_eval_split_without_shards_unless_opted_out(tiny_shards, tmp_path):
+    """Its images could not be left out of training; data.eval_splits_missing_ok or exclude_eval_images off
+    lets the run start (and make eval then flags the split, see test_eval)."""
+    from ppcr.config import ConfigError
+    from ppcr.train.preflight import check_run_inputs
+
+    sets = f"eval.sets=[{{name: {tiny_shards.name}, split: val}}, {{name: nowhere_unc, split: testA}}]"
+    with pytest.raises(ConfigError, match=r"eval split\(s\) nowhere_unc/testA have no shards under .*"
+                                          r"data.eval_splits_missing_ok"):
+        check_run_inputs(make_config(tiny_shards, sets), 1, tmp_path / "run")
+    check_run_inputs(make_config(tiny_shards, sets, "data.eval_splits_missing_ok=[nowhere_unc/testA]"), 1,
+                     tmp_path / "run")
+    check_run_inputs(make_config(tiny_shards, sets, "data.exclude_eval_images=false"), 1, tmp_path / "run")

@@ -55,3 +55,51 @@ def test_a_torchvision_for_another_torch_fails_to_resolve():
     _pypi_or_skip()
     r = check_install.check("mismatch", "torch==2.10.0 torchvision==0.29.1")
     assert r["status"] == "failed" and "does not resolve" in r["reason"]
+
+
+def _requirements():
+    import configparser
+
+    from packaging.requirements import Requirement
+
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    lines = cfg["options"]["install_requires"].splitlines() + cfg["options.extras_require"]["dev"].splitlines()
+    return [Requirement(line.strip()) for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def test_the_constraints_pin_every_dependency_within_setup_cfgs_bounds():
+    """constraints.txt (make install LOCKED=1) holds a version of every dependency but torch and torchvision
+    (TORCH_SPEC picks them), each inside setup.cfg's bounds; this environment's versions are inside them too."""
+    from importlib.metadata import version
+
+    from packaging.utils import canonicalize_name
+
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            name, _, pinned = line.partition("==")
+            pins[canonicalize_name(name)] = pinned.strip()
+    assert not {"torch", "torchvision"} & set(pins)
+    for req in _requirements():
+        name = canonicalize_name(req.name)
+        if name in ("torch", "torchvision"):
+            continue
+        assert name in pins, f"{req.name} is not in constraints.txt"
+        assert req.specifier.contains(pins[name], prereleases=True), f"constraints.txt {req.name}=={pins[name]}: {req}"
+        assert req.specifier.contains(version(req.name), prereleases=True), f"installed {req.name} {version(req.name)}"
+
+
+def test_make_install_locked_installs_under_the_constraints():
+    import subprocess
+
+    def dry(*args):
+        out = subprocess.run(["make", "-n", "-B", "install", "PY=python", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return [line for line in out.stdout.splitlines() if "pip install" in line]
+
+    locked = dry("LOCKED=1")
+    assert [("-c constraints.txt" in line) for line in locked] == [False, False, True, True]  # pip, torch; ds, ppcr
+    assert "deepspeed" in locked[2] and "-e '.[dev]'" in locked[3]
+    assert not any("-c constraints.txt" in line for line in dry())

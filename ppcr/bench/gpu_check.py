@@ -379,7 +379,8 @@ def predicted_memory(rm: memory.RecipeModel, world: int) -> dict[str, float]:
     """The estimator's per-GPU figure for ``rm`` under ZeRO-3 on ``world`` GPUs of one node, in bytes, as
     the memory table computes it (:func:`ppcr.bench.memory.memory_table`): model states (DeepSpeed's
     estimator for the trained parameters, the frozen ones' 16-bit partitions), activations of one
-    micro batch, and the allowance for the CUDA context, communication buffers and fragmentation;
+    micro batch, and the allowance for the CUDA context, communication buffers and fragmentation (``per_gpu``;
+    ``allocated`` leaves the allowance out: what ``torch.cuda.max_memory_allocated`` can be compared with);
     and the model states alone mapped to bf16 (:func:`ppcr.bench.memory.expected_zero3_bytes_per_rank`),
     which is what training's first-step ``memory`` record measures."""
     states = memory.model_state_memory(rm.trainable, rm.frozen, rm.largest_layer, num_gpus_per_node=world)["zero3"]
@@ -387,7 +388,8 @@ def predicted_memory(rm: memory.RecipeModel, world: int) -> dict[str, float]:
     allowance = memory.ALLOWANCE_GIB * GIB
     expected = memory.expected_zero3_bytes_per_rank(rm.trainable, rm.frozen, world, precision="bf16")
     return {"model_states": states["gpu"], "activations": acts, "allowance": allowance,
-            "per_gpu": states["gpu"] + acts + allowance, "model_states_bf16": expected["total"]}
+            "allocated": states["gpu"] + acts, "per_gpu": states["gpu"] + acts + allowance,
+            "model_states_bf16": expected["total"]}
 
 
 # ---------------------------------------------------------------------------------------------- the check
@@ -475,7 +477,9 @@ def report(plan: Plan, cfg, rm: memory.RecipeModel, *, records: list[dict], over
             "peak_accelerator_bytes": measured_peak,
             "host_rss_rank0_max_bytes": max(d["host_rss_gb"] for d in train) * GIB,
             "predicted": predicted,
-            "peak_vs_predicted": measured_peak / predicted["per_gpu"] if measured_peak else None,
+            # like with like: max_memory_allocated counts what the caching allocator handed out, never the CUDA
+            # context, NCCL's buffers or fragmentation, which the estimate's allowance covers
+            "peak_vs_predicted": measured_peak / predicted["allocated"] if measured_peak else None,
             "model_states_measured": {k: states[k] for k in ("params", "gradients", "optimizer", "total")}
             if states else None,
         },
@@ -510,7 +514,8 @@ def render(r: dict) -> str:
         ["peak accelerator memory (rank 0)", _gib(m["peak_accelerator_bytes"]) + cpu_note],
         ["estimator, per GPU", f"{_gib(p['per_gpu'])} = model states {_gib(p['model_states'])} + activations "
                                f"{_gib(p['activations'])} + allowance {_gib(p['allowance'])}"
-         + (f"; measured / estimated {m['peak_vs_predicted']:.2f}" if m["peak_vs_predicted"] else "")],
+         + (f"; measured / estimated allocations (model states + activations) {m['peak_vs_predicted']:.2f}"
+            if m["peak_vs_predicted"] else "")],
         ["model states, measured (step 1)", "n/a" if states is None else
          f"{_gib(states['total'])} (params {_gib(states['params'])}, gradients {_gib(states['gradients'])}, "
          f"optimizer {_gib(states['optimizer'])}); expected in bf16 {_gib(p['model_states_bf16'])}"],

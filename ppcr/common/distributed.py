@@ -134,6 +134,16 @@ def cpu_group() -> dist.ProcessGroup:
     return dist.new_group(backend="gloo")
 
 
+def gather_objects(obj: object) -> list:
+    """Every rank's ``obj`` (picklable), in rank order, on every rank; ``[obj]`` without a process group.
+    Collective: every rank must call it at the same point."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj, group=cpu_group())
+    return out
+
+
 def barrier() -> None:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()

@@ -26,6 +26,12 @@ class RunLogger:
         self.jsonl.write(json.dumps({"step": step, "kind": prefix, **values}) + "\n")
         self.jsonl.flush()
 
+    def flush(self) -> None:
+        """On disk now (TensorBoard's writer otherwise flushes every two minutes): what a later failure must not
+        take with it."""
+        if self.enabled:
+            self.writer.flush()
+
     def message(self, text: str) -> None:
         """A line for the user (global rank 0 only)."""
         if self.enabled:

@@ -9,7 +9,8 @@ Every mode PIL opens becomes 8-bit RGB (grey, palette, CMYK, 16- and 32-bit inte
 greys by their value range, transparency composited over white), and each conversion is named in
 ``LoadedImage.notes`` so that a front end can say what it did. An image above ``max_pixels`` is
 refused before its pixels are decoded (PIL reads the size from the header), with its size in the
-message.
+message. So is a degenerate shape (sides more than 20:1 apart, an empty array), which would only fail
+later, inside the model's resize.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 64_000_000  # 8000 x 8000: far above any camera's photo, below PIL's decompression-bomb limit
+# Longer over shorter side: wider than any panorama a phone takes (about 10:1). Past it the model's resizes
+# break down: SAM's longest-side resize of a 1 x 8000 strip has no rows left.
+MAX_ASPECT = 20.0
 
 
 class ImageError(ValueError):
@@ -62,11 +66,17 @@ def load_image(source: str | Path | Image.Image | np.ndarray, *, max_pixels: int
 
 
 def _check_size(size: tuple[int, int], what: str, max_pixels: int) -> None:
-    """Refuse an image of (width, height) ``size`` above ``max_pixels``, naming ``what`` it is."""
+    """Refuse an image of (width, height) ``size`` above ``max_pixels`` or with sides further apart than
+    :data:`MAX_ASPECT`, naming ``what`` it is and its size."""
     w, h = size
     if w * h > max_pixels:
         raise ImageError(f"{what} is {w} x {h} px ({w * h / 1e6:.0f} MP); images up to {max_pixels / 1e6:.0f} MP "
                          "are taken")
+    if min(w, h) == 0:
+        raise ImageError(f"{what} is {w} x {h} px: it has no pixels")
+    if max(w, h) > MAX_ASPECT * min(w, h):
+        raise ImageError(f"{what} is {w} x {h} px, one side {max(w, h) / min(w, h):.0f} times the other; images up to "
+                         f"{MAX_ASPECT:.0f}:1 are taken (crop it to the part with the object)")
 
 
 def _array_image(a: np.ndarray, max_pixels: int) -> Image.Image:

@@ -14,6 +14,11 @@ predicate on raw samples before the stream groups them into batches, so the grou
 forms, and with them resume (which counts groups), stay a function of data and config. A training
 set that is itself one of the eval splits is not filtered against itself, which would empty it:
 training on an eval split is then what the recipe asks for, and the report says so.
+
+An eval split whose shards are missing when training starts cannot be left out: training refuses to
+start (:func:`check_eval_splits_present`) unless ``data.exclude_eval_images`` is off or the split is named
+in ``data.eval_splits_missing_ok``. Each checkpoint records which eval splits its training left out
+(:func:`exclusion_record`, ``ppcr_excluded.json``), and evaluation flags a split that was not.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ppcr.config import ShardSetConfig
 from ppcr.data.shards import load_manifest
 
 COCO_POOL = "coco_train2014"
+RECORD_FILE = "ppcr_excluded.json"  # in every checkpoint and export: which eval splits training left out
 COCO_DATASETS = frozenset({"refcoco", "refcoco+", "refcocog"})
 PREFIX = "exclude_eval_images:"
 
@@ -158,3 +164,45 @@ def plan_exclusions(shards_root: str | Path, train_sets: list[ShardSetConfig],
         plans.append(Exclusion(train=name, image_ids=frozenset(dropped), refs=sum(train_refs[i] for i in dropped),
                                by_eval=tuple(by_eval), is_eval=any(e[0] == name for e in evals)))
     return ExclusionPlan(sets=plans, missing=missing, shards_root=str(root))
+
+
+def check_eval_splits_present(shards_root: str | Path, train_sets: list[ShardSetConfig],
+                              eval_sets: list[ShardSetConfig], missing_ok: list[str]) -> list[str]:
+    """Under ``data.exclude_eval_images``: the eval splits without shards, unless each is named in
+    ``missing_ok`` (``data.eval_splits_missing_ok``); ValueError naming them otherwise. Returns those let
+    through, for the run's record."""
+    plan = plan_exclusions(shards_root, train_sets, eval_sets)
+    refused = [name for name in plan.missing if name not in missing_ok]
+    if refused:
+        raise ValueError(f"eval split(s) {', '.join(refused)} have no shards under {shards_root}, so their images "
+                         "cannot be left out of training (data.exclude_eval_images) and their scores would count "
+                         "images the model trained on. Build their shards first, or name them in "
+                         "data.eval_splits_missing_ok to train anyway (make eval then flags them)")
+    return plan.missing
+
+
+def exclusion_record(shards_root: str | Path, train_sets: list[ShardSetConfig], eval_sets: list[ShardSetConfig],
+                     enabled: bool) -> dict:
+    """What a run's training left out: the eval splits ("name/split") whose images it dropped (every eval split
+    found, except one that is itself a training set), for ``ppcr_excluded.json``."""
+    if not enabled:
+        return {"exclude_eval_images": False, "excluded_eval_splits": []}
+    plan = plan_exclusions(shards_root, train_sets, eval_sets)
+    trained = {_name(s) for s in train_sets}
+    names = [_name(s) for s in eval_sets]
+    excluded = [n for n in dict.fromkeys(names) if n not in plan.missing and n not in trained]
+    return {"exclude_eval_images": True, "excluded_eval_splits": excluded}
+
+
+def read_exclusion_record(directory: str | Path) -> dict | None:
+    """The record a checkpoint or export keeps (:func:`exclusion_record`); None for one written before it."""
+    path = Path(directory) / RECORD_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record.get("excluded_eval_splits"), list):
+            raise ValueError("field 'excluded_eval_splits' must be a list")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{path}: not a readable record of the eval splits training left out ({e})") from e
+    return record

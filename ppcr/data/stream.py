@@ -16,7 +16,12 @@ Resume is exact at batch granularity and seeks: every batch carries its worker's
 RNG), :class:`ResumableLoader` keeps the latest per worker, and a restarted worker rebuilds its
 buffers by reading the shards that hold them, then continues. Its cost is bounded by one epoch of a
 slot's shards, not by the run's length. It needs the same world size, number of workers, batch size,
-shuffle buffer and data config; a mismatch is refused with a message.
+shuffle buffer, data config and shard contents; a mismatch is refused with a message.
+
+Elastic resume (another number of ranks or workers, :meth:`ResumableLoader.load_elastic`) cannot seek, since
+the slots are others: each set's epochs the old slots had begun are dealt again over the new slots, less
+every sample an old slot had used (:func:`elastic_plans`). No sample of an epoch is used twice and none is
+left out; what sat in shuffle buffers or prefetched batches is read again.
 
 A sample that does not decode, or a shard that breaks off, is skipped, counted and logged with its
 shard and key; a batch with dropped samples is smaller. Should all samples of a group fail, the worker
@@ -30,6 +35,7 @@ and the dropped images are part of the identity a resume checks.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import random
@@ -100,6 +106,21 @@ def shard_samples(path: str, errors: _Errors) -> Iterator[dict]:
 
 
 Position = tuple[int, int]  # (shard index in the slot's list for the epoch, sample index in that shard)
+Plans = dict[int, list[tuple[dict, frozenset[int]]]]  # epoch -> the slot's shards and the samples to skip in each
+
+
+def plans_to_json(plans: Plans) -> dict[str, list]:
+    return {str(e): [[entry["name"], sorted(skip)] for entry, skip in plan] for e, plan in sorted(plans.items())}
+
+
+def plans_from_json(data: dict | None, shard_set: ShardSet) -> Plans:
+    by_name = {s["name"]: s for s in shard_set.shards}
+    try:
+        return {int(e): [(by_name[name], frozenset(int(i) for i in skip)) for name, skip in plan]
+                for e, plan in (data or {}).items()}
+    except KeyError as e:
+        raise ValueError(f"cannot resume the data stream of {shard_set.name}: its state names shard {e}, which the "
+                         "shard set no longer has; the shards changed") from e
 
 
 class SetReader:
@@ -118,16 +139,23 @@ class SetReader:
     """
 
     def __init__(self, shard_set: ShardSet, *, set_index: int, seed: int, slot: int, num_slots: int,
-                 shuffle_buffer: int, errors: _Errors, shuffle: bool = True, epochs: int | None = None) -> None:
+                 shuffle_buffer: int, errors: _Errors, shuffle: bool = True, epochs: int | None = None,
+                 plans: Plans | None = None) -> None:
         self.set, self.set_index, self.seed = shard_set, set_index, seed
         self.slot, self.num_slots, self.bufsize = slot, num_slots, shuffle_buffer
         self.errors, self.shuffle, self.epochs = errors, shuffle, epochs
-        self._start_epoch(0)
+        self.plans: Plans = dict(plans or {})  # epochs whose shards an elastic resume dealt (:func:`elastic_plans`)
+        self._start_epoch(min(self.plans) if self.plans else 0)
 
     def _start_epoch(self, epoch: int) -> None:
         self.epoch, self.seen = epoch, 0
-        self.shards = slot_shards(self.set.shards, self.seed, self.set_index, epoch, self.slot, self.num_slots,
-                                  self.shuffle)
+        if epoch in self.plans:  # the rest of an epoch other slots began: these shards, less what they used
+            self.shards = [entry for entry, _ in self.plans[epoch]]
+            self.skips = [skip for _, skip in self.plans[epoch]]
+        else:
+            self.shards = slot_shards(self.set.shards, self.seed, self.set_index, epoch, self.slot, self.num_slots,
+                                      self.shuffle)
+            self.skips = [frozenset()] * len(self.shards)
         self.rng = random.Random(f"{self.seed}-{self.set_index}-{epoch}-{self.slot}")
         self.buffer: list[tuple[Position, dict]] = []
         self.next_read: Position = (0, 0)
@@ -138,7 +166,7 @@ class SetReader:
         """Samples from ``(shard, first)`` on, skipping excluded images; keeps ``next_read`` current."""
         for j in range(shard, len(self.shards)):
             for i, raw in enumerate(shard_samples(self.shards[j]["path"], self.errors)):
-                if j == shard and i < first:
+                if j == shard and i < first or i in self.skips[j]:
                     continue
                 self.next_read = (j, i + 1)
                 if self.set.exclude_images and raw_image_id(raw) in self.set.exclude_images:
@@ -156,7 +184,7 @@ class SetReader:
                 raw = item[1]
                 raw["__epoch__"] = self.epoch
                 return raw
-            if self.seen == 0 and self.epochs is None:
+            if self.seen == 0 and self.epochs is None and self.epoch not in self.plans:
                 excluded = (f", or data.exclude_eval_images dropped all {len(self.set.exclude_images)} of their "
                             f"images" if self.set.exclude_images else "")
                 raise RuntimeError(f"shard set {self.set.name}: slot {self.slot} read no sample in epoch "
@@ -192,13 +220,17 @@ class SetReader:
         return item
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "seen": self.seen, "next_read": list(self.next_read),
-                "drained": self.drained, "buffer": [list(p) for p, _ in self.buffer],
-                "rng": dump_random(self.rng)}
+        out = {"epoch": self.epoch, "seen": self.seen, "next_read": list(self.next_read),
+               "drained": self.drained, "buffer": [list(p) for p, _ in self.buffer],
+               "rng": dump_random(self.rng)}
+        if self.plans:  # every dealt epoch, begun or done: the next elastic resume needs what each slot got
+            out["plans"] = plans_to_json(self.plans)
+        return out
 
     def restore(self, state: dict) -> None:
         """Continue from :meth:`state`; reads only the shards that hold buffered samples and the current
         one up to where reading continues."""
+        self.plans = plans_from_json(state.get("plans"), self.set)
         self._start_epoch(int(state["epoch"]))
         self.seen, self.drained = int(state["seen"]), bool(state["drained"])
         load_random(state["rng"], self.rng)
@@ -225,6 +257,83 @@ class SetReader:
             raise RuntimeError(f"cannot resume the data stream: shard {self.shards[j]['path']} no longer holds "
                                f"sample {i}, which the checkpoint's shuffle buffer held; the shards changed")
         return out
+
+
+def shards_digest(shards: list[dict]) -> str:
+    """A short identity of a split's shards by content: the manifest's names and SHA-256s."""
+    text = "\n".join(f"{s['name']} {s.get('sha256', '')}" for s in shards)
+    return f"{len(shards)} shards, sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}"
+
+
+def _epoch_shards(shard_set: ShardSet, *, set_index: int, seed: int, epoch: int, slot: int, num_slots: int,
+                  plans: Plans) -> list[tuple[dict, frozenset[int]]]:
+    """What a slot reads in ``epoch``: its dealt plan, else its share of the epoch's permutation."""
+    if epoch in plans:
+        return plans[epoch]
+    return [(e, frozenset()) for e in slot_shards(shard_set.shards, seed, set_index, epoch, slot, num_slots, True)]
+
+
+def used_samples(shard_set: ShardSet, *, set_index: int, seed: int,
+                 old: list[dict | None]) -> dict[int, dict[str, frozenset[int] | None]]:
+    """Per epoch from the oldest any old slot is in to the newest any began or was dealt: shard name -> the sample
+    indices the old slots (``old``: each one's :meth:`SetReader.state`, None for one that never handed out a
+    batch) used, None for a whole shard. Used = read and not still in the shuffle buffer; or, in an epoch dealt
+    by an earlier elastic resume, skipped as used before, or not dealt at all (used up before)."""
+    states = [st or {"epoch": 0, "next_read": [0, 0], "buffer": []} for st in old]
+    plans = [plans_from_json(st.get("plans"), shard_set) for st in states]
+    first = min(int(st["epoch"]) for st in states)
+    last = max([int(st["epoch"]) for st in states] + [e for p in plans for e in p])
+    out: dict[int, dict[str, frozenset[int] | None]] = {e: {} for e in range(first, last + 1)}
+
+    def add(epoch: int, entry: dict, used: set[int] | frozenset[int] | None) -> None:
+        name = entry["name"]
+        if used is None or len(used) >= entry["samples"] or out[epoch].get(name, ()) is None:
+            out[epoch][name] = None
+        else:
+            out[epoch][name] = frozenset(used) | (out[epoch].get(name) or frozenset())
+
+    for epoch in sorted({e for p in plans for e in p if first <= e <= last}):  # dealt epochs: what no slot got is used
+        dealt = {entry["name"] for p in plans for entry, _ in p.get(epoch, [])}
+        for entry in shard_set.shards:
+            if entry["name"] not in dealt:
+                add(epoch, entry, None)
+    for slot, (st, mine) in enumerate(zip(states, plans)):
+        at = int(st["epoch"])
+        for epoch in range(first, last + 1):
+            listed = _epoch_shards(shard_set, set_index=set_index, seed=seed, epoch=epoch, slot=slot,
+                                   num_slots=len(states), plans=mine)
+            if epoch < at:  # finished: its whole share
+                for entry, _ in listed:
+                    add(epoch, entry, None)
+            elif epoch == at:  # read up to next_read, less what the shuffle buffer holds
+                shard, first_unread = (int(x) for x in st["next_read"])
+                buffered = [(int(j), int(i)) for j, i in st["buffer"]]
+                for j, (entry, skip) in enumerate(listed):
+                    read = range(entry["samples"] if j < shard else first_unread if j == shard else 0)
+                    used = (set(read) | skip) - {i for jj, i in buffered if jj == j}
+                    if used:
+                        add(epoch, entry, used)
+            else:  # not begun: only what a dealt plan skips
+                for entry, skip in mine.get(epoch, []):
+                    if skip:
+                        add(epoch, entry, skip)
+    return out
+
+
+def elastic_plans(shard_set: ShardSet, *, set_index: int, seed: int, old: list[dict | None], new_slot: int,
+                  new_num_slots: int) -> Plans:
+    """What new slot ``new_slot`` of ``new_num_slots`` reads of the epochs the old slots had begun (``old``, see
+    :func:`used_samples`): per epoch, the shards with samples no old slot used, in the epoch's permutation,
+    dealt round robin over the new slots, each with the used samples to skip. From the epoch after, the slot
+    reads its share as usual. Written here, not taken from webdataset, because its shard splitting knows
+    nothing of what a checkpoint's slots had used."""
+    plans: Plans = {}
+    for epoch, used in used_samples(shard_set, set_index=set_index, seed=seed, old=old).items():
+        order = slot_shards(shard_set.shards, seed, set_index, epoch, 0, 1, True)
+        rest = [(entry, used.get(entry["name"]) or frozenset()) for entry in order
+                if used.get(entry["name"], frozenset()) is not None]
+        plans[epoch] = rest[new_slot::new_num_slots]
+    return plans
 
 
 def mix(streams: list[Iterator[dict]], ratios: list[float], rng: random.Random) -> Iterator[dict]:
@@ -295,6 +404,7 @@ class TrainStream(IterableDataset):
         self.shuffle_buffer, self.flip_prob = shuffle_buffer, flip_prob
         # Set by ResumableLoader before each iteration, per logical worker:
         self.resume_states: list[dict | None] = []  # where each worker's stream stands (seek)
+        self.worker_plans: list[list[Plans] | None] = []  # or, after an elastic resume: what each set deals it
         self.skip_groups: list[int] = []  # or, from a checkpoint written before seeking: groups to replay
         self.worker_offset = 0  # logical worker of the loader's first batch
 
@@ -312,8 +422,11 @@ class TrainStream(IterableDataset):
         worker = ((info.id if info else 0) + self.worker_offset) % num_workers
         slot, num_slots = self.rank * num_workers + worker, self.world_size * num_workers
         errors = _Errors()
+        dealt = self.worker_plans[worker] if self.worker_plans else None
+        plans = dealt or [None] * len(self.sets)
         readers = [SetReader(x, set_index=i, seed=self.seed, slot=slot, num_slots=num_slots,
-                             shuffle_buffer=self.shuffle_buffer, errors=errors) for i, x in enumerate(self.sets)]
+                             shuffle_buffer=self.shuffle_buffer, errors=errors, plans=plans[i])
+                   for i, x in enumerate(self.sets)]
         mixer = random.Random(f"{self.seed}-mix-{slot}")
         groups, skip = 0, 0
         saved = self.resume_states[worker] if self.resume_states else None
@@ -334,19 +447,21 @@ class TrainStream(IterableDataset):
                     errors.take()
                 continue
             position = {"groups": groups, "sets": [r.state() for r in readers], "mix": dump_random(mixer)}
-            items = []
+            items, epochs = [], []
             for r in group:
                 try:
                     sample = decode_sample(r)
                     index, flip = choose_expression(sample["meta"]["sentences"], self.seed, r["__epoch__"],
                                                     sample["key"], self.flip_prob)
                     items.append(prepare(sample, index, flip, self.pre))
+                    epochs.append(r["__epoch__"])
                 except SampleError as e:
                     errors.count += 1
                     log.warning("skipping sample in %s: %s", r.get("__url__", "?"), e)
             if not items:
                 continue  # every sample of the group was broken: the next group takes its place
             batch = collate(items)
+            batch["epochs"] = epochs  # the epoch of its set each sample was read in (sample accounting)
             batch["worker"] = worker
             batch["worker_position"] = position
             batch["skipped_samples"] = errors.take()
@@ -421,7 +536,9 @@ class ResumableLoader:
         stream.check_slots(num_workers)
         self.stream, self.num_workers, self.prefetch_factor = stream, num_workers, prefetch_factor
         self.batches = 0  # batches handed out so far
+        self.layout_start = 0  # batches handed out before this rank and worker layout began (an elastic resume)
         self.positions: list[dict | None] = [None] * max(num_workers, 1)
+        self.plans: list[list[Plans] | None] = [None] * max(num_workers, 1)  # per worker, until its first batch
         # From a checkpoint written before seeking: groups to replay, per worker still without a position.
         self.legacy_groups: list[int] = []
         self.skipped_samples = 0
@@ -430,36 +547,90 @@ class ResumableLoader:
         s = self.stream
         identity = {"world_size": s.world_size, "rank": s.rank, "num_workers": self.num_workers,
                     "batch_size": s.batch_size, "seed": s.seed, "shuffle_buffer": s.shuffle_buffer,
-                    "sets": [(x.name, x.ratio, len(x.shards)) for x in s.sets]}
+                    "sets": [(x.name, x.ratio, len(x.shards)) for x in s.sets],
+                    "shards": {x.name: shards_digest(x.shards) for x in s.sets}}
         excluded = {x.name: fingerprint(x.exclude_images) for x in s.sets if x.exclude_images}
         if excluded:  # only then: a state saved without exclusions matches a stream that drops nothing
             identity["excluded_images"] = excluded
         return identity
 
     def state_dict(self) -> dict:
-        return {"batches": self.batches, "worker_positions": list(self.positions),
-                "worker_groups": list(self.legacy_groups), "skipped_samples": self.skipped_samples,
-                "identity": self._identity()}
+        plans = [None if pos is not None or plan is None else [plans_to_json(p or {}) for p in plan]
+                 for pos, plan in zip(self.positions, self.plans)]
+        return {"batches": self.batches, "layout_start": self.layout_start, "worker_positions": list(self.positions),
+                "worker_plans": plans, "worker_groups": list(self.legacy_groups),
+                "skipped_samples": self.skipped_samples, "identity": self._identity()}
 
-    def load_state_dict(self, state: dict) -> None:
-        mine, theirs = json.loads(json.dumps(self._identity())), state["identity"]
-        legacy = "worker_positions" not in state
+    def _check_identity(self, theirs: dict, *, legacy: bool = False, elastic: bool = False) -> None:
+        """Refuse a saved state whose stream was another: any setting of the identity but those an elastic
+        resume may change (the rank and worker layout, the batch size)."""
+        mine = json.loads(json.dumps(self._identity()))
         for k in list(mine) + [k for k in theirs if k not in mine]:  # a key only one side has differs too
             if legacy and k == "shuffle_buffer" and k not in theirs:
                 continue  # not recorded before seeking
+            if k == "shards" and k not in theirs:
+                continue  # not recorded before shard contents were (older checkpoints resume unchecked)
+            if elastic and k in ("world_size", "rank", "num_workers", "batch_size"):
+                continue
             if json.loads(json.dumps(theirs.get(k))) != mine.get(k):
+                what = ("the shards' contents (manifest sha256) changed: rebuilt shards give another stream"
+                        if k == "shards" else "the same order needs the same setting")
                 raise ValueError(f"cannot resume the data stream: '{k}' was {theirs.get(k)!r} when saved and is "
-                                 f"{mine.get(k)!r} now; the same order needs the same setting")
+                                 f"{mine.get(k)!r} now; {what}")
+
+    def load_state_dict(self, state: dict) -> None:
+        self._check_identity(state["identity"], legacy="worker_positions" not in state)
         self.batches = int(state["batches"])
+        self.layout_start = int(state.get("layout_start", 0))
         self.skipped_samples = int(state["skipped_samples"])
         self.positions = list(state.get("worker_positions") or self.positions)
+        sets = self.stream.sets
+        self.plans = [None if p is None else [plans_from_json(x, s) for x, s in zip(p, sets)]
+                      for p in (state.get("worker_plans") or self.plans)]
         self.legacy_groups = [int(g) for g in state.get("worker_groups", [])]
+
+    def load_elastic(self, states: list[dict]) -> None:
+        """Continue the stream that the old ranks' loader ``states`` (one per old rank, in rank order) stand in,
+        on this rank and worker layout, which differs: each set's epochs that old slots had begun are dealt again
+        over the new slots (:func:`elastic_plans`), less every sample an old slot had used. Guarantee: no sample
+        of an epoch is used twice and none is left out, whatever the old and new layouts; the samples that sat
+        in shuffle buffers or in prefetched batches (read, not used) are read again. What changes is the order
+        within the rest of the epoch. Refused for a state of another stream (seed, sets, shards, buffer)."""
+        for state in states:
+            if "worker_positions" not in state:
+                raise ValueError("cannot resume the data stream on another number of ranks or workers: the checkpoint "
+                                 "was written before loader positions were recorded")
+            self._check_identity(state["identity"], elastic=True)
+        s = self.stream
+        old_workers = max(int(states[0]["identity"]["num_workers"]), 1)
+        per_set: list[list[dict | None]] = [[] for _ in s.sets]  # per set: each old slot's reader state
+        for state in states:
+            for w in range(old_workers):
+                pos = state["worker_positions"][w]
+                plan = (state.get("worker_plans") or [None] * old_workers)[w]
+                for i in range(len(s.sets)):
+                    if pos is not None:
+                        per_set[i].append(pos["sets"][i])
+                    elif plan is not None and plan[i]:  # dealt by an earlier elastic resume, not begun yet
+                        per_set[i].append({"epoch": min(int(e) for e in plan[i]), "next_read": [0, 0], "buffer": [],
+                                           "plans": plan[i]})
+                    else:
+                        per_set[i].append(None)
+        nw = max(self.num_workers, 1)
+        self.plans = [[elastic_plans(x, set_index=i, seed=s.seed, old=per_set[i], new_slot=s.rank * nw + w,
+                                     new_num_slots=s.world_size * nw) for i, x in enumerate(s.sets)]
+                      for w in range(nw)]
+        self.positions = [None] * nw
+        self.batches = self.layout_start = int(states[0]["batches"])
+        self.skipped_samples = sum(int(st["skipped_samples"]) for st in states) if s.rank == 0 else 0
+        self.legacy_groups = []
 
     def __iter__(self) -> Iterator[dict]:
         nw = max(self.num_workers, 1)
         self.stream.resume_states = list(self.positions)
+        self.stream.worker_plans = list(self.plans)
         self.stream.skip_groups = list(self.legacy_groups)
-        self.stream.worker_offset = self.batches % nw
+        self.stream.worker_offset = (self.batches - self.layout_start) % nw
         # Its own generator: worker seeding must not draw from the global RNG, which a resumed
         # run restores for dropout. Workers ignore preemption signals: the rank decides.
         loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
@@ -469,7 +640,9 @@ class ResumableLoader:
                             multiprocessing_context=WORKER_CONTEXT if self.num_workers else None)
         for batch in loader:
             self.batches += 1
-            self.positions[batch.pop("worker")] = batch.pop("worker_position")
+            worker = batch.pop("worker")
+            self.positions[worker] = batch.pop("worker_position")
+            self.plans[worker] = None  # in its readers' positions from now on
             self.skipped_samples += batch["skipped_samples"]
             yield batch
 

@@ -9,9 +9,10 @@ the overlay (the mask in red, the box head's box in yellow, the box written in t
 both generated answers, the agreement of the two boxes and the time of each stage.
 
 Bad input is answered in the page, never with a stack trace: no image, an empty or overlong
-expression, an image that cannot be read or is too large. Odd images are taken as a viewer shows
-them (``ppcr.data.images``: EXIF orientation, grey, 16-bit, transparency) and the page says what
-was converted. The server binds to 127.0.0.1 unless ``--host`` says otherwise; a public Gradio link
+expression, an image that cannot be read (corrupt or truncated: the upload reaches ppcr's own
+decoding, not Gradio's), is too large or of a degenerate shape, or one that fails in the model.
+Odd images are taken as a viewer shows them (``ppcr.data.images``: EXIF orientation, grey, 16-bit,
+transparency) and the page says what was converted. The server binds to 127.0.0.1 unless ``--host`` says otherwise; a public Gradio link
 only with ``--share``.
 """
 
@@ -31,6 +32,7 @@ from PIL import Image
 from ppcr.config import ConfigError
 from ppcr.data.images import ImageError
 from ppcr.eval.segmenter import Segmentation, Segmenter
+from ppcr.model.fingerprint import BASE_FLAG
 
 EXAMPLES_DIR = Path(__file__).parent / "demo_examples"
 MAX_EXPRESSION_CHARS = 200  # RefCOCOg's longest expressions are under 100 words' worth of characters
@@ -75,6 +77,10 @@ class RequestHandler:
             result = self.segmenter(image_path, text)
         except ImageError as e:
             raise DemoInputError(str(e)) from e
+        except (ValueError, RuntimeError) as e:  # in the model: an input the checks let through, or the device
+            first = (str(e).strip().splitlines() or [""])[0]
+            raise DemoInputError(f"This image could not be segmented ({type(e).__name__}: {first}). Try another "
+                                 "image, or a smaller one.") from e
         total = time.perf_counter() - t0
         picture = result.overlay()
         notes = list(result.notes)
@@ -104,8 +110,8 @@ def details(result: Segmentation, *, total: float, notes: list[str]) -> str:
              f"- **time**: {1000 * total:.0f} ms ({stages})"]
     if not all(result.stopped.values()):
         missing = [k for k, v in result.stopped.items() if not v]
-        lines.append(f"- stopped at the token limit before its end token: {' and '.join(missing)} stage"
-                     f"{'s' if len(missing) > 1 else ''}")
+        lines.append(f"- ended (end of sequence or token limit) before its [SEM] / [LOC] token: "
+                     f"{' and '.join(missing)} stage{'s' if len(missing) > 1 else ''}")
     lines += [f"- *{n}*" for n in notes]
     return "\n".join(lines)
 
@@ -119,6 +125,15 @@ def examples() -> list[list[str]]:
 def build_app(handler: RequestHandler, *, title: str):
     """The Gradio Blocks page around ``handler``."""
     import gradio as gr  # only the demo needs it
+
+    def unopened(payload):
+        """The uploaded file's path, unopened (Gradio's own image preprocessing opens it with PIL first, so a corrupt
+        or truncated upload failed there: a bare "Error" in the page and a traceback in the log); ppcr's decoding
+        (ppcr.data.images) answers it. Set on the input element itself rather than in a subclass of gr.Image:
+        Gradio's component metaclass writes a .pyi stub beside the module of every subclass."""
+        if payload is None or payload.path is None or (payload.url or "").startswith("data:"):
+            return image_preprocess(payload)
+        return str(payload.path)
 
     def run(image_path, expression):
         try:
@@ -134,6 +149,7 @@ def build_app(handler: RequestHandler, *, title: str):
             with gr.Column():
                 image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="ppcr-image",
                                  sources=["upload", "clipboard"])
+                image_preprocess, image.preprocess = image.preprocess, unopened
                 expression = gr.Textbox(label="expression", placeholder="the red circle on the left",
                                         max_lines=3, elem_id="ppcr-expression")
                 button = gr.Button("Segment", variant="primary", elem_id="ppcr-segment")
@@ -159,11 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--share", action="store_true", help="also open a public Gradio link (off by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--device-map", help="'auto' spreads a large MLLM over the visible GPUs (saved models)")
+    p.add_argument(BASE_FLAG, action="store_true", help="load even when the base weights differ from those the "
+                   "model was trained on")
     args = p.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     try:
         segmenter = Segmenter.from_pretrained(args.checkpoint, device=args.device, device_map=args.device_map,
-                                              batch_size=1)
+                                              batch_size=1, allow_base_mismatch=args.allow_base_mismatch)
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError, OSError) as e:
         print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
         return 2

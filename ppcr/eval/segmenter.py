@@ -78,18 +78,22 @@ class Segmenter:
     @classmethod
     def from_pretrained(cls, path: str | Path, *, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, device_map: str | None = None,
-                        batch_size: int = 8) -> "Segmenter":
+                        batch_size: int = 8, allow_base_mismatch: bool = False) -> "Segmenter":
         """Load an export (``ppcr-export``), a run directory (its latest checkpoint) or one checkpoint
         directory. ``device`` defaults to the GPU where there is one; ``dtype`` ("bfloat16", torch.bfloat16,
         ...) overrides the dtype the model was trained in; ``device_map="auto"`` spreads a large MLLM over
-        the visible GPUs instead of ``device``. Needs no DeepSpeed for an export."""
+        the visible GPUs instead of ``device`` (the rest of the model on its first one), for an export or a
+        run checkpoint alike (:func:`ppcr.model.saving.place`). Needs no DeepSpeed for an export. Base weights
+        other than those the model was trained on are refused (``ppcr.model.fingerprint.BaseMismatch``) unless
+        ``allow_base_mismatch``."""
         if isinstance(dtype, torch.dtype):
             dtype = str(dtype).removeprefix("torch.")
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
-        model, cfg, _, tag = load_checkpoint(path, device_map=device_map, dtype=dtype)
-        if device_map is None:
-            model = model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device_map is None and device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, cfg, _, tag = load_checkpoint(path, device=device, device_map=device_map, dtype=dtype,
+                                             allow_base_mismatch=allow_base_mismatch)
         return cls(model, config=cfg, tag=tag, batch_size=batch_size)
 
     def __call__(self, images: ImageInput | Sequence[ImageInput],

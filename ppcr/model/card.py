@@ -17,8 +17,9 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData, metadata_load, try_to_load_from_cache
 
+from ppcr.common.hashing import file_sha256
 from ppcr.config import Config
-from ppcr.model.mllm import looks_like_hub_id
+from ppcr.model.mllm import HUB_SNAPSHOT, looks_like_hub_id
 from ppcr.model.sam import SAM_RELEASES
 
 # The 7B recipes' MLLMs (README "Real data and weights") by directory name: hub id and licence, for a
@@ -28,7 +29,6 @@ KNOWN_MLLMS = {"Qwen2.5-VL-7B-Instruct": ("Qwen/Qwen2.5-VL-7B-Instruct", "apache
 LICENCES = {"apache-2.0": "Apache License 2.0", "llama2": "Llama 2 Community License Agreement",
             "mit": "MIT License", "other": "see the base model's own card"}
 PPCR_LICENCE = "apache-2.0"  # this repository's (LICENSE): ppcr's own tiny backbones come under it
-HUB_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{40})")
 
 
 @dataclass
@@ -44,13 +44,12 @@ class BaseModel:
 
 
 def sha256_of(paths: list[Path]) -> str:
-    """One SHA-256 over the files' bytes, in the order given."""
-    h = hashlib.sha256()
-    for p in paths:
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 22), b""):
-                h.update(block)
-    return h.hexdigest()
+    """The SHA-256 of one weight file; for several (sharded weights), the SHA-256 of their ``sha256sum`` lines
+    ("<hash>  <name>", in the order given). File hashes are cached (:func:`ppcr.common.hashing.file_sha256`),
+    shared with the base fingerprints every load checks."""
+    if len(paths) == 1:
+        return file_sha256(paths[0])
+    return hashlib.sha256("".join(f"{file_sha256(p)}  {p.name}\n" for p in paths).encode()).hexdigest()
 
 
 def _weight_files(d: Path) -> list[Path]:
@@ -61,12 +60,12 @@ def _weight_files(d: Path) -> list[Path]:
 
 
 def describe_mllm(cfg: Config) -> BaseModel:
-    """The MLLM of ``cfg.model.mllm_path``: a hub id (its cached revision), a hub cache snapshot, a directory
-    written by ``hf download --local-dir`` (its download metadata names the commit), ppcr's own tiny model, or
-    any other directory (a hash of its weights)."""
+    """The MLLM of ``cfg.model.mllm_path``: a hub id (the commit the run pinned, ``model.mllm_revision``, else its
+    cached revision), a hub cache snapshot, a directory written by ``hf download --local-dir`` (its download
+    metadata names the commit), ppcr's own tiny model, or any other directory (a hash of its weights)."""
     path, tiny = cfg.model.mllm_path, cfg.model.tiny_family
     if not Path(path).is_dir() and looks_like_hub_id(path):
-        cached = try_to_load_from_cache(path, "config.json")
+        cached = try_to_load_from_cache(path, "config.json", revision=cfg.model.mllm_revision)
         m = HUB_SNAPSHOT.search(str(cached)) if isinstance(cached, str) else None
         licence = _hub_licence(Path(cached).parent, path) if isinstance(cached, str) else "other"
         return BaseModel(part="MLLM", name=path, hub_id=path, revision=m["rev"] if m else None, sha256=None,

@@ -16,6 +16,7 @@ opt-in as downloads; without it the upload is refused before anything is exporte
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,7 +25,9 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ppcr.config import ConfigError
+from ppcr.data.overlap import RECORD_FILE as EXCLUSION_RECORD
 from ppcr.model.card import write_card
+from ppcr.model.fingerprint import BASE_FLAG, FINGERPRINT_FILE, TRAINED_ON_FILE
 from ppcr.model.saving import load_checkpoint, save_pretrained
 from ppcr.offline import hub_online
 
@@ -66,17 +69,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the export to this hub model repo "
                    "(needs HF_HUB_OFFLINE=0)")
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
+    p.add_argument(BASE_FLAG, action="store_true", help="export even when the base weights differ from those the "
+                   "checkpoint was trained on (model.mllm_path, model.sam_checkpoint)")
     args = p.parse_args(argv)
     if args.private and not args.push_to_hub:
         p.error("--private goes with --push-to-hub")
     try:
         if args.push_to_hub:
             check_push(args.push_to_hub)
-        model, cfg, run_dir, tag = load_checkpoint(args.checkpoint)
+        model, cfg, run_dir, tag = load_checkpoint(args.checkpoint, allow_base_mismatch=args.allow_base_mismatch)
     except (UploadRefused, ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = save_pretrained(model, cfg, args.out)
+    source = run_dir / "checkpoints" / tag if run_dir is not None else Path(args.checkpoint)
+    if (source / EXCLUSION_RECORD).is_file():  # which eval splits its training left out, for make eval on the export
+        shutil.copyfile(source / EXCLUSION_RECORD, out / EXCLUSION_RECORD)
+    trained_on = source / (FINGERPRINT_FILE if run_dir is not None else TRAINED_ON_FILE)
+    if trained_on.is_file():  # the base its checkpoint trained on: model.init_from checks a new run's against it
+        shutil.copyfile(trained_on, out / TRAINED_ON_FILE)
     card = write_card(out, cfg, source=Path(args.checkpoint), run_dir=run_dir, tag=tag)
     print(f"exported {args.checkpoint} ({tag or 'saved model'}) to {out}; model card {card}")
     if args.push_to_hub:

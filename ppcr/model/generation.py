@@ -82,7 +82,10 @@ def decode(family, embeds: torch.Tensor, stage, *, embed: Callable, logits: Call
 
 def greedy_stage(model, stage, features: torch.Tensor, semsp_embed: torch.Tensor | None, *, marker: int,
                  stops: tuple[int, ...], max_new_tokens: int, agree: Agree | None = None) -> Decoded:
-    """Decode one PPCR stage (``stage`` holds left-padded prompts) of ``model`` (a PPCRModel)."""
+    """Decode one PPCR stage (``stage`` holds left-padded prompts) of ``model`` (a PPCRModel). The tokenizer's end
+    of sequence ends a row too: a model that ends its answer without the stage's token has answered."""
+    eos = model.tokenizer.eos_token_id
+    stops = tuple(stops) + ((eos,) if eos is not None and eos not in stops else ())
     return decode(model.family, model.embed(stage, features, semsp_embed), stage, embed=model.token_rows,
                   logits=model.token_rows.logits, stops=stops, max_new_tokens=max_new_tokens, marker=marker,
                   agree=agree)

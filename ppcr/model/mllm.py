@@ -11,6 +11,7 @@ against plain 1-D positions).
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import torch
@@ -29,6 +30,8 @@ LLAVA_TYPES = ("llava",)
 
 # Files a hub download skips: weights ppcr never loads (pickles, other frameworks' formats).
 NOT_LOADED = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf"]
+# A hub cache snapshot directory: .../models--<org>--<name>/snapshots/<commit>
+HUB_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<rev>[0-9a-f]{40})")
 
 
 def looks_like_hub_id(path: str | Path) -> bool:
@@ -66,19 +69,29 @@ def check_mllm_path(path: str | Path) -> Path | str:
         "'ppcr-tiny --config <recipe>'")
 
 
-def download_mllm(repo_id: str) -> Path:
-    """The local snapshot of hub model ``repo_id`` (downloaded into the hub cache, ``HF_HOME``, where
-    missing): config, safetensors weights, processor and tokenizer files, not :data:`NOT_LOADED`.
+def snapshot_revision(path: str | Path) -> str | None:
+    """The hub commit of a hub cache snapshot directory (or a file in one); None for any other path."""
+    m = HUB_SNAPSHOT.search(str(Path(path).absolute()))
+    return m["rev"] if m else None
+
+
+def download_mllm(repo_id: str, revision: str | None = None) -> Path:
+    """The local snapshot of hub model ``repo_id`` at ``revision`` (a commit, branch or tag; None: the
+    newest), downloaded into the hub cache (``HF_HOME``) where missing: config, safetensors weights,
+    processor and tokenizer files, not :data:`NOT_LOADED`. A run records the commit it got
+    (:func:`snapshot_revision` of the result) as ``model.mllm_revision`` and every later load of the run
+    asks for that commit, so the base does not move when the hub repo does.
 
     Every rank of a run may call this at once, with no barrier: the hub cache takes a lock per file and
     downloads only what is still missing once it holds it (huggingface_hub's file_download), so a node
     fetches each file once while its other ranks wait; nodes share one download when HF_HOME is on a
     shared filesystem. (A barrier would also time out on a many-GB download.)"""
     try:
-        return Path(snapshot_download(repo_id, ignore_patterns=NOT_LOADED))
+        return Path(snapshot_download(repo_id, revision=revision, ignore_patterns=NOT_LOADED))
     except (OSError, EntryNotFoundError) as e:  # no network, unknown or gated repo: the hub's own errors
+        at = f" at revision {revision}" if revision else ""
         raise FileNotFoundError(
-            f"model.mllm_path: could not download hub model {repo_id} ({type(e).__name__}: "
+            f"model.mllm_path: could not download hub model {repo_id}{at} ({type(e).__name__}: "
             f"{(str(e).strip().splitlines() or [''])[0]}). Check the id, the network (HF_ENDPOINT) and, for a "
             "gated model, 'hf auth login'; or download it yourself with 'hf download' (README, 'Real data "
             "and weights')") from e
@@ -98,12 +111,12 @@ def check_attn_implementation(name: str, dtype: str) -> None:
 
 
 def load_mllm(path: str | Path, dtype: str = "float32", *, device_map: str | None = None,
-              attn_implementation: str = "sdpa") -> tuple[nn.Module, object]:
+              attn_implementation: str = "sdpa", revision: str | None = None) -> tuple[nn.Module, object]:
     """Model and processor from a local save_pretrained directory (safetensors weights), or from a hub
-    id's snapshot when the user opted in to the network (:func:`check_mllm_path`)."""
+    id's snapshot at ``revision`` when the user opted in to the network (:func:`check_mllm_path`)."""
     path = check_mllm_path(path)
     if isinstance(path, str):
-        path = download_mllm(path)
+        path = download_mllm(path, revision)
     check_attn_implementation(attn_implementation, dtype)
     # safetensors only: a pickled pytorch_model.bin in a downloaded directory is refused, not unpickled.
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True,

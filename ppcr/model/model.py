@@ -119,8 +119,9 @@ class PPCRModel(nn.Module):
                              "the text whatever the content order (llava-hf's does); set model.query_first=false")
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, loss: LossWeights) -> "PPCRModel":
-        mllm, processor = load_mllm(cfg.mllm_path, cfg.dtype, attn_implementation=cfg.attn_implementation)
+    def from_config(cls, cfg: ModelConfig, loss: LossWeights, *, device_map: str | None = None) -> "PPCRModel":
+        mllm, processor = load_mllm(cfg.mllm_path, cfg.dtype, attn_implementation=cfg.attn_implementation,
+                                    revision=cfg.mllm_revision, device_map=device_map)
         return cls(mllm, processor, SamSegmenter(load_sam(cfg)), cfg, loss)
 
     @property

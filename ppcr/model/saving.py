@@ -1,6 +1,8 @@
 """A trained PPCR model as a plain directory, loadable without DeepSpeed:
 
     config.yaml              the resolved config (paths inside point into this directory)
+    ppcr_base.json           the fingerprint of mllm/ and the SAM file as written (ppcr.model.fingerprint),
+                             checked at every load
     mllm/                    the base MLLM with PPCR's token rows written in, tokenizer and processor
     adapters/semantic/       LoRA branch A in peft's own format
     adapters/spatial/        LoRA branch B in peft's own format
@@ -22,8 +24,10 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from ppcr.config import Config, dump_config, load_config
+from ppcr.config import Config, ConfigError, ModelConfig, dump_config, load_config, parse_overrides
 from ppcr.common.checkpoint_paths import latest_tag
+from ppcr.model.fingerprint import (CONFIG_FILE, TRAINED_ON_FILE, base_fingerprint, check_base, pin_revision,
+                                    read_fingerprint, write_fingerprint)
 from ppcr.model.lora import BRANCHES
 from ppcr.model.model import PPCRModel
 from ppcr.model.sam import SamSegmenter, load_sam, save_sam_state
@@ -66,22 +70,46 @@ def save_pretrained(model: PPCRModel, cfg: Config, out: str | Path) -> Path:
     save_file(heads, out / "heads.safetensors")
     save_sam_state(model.sam.sam.state_dict(), out / "sam.safetensors")
     saved = replace(cfg, model=replace(cfg.model, mllm_path="mllm", sam_checkpoint="sam.safetensors",
-                                       tiny_family=None))
+                                       mllm_revision=None, tiny_family=None))
     (out / "config.yaml").write_text(dump_config(saved))
+    fingerprint = base_fingerprint(replace(saved.model, mllm_path=str(out / "mllm"),
+                                           sam_checkpoint=str(out / "sam.safetensors")))
+    fingerprint["mllm"]["path"], fingerprint["sam"]["path"] = "mllm", "sam.safetensors"  # inside the export
+    write_fingerprint(out, fingerprint)
     return out
 
 
-def load_pretrained(path: str | Path, dtype: str | None = None,
-                    device_map: str | None = None) -> tuple[PPCRModel, Config]:
+# model.* settings that apply to an export: how its weights are computed and decoded. Every other one is fixed by
+# the weights it holds, so an override of it is refused rather than silently ignored.
+EXPORT_SETTINGS = ("max_new_tokens", "attn_implementation")
+
+
+def export_settings(overrides: list[str] | None) -> dict[str, object]:
+    """The ``model.*`` settings ``overrides`` give an export (:data:`EXPORT_SETTINGS`); ConfigError naming any
+    other ``model.*`` key."""
+    tree = parse_overrides(overrides or []).get("model", {})
+    refused = [k for k in tree if k not in EXPORT_SETTINGS]
+    if refused:
+        raise ConfigError(f"config key 'model.{refused[0]}' cannot apply to an export: its weights fix the model "
+                          f"(an export takes {', '.join('model.' + k for k in EXPORT_SETTINGS)}; dtype with --dtype)")
+    return tree
+
+
+def load_pretrained(path: str | Path, dtype: str | None = None, device_map: str | None = None, *,
+                    allow_base_mismatch: bool = False,
+                    settings: dict[str, object] | None = None) -> tuple[PPCRModel, Config]:
     """A saved directory -> (model in eval mode, in model.dtype throughout, its config with paths resolved). ``device_map``
-    ("auto") lets transformers/accelerate place a large MLLM over the visible GPUs."""
+    ("auto") lets transformers/accelerate place a large MLLM over the visible GPUs. Its MLLM and SAM files must be
+    those it was written with (its ``ppcr_base.json``), else :class:`ppcr.model.fingerprint.BaseMismatch` unless
+    ``allow_base_mismatch``. ``settings``: :data:`EXPORT_SETTINGS` to apply (:func:`export_settings`)."""
     path = Path(path)
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a saved PPCR model (config.yaml missing)")
     cfg = load_config(path / "config.yaml")
     m = replace(cfg.model, mllm_path=str(path / cfg.model.mllm_path), sam_checkpoint=str(path / cfg.model.sam_checkpoint),
-                dtype=dtype or cfg.model.dtype)
+                dtype=dtype or cfg.model.dtype, **(settings or {}))
     cfg = replace(cfg, model=m)
+    check_base(read_fingerprint(path), m, what=f"export {path}", allow=allow_base_mismatch)
     mllm, processor = load_mllm(m.mllm_path, m.dtype, device_map=device_map,
                                 attn_implementation=m.attn_implementation)
     model = PPCRModel(mllm, processor, SamSegmenter(load_sam(m)), m, cfg.train.loss)
@@ -107,10 +135,17 @@ def resolve_checkpoint(path: str | Path) -> tuple[str, Path, Path | None, str | 
         tag = latest_tag(path / "checkpoints")
         if tag is None:
             raise FileNotFoundError(f"{path}/checkpoints has no complete checkpoint yet (no 'latest')")
-        return "run", path / "config.yaml", path, tag
+        return "run", _config_of(path / "checkpoints" / tag), path, tag
     if path.name.startswith("step_") and (path.parent.parent / "config.yaml").is_file():
-        return "run", path.parent.parent / "config.yaml", path.parent.parent, path.name
+        return "run", _config_of(path), path.parent.parent, path.name
     raise FileNotFoundError(f"checkpoint {path}: neither a run directory, a checkpoint directory nor a saved model")
+
+
+def _config_of(ckpt: Path) -> Path:
+    """The config a checkpoint was written with: its own copy, or for a checkpoint from before copies were kept,
+    the run's (which the latest launch wrote)."""
+    own = ckpt / CONFIG_FILE
+    return own if own.is_file() else ckpt.parent.parent / "config.yaml"
 
 
 def check_trainable_state(model: torch.nn.Module, loaded: Iterable[str], unexpected: Iterable[str],
@@ -131,11 +166,18 @@ def check_trainable_state(model: torch.nn.Module, loaded: Iterable[str], unexpec
                            + " (are model.trainable and model.lora those the run was trained with?)")
 
 
-def load_checkpoint(path: str | Path, overrides: list[str] | None = None, *, device_map: str | None = None,
-                    dtype: str | None = None) -> tuple[PPCRModel, Config, Path | None, str | None]:
-    """A model in eval mode from a saved model or a DeepSpeed checkpoint, its config (with
-    ``overrides``), and the run directory and checkpoint tag (None for a saved model). ``dtype`` (a
-    ``model.dtype`` value) loads the model in another dtype than it was trained in.
+def load_checkpoint(path: str | Path, overrides: list[str] | None = None, *, device: str | torch.device | None = None,
+                    device_map: str | None = None, dtype: str | None = None,
+                    allow_base_mismatch: bool = False) -> tuple[PPCRModel, Config, Path | None, str | None]:
+    """A model in eval mode from a saved model or a DeepSpeed checkpoint, its config (the checkpoint's own copy,
+    with ``overrides``; for a saved model only :data:`EXPORT_SETTINGS` of ``model.*``, any other is refused), and
+    the run directory and checkpoint tag (None for a saved model). ``dtype`` (a ``model.dtype`` value) loads the
+    model in another dtype than it was trained in. Placement (:func:`place`), for run checkpoints and exports
+    alike: on ``device`` (default: stays on the CPU), or with ``device_map`` ("auto": the MLLM spread over the
+    visible GPUs by accelerate, the other parts on its first one). Before anything is built,
+    the base files the config names are compared with the checkpoint's fingerprint
+    (:func:`ppcr.model.fingerprint.check_base`): a difference raises ``BaseMismatch`` naming the file, both
+    hashes and the flag, unless ``allow_base_mismatch``.
 
     A DeepSpeed checkpoint holds the trainable parameters only (frozen ones come from the base paths
     of the config): the model is built from model.mllm_path and model.sam_checkpoint, in model.dtype,
@@ -150,13 +192,59 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None, *, dev
     if dtype is not None:  # not through the overrides: train.precision, which must match it, is the run's
         cfg = replace(cfg, model=replace(cfg.model, dtype=dtype))
     if kind == "saved":
-        model, _ = load_pretrained(path, dtype=dtype, device_map=device_map)
-        return model, cfg, None, None
+        settings = export_settings(overrides)
+        cfg = replace(cfg, model=replace(cfg.model, **settings))
+        model, _ = load_pretrained(path, dtype=dtype, device_map=device_map, allow_base_mismatch=allow_base_mismatch,
+                                   settings=settings)
+        return place(model, device=device, device_map=device_map), cfg, None, None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    model = PPCRModel.from_config(cfg.model, cfg.train.loss)
+    ckpt = run_dir / "checkpoints" / tag
+    saved = read_fingerprint(ckpt)
+    cfg = replace(cfg, model=pin_revision(cfg.model, saved))
+    check_base(saved, cfg.model, what=f"checkpoint {ckpt}", allow=allow_base_mismatch)
+    model = PPCRModel.from_config(cfg.model, cfg.train.loss, device_map=device_map)
     state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag,
                                                      exclude_frozen_parameters=True)
     result = model.load_state_dict(state, strict=False)
     check_trainable_state(model, state.keys(), result.unexpected_keys, run_dir / "checkpoints" / tag)
-    return model.eval(), cfg, run_dir, tag
+    return place(model.eval(), device=device, device_map=device_map), cfg, run_dir, tag
+
+
+def place(model: PPCRModel, *, device: str | torch.device | None, device_map: str | None) -> PPCRModel:
+    """Put a loaded model where it runs. Without ``device_map``: all of it on ``device`` (None: where it is).
+    With one, the MLLM was dispatched by accelerate when it loaded; every other part (token rows, projectors,
+    box head, SAM) goes to the device of the MLLM's input embeddings, where PPCR builds its inputs, and the
+    language model's and vision tower's outputs come back there (accelerate's io_same_device hook): PPCR calls
+    those submodules itself, so the hook accelerate puts on the whole model's forward does not apply."""
+    if device_map is None:
+        return model if device is None else model.to(device)
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    first = model.mllm.get_input_embeddings().weight.device
+    for module in (model.family.language_model, *model.family.vision_modules):
+        add_hook_to_module(module, AlignDevicesHook(io_same_device=True), append=True)
+    for name, child in model.named_children():
+        if name != "mllm":
+            child.to(first)
+    return model
+
+
+def trained_state(path: str | Path, m: ModelConfig, *, allow_base_mismatch: bool = False) -> tuple[dict, bool]:
+    """The trained weights of a PPCR model (``model.init_from``: an export, a run directory or a checkpoint) as
+    a state dict under :class:`PPCRModel`'s names, for a new run built from ``m``, and whether it holds every
+    weight (an export) or the trained ones only (a checkpoint). The base weights ``m`` names must be those the
+    source was trained on (its fingerprint; an export keeps its checkpoint's as ``ppcr_trained_on.json``), else
+    ``BaseMismatch`` unless ``allow_base_mismatch``."""
+    kind, _, run_dir, tag = resolve_checkpoint(path)
+    if kind == "saved":
+        check_base(read_fingerprint(Path(path), TRAINED_ON_FILE), m, what=f"model.init_from {path}",
+                   allow=allow_base_mismatch)
+        model, _ = load_pretrained(path)
+        return model.state_dict(), True
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = run_dir / "checkpoints" / tag
+    check_base(read_fingerprint(ckpt), m, what=f"model.init_from {ckpt}", allow=allow_base_mismatch)
+    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag,
+                                                    exclude_frozen_parameters=True), False

@@ -3,9 +3,12 @@ preemption. Everything else (setup, saving, logging sinks) lives in its own modu
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -53,8 +56,26 @@ class Window:
         return out
 
 
+class SampleRecord:
+    """``train.record_samples``: every sample a rank trains on, one JSON line per micro-batch in
+    ``<run>/samples/rank<R>.jsonl`` (step, then per sample its shard set's key and the epoch it was read in): an
+    audit of the data order that owes nothing to the loader's own bookkeeping, e.g. across an elastic resume.
+    A run killed between checkpoints repeats the steps after the last one when it resumes, and their lines;
+    the later ones count."""
+
+    def __init__(self, run_dir: Path, rank: int) -> None:
+        (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        self.file = open(run_dir / "samples" / f"rank{rank}.jsonl", "a")
+
+    def add(self, step: int, batch: dict) -> None:
+        self.file.write(json.dumps({"step": step, "keys": batch["keys"], "epochs": batch["epochs"]}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def optimizer_step(engine, batches, guard: NonfiniteGuard, window: Window, grad_accum: int,
-                   sam_boxes: dict | None = None) -> int:
+                   sam_boxes: dict | None = None, *, record: Callable[[dict], None] | None = None) -> int:
     """One optimizer step over ``grad_accum`` micro-batches; returns how many had a finite loss.
 
     A micro-batch whose loss is not finite on some rank gets no backward on any rank. It still counts
@@ -67,6 +88,8 @@ def optimizer_step(engine, batches, guard: NonfiniteGuard, window: Window, grad_
         t0 = time.perf_counter()
         with mark("data"):
             batch = next(batches)
+        if record is not None:
+            record(batch)
         if sam_boxes:
             batch.update(sam_boxes)
         t1 = time.perf_counter()
@@ -89,11 +112,12 @@ def optimizer_step(engine, batches, guard: NonfiniteGuard, window: Window, grad_
     return finite
 
 
-def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step: int, log: RunLogger,
-          validator=None) -> tuple[str, int, dict[str, int]]:
+def train(cfg: Config, dist: DistInfo, engine, loader, *, run_dir: Path, start_step: int, log: RunLogger,
+          identity: dict[str, str], validator=None) -> tuple[str, int, dict[str, int]]:
     """Run from ``start_step`` to train.max_steps; returns ("done" | "halted" | "preempted", last step,
     run totals for the summary: samples skipped over all ranks, steps without update). Raises
-    :class:`NonfiniteLossError` when the loss stays NaN or Inf.
+    :class:`NonfiniteLossError` when the loss stays NaN or Inf. ``identity`` goes into every checkpoint
+    (:func:`ppcr.train.checkpoint.save`).
 
     ``validator`` (:class:`ppcr.eval.validate.Validator`, built by the entry point: training does not
     import evaluation) has ``name``, ``run(model, should_stop) -> (metrics, image) | None`` and
@@ -111,6 +135,7 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
     window = Window()
     step = start_step
     status = "done"
+    samples = SampleRecord(run_dir, dist.rank) if t.record_samples else None
     try:
         while step < t.max_steps:
             profiler.begin(step + 1)
@@ -118,7 +143,8 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
             share = max(share, t.sam_gt_box_floor)
             sam_boxes = {"gt_box_share": share, "gt_box_jitter": t.sam_box_jitter, "step": step + 1}
             with mark("step"):
-                finite = optimizer_step(engine, batches, guard, window, t.grad_accum, sam_boxes)
+                finite = optimizer_step(engine, batches, guard, window, t.grad_accum, sam_boxes,
+                                        record=None if samples is None else partial(samples.add, step + 1))
             step += 1
             bar.update(1)
             guard.end_step(step, finite, t.grad_accum)
@@ -146,7 +172,8 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
                 if guard.in_streak:
                     log.message(f"step {step}: no checkpoint while the loss is not finite")
                 else:
-                    checkpoint.save(engine, ckpt_dir, step, loader, dist, t.keep_last)
+                    checkpoint.save(engine, ckpt_dir, step, loader=loader, dist=dist, keep_last=t.keep_last,
+                                    identity=identity)
             if stop:
                 status = "preempted"
                 break
@@ -154,7 +181,8 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
                 done = validator.run(engine.module, should_stop=preempt.agreed_now)
                 if done is None:  # preempted during validation: this step's checkpoint, then out
                     if step % t.save_every and step != t.max_steps and not guard.in_streak:
-                        checkpoint.save(engine, ckpt_dir, step, loader, dist, t.keep_last)
+                        checkpoint.save(engine, ckpt_dir, step, loader=loader, dist=dist, keep_last=t.keep_last,
+                                        identity=identity)
                     status = "preempted"
                     break
                 result, image = done
@@ -169,5 +197,7 @@ def train(cfg: Config, dist: DistInfo, engine, loader, run_dir: Path, start_step
     finally:
         preempt.close()
         bar.close()
+        if samples is not None:
+            samples.close()
     skipped = int(all_reduce_sum(torch.tensor([loader.skipped_samples], dtype=torch.float64, device=device())))
     return status, step, {"skipped samples": skipped, "steps without update (non-finite loss)": guard.skipped_steps}

@@ -4,10 +4,16 @@ there. Each problem is a :class:`ConfigError` with a one-line message that names
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ppcr.config import Config, ConfigError
+from ppcr.common.distributed import gather_objects
+from ppcr.config import Config, ConfigError, dump_config, load_config
+from ppcr.data.overlap import RECORD_FILE, check_eval_splits_present, exclusion_record
 from ppcr.data.shards import split_shards
+from ppcr.model.fingerprint import (CONFIG_FILE, FINGERPRINT_FILE, BaseMismatch, base_fingerprint, check_base,
+                                    check_model_settings, pin_revision, read_fingerprint)
 from ppcr.model.mllm import check_attn_implementation, check_mllm_path
 from ppcr.model.sam import check_sam_checkpoint
 from ppcr.common.checkpoint_paths import latest_tag
@@ -52,4 +58,70 @@ def check_run_inputs(cfg: Config, world_size: int, run_dir: Path) -> dict:
         latest_tag(run_dir / "checkpoints")  # a 'latest' that names a missing checkpoint
     except FileNotFoundError as e:
         raise ConfigError(str(e)) from e
+    if cfg.data.exclude_eval_images:
+        try:
+            check_eval_splits_present(cfg.paths.shards_root, cfg.data.train_sets, cfg.eval.sets,
+                                      cfg.data.eval_splits_missing_ok)
+        except ValueError as e:
+            raise ConfigError(f"config key 'eval.sets': {e}") from e
     return ds
+
+
+@dataclass(frozen=True)
+class RunIdentity:
+    """What every checkpoint of this launch records beside DeepSpeed's files: the base fingerprint, the
+    resolved config (:mod:`ppcr.model.fingerprint`) and the eval splits training left out."""
+
+    fingerprint: dict
+    config: Config
+
+    def files(self) -> dict[str, str]:
+        """File name -> text, as :func:`ppcr.train.checkpoint.save` writes them into a checkpoint: also which eval
+        splits training left out (:func:`ppcr.data.overlap.exclusion_record`), which make eval reports."""
+        c = self.config
+        excluded = exclusion_record(c.paths.shards_root, c.data.train_sets, c.eval.sets, c.data.exclude_eval_images)
+        return {FINGERPRINT_FILE: json.dumps(self.fingerprint, indent=1) + "\n", CONFIG_FILE: dump_config(c),
+                RECORD_FILE: json.dumps(excluded, indent=1) + "\n"}
+
+
+def _identity_on_this_rank(cfg: Config, run_dir: Path, *, allow_base: bool, allow_model: bool) -> RunIdentity:
+    ckpt_dir = run_dir / "checkpoints"
+    tag = latest_tag(ckpt_dir)
+    m = cfg.model
+    if tag is None:
+        fingerprint = base_fingerprint(m)
+    else:
+        ckpt = ckpt_dir / tag
+        saved = read_fingerprint(ckpt)
+        m = pin_revision(m, saved)
+        if (ckpt / CONFIG_FILE).is_file():
+            check_model_settings(load_config(ckpt / CONFIG_FILE), replace(cfg, model=m), what=f"checkpoint {ckpt}",
+                                 allow=allow_model)
+        fingerprint = check_base(saved, m, what=f"checkpoint {ckpt}", allow=allow_base) or base_fingerprint(m)
+    if fingerprint["mllm"]["revision"]:  # a hub id: every later load of this run asks for this commit
+        m = replace(m, mllm_revision=fingerprint["mllm"]["revision"])
+    return RunIdentity(fingerprint, replace(cfg, model=m))
+
+
+def run_identity(cfg: Config, run_dir: Path, *, allow_base: bool = False, allow_model: bool = False) -> RunIdentity:
+    """The fingerprint of the base weights ``cfg`` names and ``cfg`` with the hub commit pinned, checked
+    against the run's latest checkpoint when it resumes (:func:`ppcr.model.fingerprint.check_base`,
+    :func:`~ppcr.model.fingerprint.check_model_settings`; ``allow_*`` turn a refusal into a warning).
+    Collective: every rank computes its own and they must agree, so that ranks on nodes with different
+    copies of the base are refused too; any rank's refusal is every rank's :class:`BaseMismatch`."""
+    try:
+        mine: RunIdentity | str = _identity_on_this_rank(cfg, run_dir, allow_base=allow_base, allow_model=allow_model)
+    except (BaseMismatch, FileNotFoundError) as e:
+        mine = str(e)
+    everyone = gather_objects(mine)
+    errors = [(rank, e) for rank, e in enumerate(everyone) if isinstance(e, str)]
+    if errors:
+        rank, error = errors[0]
+        raise BaseMismatch(error if len(everyone) == 1 else f"rank {rank}: {error}")
+    assert isinstance(mine, RunIdentity)
+    for rank, other in enumerate(everyone):
+        if other.fingerprint != mine.fingerprint:
+            raise BaseMismatch(f"ranks see different base weights: rank {rank} {json.dumps(other.fingerprint)}, "
+                               f"this rank {json.dumps(mine.fingerprint)}; every node needs the same copy of "
+                               "model.mllm_path and model.sam_checkpoint")
+    return mine
