@@ -25,14 +25,10 @@ class ConfigError(ValueError):
 
 
 def need(ok: bool, key: str, msg: str) -> None:
-    """A value check: :class:`ConfigError` naming ``key``, the full dotted key, unless ``ok``.
-
-    Every dataclass of the tree checks its own fields in ``__post_init__``, which also runs for a config
-    built in code and for ``dataclasses.replace``. Each class sits at one place in the tree, so its checks
-    write their full keys (``data.synthetic.min_objects``); the two that sit at several places
-    (:class:`ShardSetConfig` in lists, :class:`PretrainStageConfig` per stage) have a ``check(key)`` that
-    their parent calls with the key. Checks across sections are :class:`Config`'s. A change made to a
-    built config by assignment is not checked."""
+    """A value check: :class:`ConfigError` naming ``key`` unless ``ok``. Each dataclass checks its fields in
+    ``__post_init__`` (also when built in code or by ``dataclasses.replace``; not on assignment) and writes its
+    full keys, since it sits at one place in the tree; :class:`ShardSetConfig` and :class:`PretrainStageConfig`,
+    which sit at several, have a ``check(key)`` that their parent calls. Checks across sections are Config's."""
     if not ok:
         raise ConfigError(f"config key '{key}': {msg}")
 
@@ -305,8 +301,8 @@ class ModelConfig:
         rev = self.mllm_revision
         need(rev is None or (bool(rev) and not any(c.isspace() for c in rev)), "model.mllm_revision",
              f"a hub commit, branch or tag without spaces, or null; got {rev!r}")
-        need(self.mllm_image_size >= 16, "model.mllm_image_size", "must be >= 16")
-        need(self.sam_image_size >= 16, "model.sam_image_size", "must be >= 16")
+        for name in ("mllm_image_size", "sam_image_size"):
+            need(getattr(self, name) >= 16, f"model.{name}", "must be >= 16")
         need(len(self.sam_pixel_mean) == 3, "model.sam_pixel_mean", "three values (R, G, B)")
         need(len(self.sam_pixel_std) == 3 and all(v > 0 for v in self.sam_pixel_std), "model.sam_pixel_std",
              "three positive values (R, G, B)")
@@ -399,12 +395,11 @@ class TrainConfig:
     loss: LossWeights = setting(factory=LossWeights, doc="the loss weights")
 
     def __post_init__(self) -> None:
-        need(self.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
-        need(self.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-        need(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "max_nonfinite_steps", "save_every", "keep_last",
+                     "log_every", "val_every", "image_every", "profile_steps"):
+            need(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
         need(self.global_batch_size is None or self.global_batch_size >= self.micro_batch_size,
              "train.global_batch_size", f"must be >= train.micro_batch_size ({self.micro_batch_size}) or null")
-        need(self.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
         need(self.sam_gt_box_steps >= 0 and self.sam_box_jitter >= 0, "train.sam_gt_box_steps",
              "sam_gt_box_steps and sam_box_jitter must be >= 0")
         need(0.0 <= self.sam_gt_box_floor <= 1.0, "train.sam_gt_box_floor", "must lie in [0, 1]")
@@ -415,14 +410,11 @@ class TrainConfig:
         need(0 <= self.warmup_steps < self.max_steps, "train.warmup_steps", "must lie in [0, train.max_steps)")
         need(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must lie in [0, 1]")
         need(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
-        for name in ("save_every", "keep_last", "log_every", "val_every", "image_every"):
-            need(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
         need(self.val_samples >= 0, "train.val_samples", "must be >= 0")
         need(self.halt_at_step is None or 1 <= self.halt_at_step <= self.max_steps, "train.halt_at_step",
              "must lie in [1, train.max_steps]")
         need(self.profile_at_step is None or 1 <= self.profile_at_step <= self.max_steps, "train.profile_at_step",
              "must lie in [1, train.max_steps] or be null")
-        need(self.profile_steps >= 1, "train.profile_steps", "must be >= 1")
         need(bool(self.run_name) and "/" not in self.run_name, "train.run_name", "a non-empty name without '/'")
         need(0 <= self.loss_scale_power <= 32, "train.loss_scale_power", "must lie in [0, 32]")
 
