@@ -39,6 +39,7 @@ from ppcr.config import ConfigError, settings_help
 from ppcr.data.overlap import read_exclusion_record
 from ppcr.eval.evaluate import merge_records, write_records
 from ppcr.eval.report import COLUMNS, table
+from ppcr.eval.rescore import PREDICTIONS_VERSION
 from ppcr.eval.splits import SplitOutcome, evaluate_splits, split_name
 from ppcr.eval.visualize import grid, precision_plot
 from ppcr.model.fingerprint import BASE_FLAG, BaseMismatch
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     ablations = ABLATIONS if args.ablations else [PPCR]
     # what a split's rows depend on besides the weights: kept splits must have been made with the same
-    settings = json.loads(json.dumps({"ablations": [a.name for a in ablations], "model": asdict(cfg.model),
+    settings = json.loads(json.dumps({"predictions_version": PREDICTIONS_VERSION,
+                                      "ablations": [a.name for a in ablations], "model": asdict(cfg.model),
                                       "eval": {k: v for k, v in asdict(cfg.eval).items() if k != "sets"},
                                       "shards_root": cfg.paths.shards_root}))
     names = [split_name(s) for s in cfg.eval.sets]

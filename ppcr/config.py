@@ -3,7 +3,9 @@
 A run is described by a YAML recipe (``launch/configs/*.yaml``) plus ``key.sub=value`` overrides from
 the command line. Both are checked against the dataclasses below before any heavy work starts: an
 unknown key, a wrong type or a value outside its choices stops with a message that names the key.
-The defaults written here are the only defaults; no other module invents one.
+Each dataclass checks its own values when it is built (:func:`need`), so a config built in code is
+checked as one loaded from a recipe is. The defaults written here are the only defaults; no other
+module invents one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,15 @@ import yaml
 
 class ConfigError(ValueError):
     """A recipe or override that does not fit the config tree; the message names the key."""
+
+
+def need(ok: bool, key: str, msg: str) -> None:
+    """A value check: :class:`ConfigError` naming ``key`` unless ``ok``. Each dataclass checks its fields in
+    ``__post_init__`` (also when built in code or by ``dataclasses.replace``; not on assignment) and writes its
+    full keys, since it sits at one place in the tree; :class:`ShardSetConfig` and :class:`PretrainStageConfig`,
+    which sit at several, have a ``check(key)`` that their parent calls. Checks across sections are Config's."""
+    if not ok:
+        raise ConfigError(f"config key '{key}': {msg}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -56,6 +67,22 @@ class SyntheticConfig:
     max_occlusion: float = setting(0.35, "largest share of an object another may hide")
     jpeg_quality: int = setting(90, "JPEG quality of the written images")
 
+    def __post_init__(self) -> None:
+        need(set(self.num_images) <= {"train", "val", "testA", "testB"}, "data.synthetic.num_images",
+             f"splits must be among train, val, testA, testB, got {sorted(self.num_images)}")
+        need(all(v >= 0 for v in self.num_images.values()), "data.synthetic.num_images", "counts must be >= 0")
+        need(1 <= self.min_objects <= self.max_objects, "data.synthetic.min_objects",
+             f"need 1 <= min_objects <= max_objects, got {self.min_objects} and {self.max_objects}")
+        w = self.difficulty_weights
+        need(len(w) == 3 and all(x >= 0 for x in w) and sum(w) > 0, "data.synthetic.difficulty_weights",
+             f"three non-negative weights with a positive sum, got {w}")
+        need(64 <= self.min_image_size <= self.max_image_size, "data.synthetic.min_image_size",
+             f"need 64 <= min_image_size <= max_image_size, got {self.min_image_size}, {self.max_image_size}")
+        need(0.0 <= self.max_occlusion < 1.0, "data.synthetic.max_occlusion", "must lie in [0, 1)")
+        need(1 <= self.jpeg_quality <= 100, "data.synthetic.jpeg_quality", "must lie in [1, 100]")
+        need(self.refs_per_image >= 1 and self.sentences_per_ref >= 1, "data.synthetic.refs_per_image",
+             "refs_per_image and sentences_per_ref must be >= 1")
+
 
 @dataclass
 class ShardSetConfig:
@@ -64,6 +91,11 @@ class ShardSetConfig:
     name: str = setting("synthetic_unc", "the shard set's directory under paths.shards_root")
     split: Split = setting("train", "the split to read")
     ratio: float = setting(1.0, "mixing weight among the training sets; ignored for evaluation")
+
+    def check(self, key: str) -> None:
+        """Its values, as item ``key`` (e.g. ``data.train_sets[0]``) of the list that holds it."""
+        need(self.ratio > 0, f"{key}.ratio", f"must be > 0, got {self.ratio}")
+        need(bool(self.name), f"{key}.name", "must name a shard set directory")
 
 
 @dataclass
@@ -89,6 +121,20 @@ class DataConfig:
                           "be left out of training; make eval flags a split training did not leave out")
     synthetic: SyntheticConfig = setting(factory=SyntheticConfig, doc="the embedded synthetic dataset")
 
+    def __post_init__(self) -> None:
+        need(len(self.train_sets) > 0, "data.train_sets", "at least one training shard set")
+        for i, s in enumerate(self.train_sets):
+            s.check(f"data.train_sets[{i}]")
+        for i, name in enumerate(self.eval_splits_missing_ok):
+            need(name.count("/") == 1 and all(name.split("/")), f"data.eval_splits_missing_ok[{i}]",
+                 f"a split as 'name/split' (e.g. refcoco_unc/val), got {name!r}")
+        need(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        need(self.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
+        need(0.0 <= self.flip_prob <= 1.0, "data.flip_prob", "must lie in [0, 1]")
+        need(self.shard_max_samples >= 1, "data.shard_max_samples", "must be >= 1")
+        need(self.shard_max_mb > 0, "data.shard_max_mb", "must be > 0")
+        need(0.0 <= self.max_reject_share <= 1.0, "data.max_reject_share", "must lie in [0, 1]")
+
 
 @dataclass
 class SamArchConfig:
@@ -105,6 +151,10 @@ class SamArchConfig:
     decoder_mlp_dim: Optional[int] = setting(None, "the mask decoder's MLP width; null: 2 x prompt_dim (2048 "
                                                    "released)")
 
+    def __post_init__(self) -> None:
+        need(self.decoder_mlp_dim is None or self.decoder_mlp_dim >= 1, "model.sam_arch.decoder_mlp_dim",
+             "must be >= 1 (or null for 2 x prompt_dim)")
+
 
 @dataclass
 class TinyMllmConfig:
@@ -120,6 +170,13 @@ class TinyMllmConfig:
     vision_mlp_ratio: int = setting(2, "vision tower MLP width over its hidden width")
     patch_size: int = setting(14, "vision patch side in input pixels (Qwen merges 2 x 2 patches per image token)")
 
+    def __post_init__(self) -> None:
+        need(min(dataclasses.astuple(self)) >= 1, "model.tiny_mllm", "every size must be >= 1")
+        need(self.hidden % self.heads == 0 and self.heads % self.kv_heads == 0, "model.tiny_mllm.heads",
+             "hidden must divide into heads, and heads into kv_heads")
+        need(self.vision_hidden % self.vision_heads == 0, "model.tiny_mllm.vision_heads",
+             "vision_hidden must divide into them")
+
 
 @dataclass
 class LoraSettings:
@@ -130,6 +187,11 @@ class LoraSettings:
     dropout: float = setting(0.05, "dropout on the LoRA input")
     target_modules: list[str] = setting(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
                                         doc="language-model modules that get LoRA")
+
+    def __post_init__(self) -> None:
+        need(self.rank >= 1 and self.alpha > 0 and 0.0 <= self.dropout < 1.0, "model.lora",
+             "rank >= 1, alpha > 0, dropout in [0, 1)")
+        need(bool(self.target_modules), "model.lora.target_modules", "name at least one module")
 
 
 @dataclass
@@ -145,6 +207,21 @@ class TemplateConfig:
                                   "stage 2's prompt; holds {expression} and {semantic}")
     spatial_answer: str = setting("[LOC] {box}", "stage 2's answer; [LOC] first: the box head never sees the box "
                                                  "text")
+
+    def __post_init__(self) -> None:
+        need("{expression}" in self.semantic_prompt, "model.templates.semantic_prompt", "must hold {expression}")
+        need("{expression}" in self.spatial_prompt and "{semantic}" in self.spatial_prompt,
+             "model.templates.spatial_prompt", "must hold {expression} and {semantic}")
+        need(self.semantic_answer.rstrip().endswith("[SEM]"), "model.templates.semantic_answer", "must end in [SEM]")
+        sa = self.spatial_answer.rstrip()
+        # The box head reads the hidden state at [LOC]: under teacher forcing one that had seen the box text
+        # would learn to parse the ground-truth digits instead of localising (README, "The model").
+        once = sa.count("[LOC]") == 1
+        loc_last = sa.endswith("[LOC]") and "{box}" not in sa
+        box_after = once and sa.endswith("{box}") and sa.count("{box}") == 1 and sa.index("[LOC]") < sa.index("{box}")
+        need(once and (loc_last or box_after), "model.templates.spatial_answer",
+             "must hold [LOC] once and end in it, or end in one {box} written after [LOC] (the box head must not "
+             f"see the box text); got {self.spatial_answer!r}")
 
 
 @dataclass
@@ -217,6 +294,27 @@ class ModelConfig:
               "optimizer, schedule and data start fresh (fine-tuning a released model on new data). Its base "
               "weights must be this run's (checked); a run that has a checkpoint resumes from it instead")
 
+    def __post_init__(self) -> None:
+        need(bool(self.mllm_path.strip()) and "://" not in self.mllm_path, "model.mllm_path",
+             f"must be a save_pretrained directory or, with HF_HUB_OFFLINE=0, a hub id 'org/name' (not a URL), "
+             f"got {self.mllm_path!r}")
+        rev = self.mllm_revision
+        need(rev is None or (bool(rev) and not any(c.isspace() for c in rev)), "model.mllm_revision",
+             f"a hub commit, branch or tag without spaces, or null; got {rev!r}")
+        for name in ("mllm_image_size", "sam_image_size"):
+            need(getattr(self, name) >= 16, f"model.{name}", "must be >= 16")
+        need(len(self.sam_pixel_mean) == 3, "model.sam_pixel_mean", "three values (R, G, B)")
+        need(len(self.sam_pixel_std) == 3 and all(v > 0 for v in self.sam_pixel_std), "model.sam_pixel_std",
+             "three positive values (R, G, B)")
+        need(self.sam_image_size % self.sam_arch.patch_size == 0, "model.sam_image_size",
+             f"must be a multiple of model.sam_arch.patch_size ({self.sam_arch.patch_size})")
+        need(self.sam_type == "tiny" or self.sam_image_size == 1024, "model.sam_image_size",
+             f"the released SAM {self.sam_type} takes 1024, got {self.sam_image_size}")
+        need(self.max_new_tokens >= 4, "model.max_new_tokens", "must be >= 4")
+        need(self.init_from is None or bool(self.init_from.strip()), "model.init_from",
+             "an export, run or checkpoint directory, or null")
+        need(2 <= self.box_bins <= 10000, "model.box_bins", f"must lie in [2, 10000], got {self.box_bins}")
+
 
 @dataclass
 class LossWeights:
@@ -231,6 +329,10 @@ class LossWeights:
     w_token_box: float = setting(1.0, "the selected tokens' own boxes, on top of w_l1 and w_giou")
     w_bce: float = setting(2.0, "the mask's binary cross-entropy")
     w_dice: float = setting(0.5, "the mask's Dice loss")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            need(getattr(self, f.name) >= 0, f"train.loss.{f.name}", "must be >= 0")
 
 
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # train.precision -> model.dtype
@@ -292,6 +394,30 @@ class TrainConfig:
     profile_steps: int = setting(2, "steps profiled")
     loss: LossWeights = setting(factory=LossWeights, doc="the loss weights")
 
+    def __post_init__(self) -> None:
+        for name in ("micro_batch_size", "grad_accum", "max_steps", "max_nonfinite_steps", "save_every", "keep_last",
+                     "log_every", "val_every", "image_every", "profile_steps"):
+            need(getattr(self, name) >= 1, f"train.{name}", "must be >= 1")
+        need(self.global_batch_size is None or self.global_batch_size >= self.micro_batch_size,
+             "train.global_batch_size", f"must be >= train.micro_batch_size ({self.micro_batch_size}) or null")
+        need(self.sam_gt_box_steps >= 0 and self.sam_box_jitter >= 0, "train.sam_gt_box_steps",
+             "sam_gt_box_steps and sam_box_jitter must be >= 0")
+        need(0.0 <= self.sam_gt_box_floor <= 1.0, "train.sam_gt_box_floor", "must lie in [0, 1]")
+        for name in ("lr", "head_lr", "sam_lr"):
+            need(getattr(self, name) > 0, f"train.{name}", "must be > 0")
+        need(self.base_lr is None or self.base_lr > 0, "train.base_lr", "must be > 0 or null (train.lr)")
+        need(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        need(0 <= self.warmup_steps < self.max_steps, "train.warmup_steps", "must lie in [0, train.max_steps)")
+        need(0.0 <= self.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must lie in [0, 1]")
+        need(self.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
+        need(self.val_samples >= 0, "train.val_samples", "must be >= 0")
+        need(self.halt_at_step is None or 1 <= self.halt_at_step <= self.max_steps, "train.halt_at_step",
+             "must lie in [1, train.max_steps]")
+        need(self.profile_at_step is None or 1 <= self.profile_at_step <= self.max_steps, "train.profile_at_step",
+             "must lie in [1, train.max_steps] or be null")
+        need(bool(self.run_name) and "/" not in self.run_name, "train.run_name", "a non-empty name without '/'")
+        need(0 <= self.loss_scale_power <= 32, "train.loss_scale_power", "must lie in [0, 32]")
+
 
 @dataclass
 class EvalConfig:
@@ -310,6 +436,13 @@ class EvalConfig:
         "fail", "an expression of the source split missing from the shards (rejected at build, unreadable): stop "
                 "the evaluation, or score it as a miss and flag it in the table (ppcr.eval.splits)")
 
+    def __post_init__(self) -> None:
+        for i, s in enumerate(self.sets):
+            s.check(f"eval.sets[{i}]")
+        need(self.batch_size >= 1, "eval.batch_size", "must be >= 1")
+        need(self.max_expressions is None or self.max_expressions >= 1, "eval.max_expressions",
+             "must be >= 1 or null")
+
 
 @dataclass
 class PretrainStageConfig:
@@ -319,6 +452,11 @@ class PretrainStageConfig:
     batch_size: int = setting(16, "scenes per step")
     lr: float = setting(1e-3, "peak learning rate")
     warmup_steps: int = setting(100, "linear warmup steps")
+
+    def check(self, key: str) -> None:
+        """Its values, as stage ``key`` (e.g. ``pretrain.vision``)."""
+        need(self.steps >= 0 and self.batch_size >= 1 and self.lr > 0 and 0 <= self.warmup_steps, key,
+             "steps >= 0, batch_size >= 1, lr > 0, warmup_steps >= 0")
 
 
 @dataclass
@@ -338,6 +476,13 @@ class PretrainConfig:
     log_every: int = setting(50, "steps between log lines")
     eval_every: int = setting(500, "steps between held-out evaluations")
     eval_scenes: int = setting(64, "held-out scenes (another index range of the pretraining seed)")
+
+    def __post_init__(self) -> None:
+        for name in ("vision", "grounding", "sam"):
+            getattr(self, name).check(f"pretrain.{name}")
+        need(self.sam_jitter >= 0, "pretrain.sam_jitter", "must be >= 0")
+        need(self.num_workers >= 0 and self.log_every >= 1 and self.eval_every >= 1 and self.eval_scenes >= 1,
+             "pretrain", "num_workers >= 0, log_every, eval_every and eval_scenes >= 1")
 
 
 @dataclass
@@ -363,134 +508,23 @@ class Config:
     pretrain: PretrainConfig = setting(factory=PretrainConfig, doc="ppcr-pretrain: the tiny backbones' pretraining")
     paths: PathsConfig = setting(factory=PathsConfig, doc="where data, shards and runs live")
 
+    def __post_init__(self) -> None:
+        """The checks across sections; each section has checked its own values when it was built."""
+        seed = self.data.synthetic.seed
+        need(self.pretrain.seed != seed, "pretrain.seed",
+             f"must differ from data.synthetic.seed ({seed}): pretraining draws its own scenes")
+        tr, m = self.train, self.model
+        need(PRECISION_DTYPE[tr.precision] == m.dtype, "train.precision",
+             f"'{tr.precision}' must match model.dtype '{m.dtype}' (bf16 with bfloat16, fp16 with float16, fp32 "
+             f"with float32)")
 
-# --------------------------------------------------------------------------------------------------
-# Semantic checks that types alone cannot express
-# --------------------------------------------------------------------------------------------------
 
-def _check_values(cfg: Config) -> None:
-    def need(ok: bool, key: str, msg: str) -> None:
-        if not ok:
-            raise ConfigError(f"config key '{key}': {msg}")
-
-    syn = cfg.data.synthetic
-    need(set(syn.num_images) <= {"train", "val", "testA", "testB"}, "data.synthetic.num_images",
-         f"splits must be among train, val, testA, testB, got {sorted(syn.num_images)}")
-    need(all(v >= 0 for v in syn.num_images.values()), "data.synthetic.num_images", "counts must be >= 0")
-    need(1 <= syn.min_objects <= syn.max_objects, "data.synthetic.min_objects",
-         f"need 1 <= min_objects <= max_objects, got {syn.min_objects} and {syn.max_objects}")
-    need(len(syn.difficulty_weights) == 3 and all(w >= 0 for w in syn.difficulty_weights)
-         and sum(syn.difficulty_weights) > 0, "data.synthetic.difficulty_weights",
-         f"three non-negative weights with a positive sum, got {syn.difficulty_weights}")
-    need(64 <= syn.min_image_size <= syn.max_image_size, "data.synthetic.min_image_size",
-         f"need 64 <= min_image_size <= max_image_size, got {syn.min_image_size}, {syn.max_image_size}")
-    need(0.0 <= syn.max_occlusion < 1.0, "data.synthetic.max_occlusion", "must lie in [0, 1)")
-    need(1 <= syn.jpeg_quality <= 100, "data.synthetic.jpeg_quality", "must lie in [1, 100]")
-    need(syn.refs_per_image >= 1 and syn.sentences_per_ref >= 1, "data.synthetic.refs_per_image",
-         "refs_per_image and sentences_per_ref must be >= 1")
-
-    need(len(cfg.data.train_sets) > 0, "data.train_sets", "at least one training shard set")
-    for key, sets in (("data.train_sets", cfg.data.train_sets), ("eval.sets", cfg.eval.sets)):
-        for i, s in enumerate(sets):
-            need(s.ratio > 0, f"{key}[{i}].ratio", f"must be > 0, got {s.ratio}")
-            need(bool(s.name), f"{key}[{i}].name", "must name a shard set directory")
-    for i, name in enumerate(cfg.data.eval_splits_missing_ok):
-        need(name.count("/") == 1 and all(name.split("/")), f"data.eval_splits_missing_ok[{i}]",
-             f"a split as 'name/split' (e.g. refcoco_unc/val), got {name!r}")
-    need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
-    need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1")
-    need(0.0 <= cfg.data.flip_prob <= 1.0, "data.flip_prob", "must lie in [0, 1]")
-    need(cfg.data.shard_max_samples >= 1, "data.shard_max_samples", "must be >= 1")
-    need(cfg.data.shard_max_mb > 0, "data.shard_max_mb", "must be > 0")
-    need(0.0 <= cfg.data.max_reject_share <= 1.0, "data.max_reject_share", "must lie in [0, 1]")
-
-    m = cfg.model
-    need(bool(m.mllm_path.strip()) and "://" not in m.mllm_path, "model.mllm_path",
-         f"must be a save_pretrained directory or, with HF_HUB_OFFLINE=0, a hub id 'org/name' (not a URL), "
-         f"got {m.mllm_path!r}")
-    need(m.mllm_revision is None or (bool(m.mllm_revision) and not any(c.isspace() for c in m.mllm_revision)),
-         "model.mllm_revision", f"a hub commit, branch or tag without spaces, or null; got {m.mllm_revision!r}")
-    need(m.mllm_image_size >= 16, "model.mllm_image_size", "must be >= 16")
-    need(m.sam_image_size >= 16, "model.sam_image_size", "must be >= 16")
-    need(len(m.sam_pixel_mean) == 3, "model.sam_pixel_mean", "three values (R, G, B)")
-    need(len(m.sam_pixel_std) == 3 and all(v > 0 for v in m.sam_pixel_std), "model.sam_pixel_std",
-         "three positive values (R, G, B)")
-    need(m.sam_image_size % m.sam_arch.patch_size == 0, "model.sam_image_size",
-         f"must be a multiple of model.sam_arch.patch_size ({m.sam_arch.patch_size})")
-    need(m.sam_arch.decoder_mlp_dim is None or m.sam_arch.decoder_mlp_dim >= 1, "model.sam_arch.decoder_mlp_dim",
-         "must be >= 1 (or null for 2 x prompt_dim)")
-    need(m.sam_type == "tiny" or m.sam_image_size == 1024, "model.sam_image_size",
-         f"the released SAM {m.sam_type} takes 1024, got {m.sam_image_size}")
-    need(m.lora.rank >= 1 and m.lora.alpha > 0 and 0.0 <= m.lora.dropout < 1.0, "model.lora",
-         "rank >= 1, alpha > 0, dropout in [0, 1)")
-    need(bool(m.lora.target_modules), "model.lora.target_modules", "name at least one module")
-    t = m.templates
-    need("{expression}" in t.semantic_prompt, "model.templates.semantic_prompt", "must hold {expression}")
-    need("{expression}" in t.spatial_prompt and "{semantic}" in t.spatial_prompt, "model.templates.spatial_prompt",
-         "must hold {expression} and {semantic}")
-    need(t.semantic_answer.rstrip().endswith("[SEM]"), "model.templates.semantic_answer", "must end in [SEM]")
-    sa = t.spatial_answer.rstrip()
-    # The box head reads the hidden state at [LOC]: under teacher forcing one that had seen the box text
-    # would learn to parse the ground-truth digits instead of localising (README, "The model").
-    need(sa.count("[LOC]") == 1 and (sa.endswith("[LOC]") and "{box}" not in sa
-                                     or sa.endswith("{box}") and sa.count("{box}") == 1 and sa.index("[LOC]") < sa.index("{box}")),
-         "model.templates.spatial_answer", "must hold [LOC] once and end in it, or end in one {box} written after "
-         f"[LOC] (the box head must not see the box text); got {t.spatial_answer!r}")
-    need(m.max_new_tokens >= 4, "model.max_new_tokens", "must be >= 4")
-    need(m.init_from is None or bool(m.init_from.strip()), "model.init_from",
-         "an export, run or checkpoint directory, or null")
-    tm = m.tiny_mllm
-    need(min(tm.hidden, tm.layers, tm.heads, tm.kv_heads, tm.vision_hidden, tm.vision_depth, tm.vision_heads,
-             tm.vision_mlp_ratio, tm.patch_size) >= 1, "model.tiny_mllm", "every size must be >= 1")
-    need(tm.hidden % tm.heads == 0 and tm.heads % tm.kv_heads == 0, "model.tiny_mllm.heads",
-         "hidden must divide into heads, and heads into kv_heads")
-    need(tm.vision_hidden % tm.vision_heads == 0, "model.tiny_mllm.vision_heads", "vision_hidden must divide into them")
-    pt = cfg.pretrain
-    need(pt.seed != cfg.data.synthetic.seed, "pretrain.seed",
-         f"must differ from data.synthetic.seed ({cfg.data.synthetic.seed}): pretraining draws its own scenes")
-    for name in ("vision", "grounding", "sam"):
-        st = getattr(pt, name)
-        need(st.steps >= 0 and st.batch_size >= 1 and st.lr > 0 and 0 <= st.warmup_steps, f"pretrain.{name}",
-             "steps >= 0, batch_size >= 1, lr > 0, warmup_steps >= 0")
-    need(pt.sam_jitter >= 0, "pretrain.sam_jitter", "must be >= 0")
-    need(pt.num_workers >= 0 and pt.log_every >= 1 and pt.eval_every >= 1 and pt.eval_scenes >= 1, "pretrain",
-         "num_workers >= 0, log_every, eval_every and eval_scenes >= 1")
-    need(2 <= m.box_bins <= 10000, "model.box_bins", f"must lie in [2, 10000], got {m.box_bins}")
-    for name in ("w_ce_sem", "w_ce_spa", "w_l1", "w_giou", "w_point", "w_token_box", "w_bce", "w_dice"):
-        need(getattr(cfg.train.loss, name) >= 0, f"train.loss.{name}", "must be >= 0")
-    tr = cfg.train
-    need(tr.micro_batch_size >= 1, "train.micro_batch_size", "must be >= 1")
-    need(tr.grad_accum >= 1, "train.grad_accum", "must be >= 1")
-    need(tr.max_steps >= 1, "train.max_steps", "must be >= 1")
-    need(tr.global_batch_size is None or tr.global_batch_size >= tr.micro_batch_size, "train.global_batch_size",
-         f"must be >= train.micro_batch_size ({tr.micro_batch_size}) or null")
-    need(tr.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", "must be >= 1")
-    need(tr.sam_gt_box_steps >= 0 and tr.sam_box_jitter >= 0, "train.sam_gt_box_steps",
-         "sam_gt_box_steps and sam_box_jitter must be >= 0")
-    need(0.0 <= tr.sam_gt_box_floor <= 1.0, "train.sam_gt_box_floor", "must lie in [0, 1]")
-    for name in ("lr", "head_lr", "sam_lr"):
-        need(getattr(tr, name) > 0, f"train.{name}", "must be > 0")
-    need(tr.base_lr is None or tr.base_lr > 0, "train.base_lr", "must be > 0 or null (train.lr)")
-    need(tr.weight_decay >= 0, "train.weight_decay", "must be >= 0")
-    need(0 <= tr.warmup_steps < tr.max_steps, "train.warmup_steps", "must lie in [0, train.max_steps)")
-    need(0.0 <= tr.min_lr_ratio <= 1.0, "train.min_lr_ratio", "must lie in [0, 1]")
-    need(tr.grad_clip >= 0, "train.grad_clip", "must be >= 0 (0 turns clipping off)")
-    for name in ("save_every", "keep_last", "log_every", "val_every", "image_every"):
-        need(getattr(tr, name) >= 1, f"train.{name}", "must be >= 1")
-    need(tr.val_samples >= 0, "train.val_samples", "must be >= 0")
-    need(tr.halt_at_step is None or 1 <= tr.halt_at_step <= tr.max_steps, "train.halt_at_step",
-         "must lie in [1, train.max_steps]")
-    need(tr.profile_at_step is None or 1 <= tr.profile_at_step <= tr.max_steps, "train.profile_at_step",
-         "must lie in [1, train.max_steps] or be null")
-    need(tr.profile_steps >= 1, "train.profile_steps", "must be >= 1")
-    need(bool(tr.run_name) and "/" not in tr.run_name, "train.run_name", "a non-empty name without '/'")
-    need(PRECISION_DTYPE[tr.precision] == m.dtype, "train.precision",
-         f"'{tr.precision}' must match model.dtype '{m.dtype}' (bf16 with bfloat16, fp16 with float16, fp32 "
-         f"with float32)")
-    need(0 <= tr.loss_scale_power <= 32, "train.loss_scale_power", "must lie in [0, 32]")
-    need(cfg.eval.batch_size >= 1, "eval.batch_size", "must be >= 1")
-    need(cfg.eval.max_expressions is None or cfg.eval.max_expressions >= 1, "eval.max_expressions",
-         "must be >= 1 or null")
+def with_dtype(cfg: Config, dtype: str) -> Config:
+    """``cfg`` with model.dtype ``dtype`` and the train.precision that goes with it: a model loaded in another
+    dtype than it trained in (evaluation, export)."""
+    precision = next(p for p, d in PRECISION_DTYPE.items() if d == dtype)
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=dtype),
+                               train=dataclasses.replace(cfg.train, precision=precision))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -645,7 +679,7 @@ def to_dict(cfg: Any) -> dict:
 
 
 def load_config(recipe: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Recipe YAML (optional) + overrides -> validated :class:`Config`."""
+    """Recipe YAML (optional) + overrides -> validated :class:`Config` (types here, values in the dataclasses)."""
     tree: dict = {}
     if recipe is not None:
         path = Path(recipe)
@@ -661,9 +695,7 @@ def load_config(recipe: str | Path | None = None, overrides: list[str] | None = 
     # Defaults of the tree, then the recipe, then the overrides: lists are replaced, not merged.
     merged = _merge(to_dict(Config()), tree)
     merged = _merge(merged, parse_overrides(overrides or []))
-    cfg = _build(Config, merged, "")
-    _check_values(cfg)
-    return cfg
+    return _build(Config, merged, "")  # each dataclass checks its values as it is built
 
 
 def dump_config(cfg: Config) -> str:

@@ -88,7 +88,8 @@ def test_dtype_loads_an_export_or_a_run_in_another_precision(exported, trained_r
     with Image.open(image) as im:
         assert result.mask.shape == (im.height, im.width)
     model, cfg, _, tag = load_checkpoint(trained_run, dtype="float16")  # the run was trained in float32
-    assert {p.dtype for p in model.parameters()} == {torch.float16} and cfg.train.precision == "fp32"
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    assert (cfg.model.dtype, cfg.train.precision) == ("float16", "fp16")  # a Config whose two agree
     assert tag == "step_00000003"
 
 

@@ -1,7 +1,10 @@
+from dataclasses import replace
 from pathlib import Path
 
+import pytest
 
-from ppcr.config import Config, dump_config, load_config
+from ppcr.config import (Config, ConfigError, DataConfig, ModelConfig, PretrainConfig, ShardSetConfig, SyntheticConfig,
+                         TemplateConfig, TrainConfig, dump_config, load_config, with_dtype)
 
 RECIPE = Path(__file__).parent.parent / "launch/configs/default.yaml"
 
@@ -26,6 +29,43 @@ def test_overrides_set_nested_values_with_yaml_types():
     assert [(s.name, s.split, s.ratio) for s in cfg.data.train_sets] == [("a", "train", 3.0), ("b", "val", 1.0)]
 
 
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPE.parent.glob("*.yaml")))
+def test_every_shipped_recipe_loads(recipe):
+    assert isinstance(load_config(RECIPE.parent / recipe), Config)
+
+
+def message(build) -> str:
+    with pytest.raises(ConfigError) as e:
+        build()
+    return str(e.value)
+
+
+def test_a_config_built_in_code_is_checked_as_a_loaded_one_with_the_same_message():
+    """Each dataclass checks its own values when built (its full dotted key in the message); the checks across
+    sections are Config's; a list's items are checked by the class that holds the list."""
+    cases = [
+        (["train.sam_gt_box_floor=2"], lambda: TrainConfig(sam_gt_box_floor=2.0)),
+        (["train.warmup_steps=5", "train.max_steps=5"], lambda: TrainConfig(warmup_steps=5, max_steps=5)),
+        (["data.synthetic.min_objects=9"], lambda: SyntheticConfig(min_objects=9)),  # nested two deep
+        (["data.synthetic.min_objects=9"], lambda: Config(data=DataConfig(synthetic=SyntheticConfig(min_objects=9)))),
+        (["model.templates.spatial_answer='{box} [LOC]'"], lambda: TemplateConfig(spatial_answer="{box} [LOC]")),
+        (["data.train_sets=[{name: a}, {name: b, ratio: 0}]"],
+         lambda: DataConfig(train_sets=[ShardSetConfig(name="a"), ShardSetConfig(name="b", ratio=0.0)])),
+        (["train.precision=bf16"], lambda: Config(train=TrainConfig(precision="bf16"))),  # across sections
+        (["pretrain.seed=0"], lambda: Config(pretrain=PretrainConfig(seed=0))),
+        (["model.sam_type=vit_h"], lambda: replace(ModelConfig(), sam_type="vit_h")),
+    ]
+    for overrides, build in cases:
+        loaded = message(lambda: load_config(RECIPE, overrides))
+        assert message(build) == loaded, overrides
+    assert "config key 'train.sam_gt_box_floor': must lie in [0, 1]" in message(cases[0][1])
+    assert message(cases[5][1]) == "config key 'data.train_sets[1].ratio': must be > 0, got 0.0"
+
+
+def test_a_model_loaded_in_another_dtype_gets_the_precision_that_fits_it():
+    cfg = with_dtype(load_config(RECIPE), "bfloat16")
+    assert (cfg.model.dtype, cfg.train.precision) == ("bfloat16", "bf16")
+    assert with_dtype(cfg, "float32") == load_config(RECIPE)
 
 
 def test_every_key_is_listed_with_its_type_default_and_doc_and_the_listed_default_loads():

@@ -12,7 +12,7 @@ from conftest import _ref, coco_image, make_config, square_annotation, write_ref
 from ppcr.data import counts
 from ppcr.data.counts import expected_expressions
 from ppcr.data.overlap import COCO_POOL, image_pool, plan_exclusions, split_images
-from ppcr.data.shards import build_shards, load_manifest, sample_key
+from ppcr.data.shards import FORMAT_VERSION, build_shards, load_manifest, sample_key
 from ppcr.data.stream import build_train_loader
 
 
@@ -62,16 +62,22 @@ def test_a_source_count_that_differs_from_the_published_one_is_refused(rejecting
         expected_expressions(rejecting, "testC")
 
 
-def test_a_manifest_without_source_counts_asks_for_a_rebuild(rejecting, tmp_path):
+def test_a_manifest_of_another_format_asks_for_a_rebuild(rejecting, tmp_path):
+    """Counts and the images left out of training read the manifest's fields with no fallback: a manifest of
+    another format_version (1: from before per-sentence groups, or before source counts and image ids) is
+    refused, naming it."""
     old = tmp_path / "old_unc"
     shutil.copytree(rejecting, old)
     manifest = load_manifest(old)
-    for entry in manifest["splits"].values():
-        for k in ("source", "rejected", "blank_expressions", "image_ids", "image_refs"):
-            del entry[k]
-    (old / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ValueError, match=r"split 'val' has no source counts.*make clean-data shards.*ppcr-shards build"):
-        expected_expressions(old, "val")
+    for version in (None, 1, FORMAT_VERSION + 1):
+        manifest["format_version"] = version
+        (old / "manifest.json").write_text(json.dumps(manifest))
+        refused = (rf"{old}/manifest.json: format_version {version} is not {FORMAT_VERSION}, a shard set written by "
+                   r"another ppcr; rebuild it \('make clean-data shards' for the synthetic set, 'ppcr-shards build'")
+        with pytest.raises(ValueError, match=refused):
+            expected_expressions(old, "val")
+        with pytest.raises(ValueError, match=refused):
+            split_images(old, "train")
 
 
 def test_the_synthetic_set_has_no_published_count_and_drops_nothing(tiny_shards):
@@ -152,18 +158,6 @@ def test_resume_with_excluded_images_is_exact_and_a_state_without_them_is_refuse
         build_train_loader(cfg, 0, 1).load_state_dict(unfiltered.state_dict())
     with pytest.raises(ValueError, match="excluded_images"):
         unfiltered.load_state_dict(first.state_dict())
-
-
-def test_image_ids_of_a_set_built_before_they_were_recorded_come_from_its_shards(coco_pool, tmp_path):
-    old = tmp_path / "refcoco_unc"
-    shutil.copytree(coco_pool["shards_root"] / "refcoco_unc", old)
-    manifest = load_manifest(old)
-    for entry in manifest["splits"].values():
-        del entry["image_ids"], entry["image_refs"]
-    (old / "manifest.json").write_text(json.dumps(manifest))
-    for split in ("train", "val"):
-        assert split_images(old, split) == split_images(coco_pool["shards_root"] / "refcoco_unc", split)
-    assert split_images(old, "train") == (COCO_POOL, {1: 2, 5: 1})
 
 
 def test_evaluation_stops_on_missing_expressions_or_scores_them_as_misses(rejecting, tiny_shards, tiny_models,

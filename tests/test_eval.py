@@ -69,11 +69,11 @@ def test_eval_on_two_zero3_ranks_equals_one_process_and_counts_every_expression(
 
 
 def broken_copy(tiny_shards, tmp_path, name="broken_unc"):
-    """A copy of the test set whose val split lost its source counts (a manifest written before they were
-    recorded): a split whose count check fails."""
+    """A copy of the test set that says it holds refcoco/unc, whose val split then has fewer expressions than the
+    published one: a split whose count check fails."""
     out = shutil.copytree(tiny_shards, tmp_path / "shards" / name)
     manifest = load_manifest(out)
-    del manifest["splits"]["val"]["source"]
+    manifest["source"]["dataset"] = "refcoco"
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -101,7 +101,8 @@ def test_every_count_is_checked_before_the_first_forward_and_a_bad_split_loses_n
     good, bad = evaluate_splits_list(model, cfg, one, PPCR)
     assert events.index(("count", broken.name)) < events.index("forward")  # every split checked first
     assert good.error is None and good.rows[0]["count"] == 3
-    assert bad.rows == [] and f"{broken}: manifest.json split 'val' has no source counts" in bad.error
+    assert bad.rows == [] and f"shard set {broken} split 'val': the refs file" in bad.error
+    assert "the published refcoco/unc val has 10834" in bad.error
 
 
 def evaluate_splits_list(model, cfg, dist, ablation):
@@ -127,7 +128,7 @@ def test_make_eval_writes_each_split_reports_a_failing_one_keeps_done_ones_and_f
     done = run(cmd)
     second = run(cmd)
     assert done.returncode == 4, done.stderr[-3000:]
-    assert f"error: shard set {broken}: manifest.json split 'val' has no source" in done.stderr
+    assert f"error: shard set {broken} split 'val': the refs file" in done.stderr
     out = run_dir / "eval/step_00000003"
     results = json.loads((out / "results.json").read_text())
     assert [r["split"] for r in results["rows"] if r["group"] == "all"] == [f"{tiny_shards.name}/val",

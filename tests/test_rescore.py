@@ -7,7 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from ppcr.eval.rescore import compare, main, predictions_files, rescore, rescore_files
+from ppcr.eval.rescore import (PREDICTIONS_VERSION, RecordError, compare, main, predictions_files, read_records,
+                                rescore, rescore_files)
 
 ROW_KEYS = ("split", "ablation", "group")
 
@@ -57,6 +58,20 @@ def records(pixels, groups=None, keys=None):
     return [{"key": (keys or {}).get(i, f"ref_{i // 2}"), "sentence": f"sentence {i % 2}" if not keys else "the one",
              "group": (groups or ["level 0"] * len(pixels))[i], "pixels": {"ppcr": list(p)}, "box_iou": 0.0,
              "text_box_iou": None, "agreement": None, "spatial_answer": f"answer {i}"} for i, p in enumerate(pixels)]
+
+
+def test_a_predictions_file_of_another_format_is_refused_naming_it(tmp_path):
+    path = tmp_path / "predictions_synthetic_unc_val.jsonl"
+    lines = [{"format_version": PREDICTIONS_VERSION, **r} for r in records([(1, 2), (3, 4)])]
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert rescore(read_records(path), "synthetic_unc/val")[0]["cIoU"] == pytest.approx(4 / 6)
+    for version in (None, PREDICTIONS_VERSION + 1):
+        lines[1]["format_version"] = version
+        path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+        with pytest.raises(RecordError) as e:
+            read_records(path)
+        assert str(e.value) == (f"{path}:2: format_version {version} is not {PREDICTIONS_VERSION}, predictions "
+                                "written by another ppcr: re-run make eval for their checkpoint")
 
 
 def test_compare_gives_the_paired_cIoU_difference_and_its_interval():

@@ -51,7 +51,7 @@ def test_missing_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model.sam_checkpoint: no SAM checkpoint at .*nope.pth"):
         load_sam(ModelConfig(sam_checkpoint=str(tmp_path / "nope.pth")))
     with pytest.raises(FileNotFoundError, match=r"get Meta.s SAM vit_h: https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"):
-        load_sam(ModelConfig(sam_checkpoint=str(tmp_path / "nope.pth"), sam_type="vit_h"))
+        load_sam(ModelConfig(sam_checkpoint=str(tmp_path / "nope.pth"), sam_type="vit_h", sam_image_size=1024))
     path = save_tiny_sam(SamArchConfig(encoder_dim=32), 128, tmp_path / "small.pth")
     with pytest.raises(ValueError, match=r"does not fit model.sam_type 'tiny' and model.sam_arch"):
         load_sam(ModelConfig(sam_checkpoint=str(path), sam_image_size=128))

@@ -120,22 +120,25 @@ def test_resume_at_a_late_step_is_exact_and_reads_no_more_than_at_an_early_one(t
         assert reads[3] <= slot_epoch + 3 * 3, reads
 
 
-def test_a_checkpoint_from_before_seeking_still_resumes_by_replaying(tiny_shards):
-    cfg = make_config(tiny_shards, "data.num_workers=2")
-    full = take(build_train_loader(cfg, 0, 2), 12)
-    first = build_train_loader(cfg, 0, 2)
-    take(first, 7)
-    state = first.state_dict()
-    old = {"batches": 7, "skipped_samples": 0,  # the format before: group counts, no shuffle_buffer
-           "worker_groups": [p["groups"] for p in state.pop("worker_positions")],
-           "identity": {k: v for k, v in state["identity"].items() if k != "shuffle_buffer"}}
-    resumed = build_train_loader(cfg, 0, 2)
-    resumed.load_state_dict(old)
-    tail = take(resumed, 5)
-    assert [b["keys"] for b in tail] == [b["keys"] for b in full[7:]]
-    again = build_train_loader(cfg, 0, 2)  # and what it saves next seeks
-    again.load_state_dict(json.loads(json.dumps(resumed.state_dict())))
-    assert take(again, 1)[0]["keys"] == take(build_train_loader(cfg, 0, 2), 13)[12]["keys"]
+def test_a_checkpoint_state_of_another_format_is_refused_naming_the_file(tiny_shards, tmp_path):
+    """A checkpoint's ppcr_rank<R>.json says its format; one of another (such as those from before seeking, which
+    resumed by replaying every group since step 0) is refused, with what to do instead."""
+    from ppcr.train.checkpoint import STATE_VERSION, rank_states
+
+    loader = build_train_loader(make_config(tiny_shards), 0, 1)
+    take(loader, 2)
+    ckpt = tmp_path / "checkpoints/step_00000002"
+    ckpt.mkdir(parents=True)
+    state = {"format_version": STATE_VERSION, "step": 2, "loader": loader.state_dict()}
+    (ckpt / "ppcr_rank0.json").write_text(json.dumps(state))
+    assert rank_states(ckpt)[0]["loader"]["batches"] == 2
+    for version in (None, STATE_VERSION + 1):
+        (ckpt / "ppcr_rank0.json").write_text(json.dumps({**state, "format_version": version}))
+        with pytest.raises(ValueError) as e:
+            rank_states(ckpt)
+        assert str(e.value) == (f"{ckpt}/ppcr_rank0.json: format_version {version} is not {STATE_VERSION}, a "
+                                "checkpoint from another ppcr, which cannot resume: start a new run "
+                                f"(train.run_name=...), from scratch or from its weights with model.init_from={ckpt}")
 
 
 def test_resume_refuses_a_different_layout(tiny_shards):
@@ -251,7 +254,7 @@ def test_resume_refuses_shards_whose_content_changed(tiny_shards, tmp_path):
 @pytest.mark.parametrize("bufsize", [1, 4, 16, 500])
 def test_the_shuffle_buffer_gives_webdatasets_own_order(tiny_shards, bufsize):
     """SetReader writes webdataset's shuffle stage out (a checkpoint must read and rebuild its buffer); same
-    samples in, same RNG, the same order out as wds.shuffle. Old checkpoints replay on that equality."""
+    samples in, same RNG, the same order out as wds.shuffle."""
     import random
 
     import webdataset as wds

@@ -78,18 +78,9 @@ def _first_batch_seconds(cfg: Config, state: dict, rank: int, world_size: int) -
     return time.perf_counter() - t0
 
 
-def legacy_state(state: dict) -> dict:
-    """The same position in the format of checkpoints from before seeking, which resume by replaying
-    every group since step 0 undecoded: the cost a resume had before."""
-    return {"batches": state["batches"], "skipped_samples": state["skipped_samples"],
-            "worker_groups": [p["groups"] if p else 0 for p in state["worker_positions"]],
-            "identity": {k: v for k, v in state["identity"].items() if k != "shuffle_buffer"}}
-
-
 def resume_cost(cfg: Config, *, steps: tuple[int, int], reps: int = 3, world_size: int = 2) -> dict:
     """Time from building a resumed training loader (rank 0 of ``world_size``, the recipe's loader
-    workers) to its first batch, at an early and a late step; and, at the late step, the same position
-    resumed the old way (replay). Repetitions alternate between the three."""
+    workers) to its first batch, at an early and a late step. Repetitions alternate between the two."""
     states = {}
     for step in steps:
         loader = build_train_loader(cfg, 0, world_size)
@@ -99,12 +90,11 @@ def resume_cost(cfg: Config, *, steps: tuple[int, int], reps: int = 3, world_siz
         del batches
         states[step] = loader.state_dict()
     early, late = steps
-    times: dict[str, list[float]] = {"early": [], "late": [], "late_replay": []}
+    times: dict[str, list[float]] = {"early": [], "late": []}
     with threads(1):
         for _ in range(reps):
             times["early"].append(_first_batch_seconds(cfg, states[early], 0, world_size))
             times["late"].append(_first_batch_seconds(cfg, states[late], 0, world_size))
-            times["late_replay"].append(_first_batch_seconds(cfg, legacy_state(states[late]), 0, world_size))
     return {"steps": list(steps), "world_size": world_size, "num_workers": cfg.data.num_workers,
             "epochs_at_late": max(s["epoch"] for p in states[late]["worker_positions"] if p for s in p["sets"]),
             **{k: Figure.of(v, "s") for k, v in times.items()},

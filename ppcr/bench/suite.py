@@ -101,11 +101,10 @@ def render(r: dict) -> str:
     early, late = rc["steps"]
     out += [f"\n### Resume: seconds from a resumed training loader to its first batch (rank 0 of "
             f"{rc['world_size']}, {rc['num_workers']} loader workers)\n",
-            table(["resumed at", "seek (ppcr)", "replay (checkpoints from before seeking)"],
-                  [[f"step {early}", rc["early"].fmt(3), "-"],
-                   [f"step {late} (epoch {rc['epochs_at_late']} of the slots)", rc["late"].fmt(3),
-                    rc["late_replay"].fmt(3)],
-                   ["late / early (paired)", rc["late_vs_early"].fmt(2) + " x", ""]])]
+            table(["resumed at", "seconds"],
+                  [[f"step {early}", rc["early"].fmt(3)],
+                   [f"step {late} (epoch {rc['epochs_at_late']} of the slots)", rc["late"].fmt(3)],
+                   ["late / early (paired)", rc["late_vs_early"].fmt(2) + " x"]])]
 
     fps = plain["flops_per_sample"]
     rows = []

@@ -41,10 +41,6 @@ OFFICIAL_EXPRESSIONS: dict[tuple[str, str, str], int] = {
     ("refcocog", "google", "val"): 9536,
 }
 
-REBUILD = ("rebuild it: 'make clean-data shards' for the synthetic set, 'ppcr-shards build' for a REFER set "
-           "(README, Data)")
-
-
 @dataclass(frozen=True)
 class SplitCount:
     """Expressions of one split of a shard set.
@@ -63,18 +59,15 @@ class SplitCount:
 def expected_expressions(shard_dir: Path, split: str) -> SplitCount:
     """The expression counts of ``split`` of the shard set ``shard_dir``, from its manifest.
 
-    Raises ValueError when the split is missing, when the manifest predates source counts (the set
-    must be rebuilt), and when the refs file's count differs from the published one: a wrong or
-    partial REFER file, whose numbers would not be comparable with published tables.
+    Raises ValueError when the split is missing, when the manifest is of another format (the set must be
+    rebuilt, :func:`ppcr.data.shards.load_manifest`), and when the refs file's count differs from the
+    published one: a wrong or partial REFER file, whose numbers would not be comparable with published tables.
     """
     manifest = load_manifest(shard_dir)
     splits = manifest["splits"]
     if split not in splits:
         raise ValueError(f"shard set {shard_dir} has no split '{split}' (splits: {', '.join(splits)})")
     entry = splits[split]
-    if "source" not in entry or "rejected" not in entry:
-        raise ValueError(f"shard set {shard_dir}: manifest.json split '{split}' has no source counts (field "
-                         f"'source'); it was built before they were recorded: {REBUILD}")
     src = manifest["source"]
     official = OFFICIAL_EXPRESSIONS.get((src["dataset"], src["split_by"], split))
     source = int(entry["source"]["expressions"])
@@ -84,4 +77,4 @@ def expected_expressions(shard_dir: Path, split: str) -> SplitCount:
                          f"{official}; a wrong or partial REFER file gives numbers that are not comparable")
     return SplitCount(source=source, written=int(entry["expressions"]),
                       rejected=int(entry["rejected"]["expressions"]), official=official,
-                      blank=int(entry.get("blank_expressions", 0)))
+                      blank=int(entry["blank_expressions"]))

@@ -8,8 +8,8 @@ training. With ``data.exclude_eval_images`` (the default) the training stream dr
 whose image is in a split of ``eval.sets``. An image is (pool, image_id): the pool is COCO train2014
 for the RefCOCO family and the dataset itself otherwise (the synthetic set draws its own images).
 
-The images of a split come from its manifest (``image_ids`` and ``image_refs``, recorded at build); a
-set built before they were recorded is read from its shards' json members instead. The filter is a
+The images of a split come from its manifest (``image_ids`` and ``image_refs``, recorded at build; a
+manifest of another format is refused, :func:`ppcr.data.shards.load_manifest`). The filter is a
 predicate on raw samples before the stream groups them into batches, so the groups a loader worker
 forms, and with them resume (which counts groups), stay a function of data and config. A training
 set that is itself one of the eval splits is not filtered against itself, which would empty it:
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,19 +51,6 @@ def raw_image_id(raw: dict) -> int | None:
         return None
 
 
-def _shard_image_ids(path: Path) -> list[int]:
-    """image_id of every sample of one shard, read from the json members only."""
-    ids = []
-    try:
-        with tarfile.open(path, mode="r:") as tar:  # seekable: image and mask members are skipped, not read
-            for member in tar:
-                if member.isreg() and member.name.endswith(".json"):
-                    ids.append(int(json.loads(tar.extractfile(member).read())["image_id"]))
-    except (tarfile.TarError, OSError, EOFError, KeyError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read the image ids of its samples ({e}); rebuild the shard set") from e
-    return ids
-
-
 def split_images(shard_dir: Path, split: str) -> tuple[str, dict[int, int]] | None:
     """(pool, {image_id: refs in the shards}) of one split of a shard set; None where the set or the
     split does not exist."""
@@ -75,14 +61,7 @@ def split_images(shard_dir: Path, split: str) -> tuple[str, dict[int, int]] | No
     entry = manifest["splits"].get(split)
     if entry is None:
         return None
-    pool = image_pool(manifest["source"]["dataset"])
-    if "image_ids" in entry:
-        return pool, dict(zip(entry["image_ids"], entry["image_refs"]))
-    refs: dict[int, int] = {}  # a set built before image ids were recorded
-    for shard in entry["shards"]:
-        for image_id in _shard_image_ids(Path(shard_dir) / shard["name"]):
-            refs[image_id] = refs.get(image_id, 0) + 1
-    return pool, refs
+    return image_pool(manifest["source"]["dataset"]), dict(zip(entry["image_ids"], entry["image_refs"]))
 
 
 def fingerprint(image_ids: frozenset[int]) -> str:

@@ -46,7 +46,7 @@ from ppcr.data.refer import (DATASET_SPLITS, ReferRecord, Rejection, load_refs, 
                               segmentation_to_mask)
 from ppcr.data.transforms import decode_image
 
-FORMAT_VERSION = 2  # 2: per-sentence "groups"
+FORMAT_VERSION = 2  # of manifest.json (load_manifest refuses another); 2: per-sentence "groups"
 MANIFEST = "manifest.json"
 REJECTED = "rejected.jsonl"
 SAMPLE_FIELDS = ("jpg", "mask.png", "json")
@@ -358,8 +358,9 @@ def load_manifest(shard_dir: str | Path) -> dict:
                                 f"'ppcr-shards build' or 'make shards'")
     manifest = json.loads(path.read_text())
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}; "
-                         f"rebuild the set ('ppcr-shards build', or 'make clean-data shards' for the default)")
+        raise ValueError(f"{path}: format_version {manifest.get('format_version')} is not {FORMAT_VERSION}, a shard "
+                         f"set written by another ppcr; rebuild it ('make clean-data shards' for the synthetic set, "
+                         f"'ppcr-shards build' for a REFER set: README, Data)")
     return manifest
 
 

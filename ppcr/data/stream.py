@@ -261,7 +261,7 @@ class SetReader:
 
 def shards_digest(shards: list[dict]) -> str:
     """A short identity of a split's shards by content: the manifest's names and SHA-256s."""
-    text = "\n".join(f"{s['name']} {s.get('sha256', '')}" for s in shards)
+    text = "\n".join(f"{s['name']} {s['sha256']}" for s in shards)
     return f"{len(shards)} shards, sha256 {hashlib.sha256(text.encode()).hexdigest()[:16]}"
 
 
@@ -405,7 +405,6 @@ class TrainStream(IterableDataset):
         # Set by ResumableLoader before each iteration, per logical worker:
         self.resume_states: list[dict | None] = []  # where each worker's stream stands (seek)
         self.worker_plans: list[list[Plans] | None] = []  # or, after an elastic resume: what each set deals it
-        self.skip_groups: list[int] = []  # or, from a checkpoint written before seeking: groups to replay
         self.worker_offset = 0  # logical worker of the loader's first batch
 
     def check_slots(self, num_workers: int) -> None:
@@ -428,7 +427,7 @@ class TrainStream(IterableDataset):
                              shuffle_buffer=self.shuffle_buffer, errors=errors, plans=plans[i])
                    for i, x in enumerate(self.sets)]
         mixer = random.Random(f"{self.seed}-mix-{slot}")
-        groups, skip = 0, 0
+        groups = 0
         saved = self.resume_states[worker] if self.resume_states else None
         if saved is not None:  # seek: read only what the buffers held and the rest of the current shards
             for reader, state in zip(readers, saved["sets"]):
@@ -436,16 +435,10 @@ class TrainStream(IterableDataset):
             load_random(saved["mix"], mixer)
             groups = int(saved["groups"])
             errors.take()  # counted before the restart
-        elif self.skip_groups:
-            skip = self.skip_groups[worker]
         raw = mix(readers, [x.ratio for x in self.sets], mixer)
         while True:
             group = [next(raw) for _ in range(self.batch_size)]
             groups += 1
-            if groups <= skip:  # replayed: consumed before the restart, not decoded, errors counted then
-                if groups == skip:
-                    errors.take()
-                continue
             position = {"groups": groups, "sets": [r.state() for r in readers], "mix": dump_random(mixer)}
             items, epochs = [], []
             for r in group:
@@ -528,8 +521,8 @@ class ResumableLoader:
 
     Its state holds, per loader worker, the position after that worker's last batch handed out
     (:meth:`SetReader.state` of every set, the mixer's RNG, the group count); a resume seeks there,
-    so its cost does not grow with the step it resumes at. A state from before seeking (``worker_groups``
-    only) still resumes, by replaying the groups undecoded.
+    so its cost does not grow with the step it resumes at. The checkpoint that holds it says its format
+    (:data:`ppcr.train.checkpoint.STATE_VERSION`), so the state here is read as this version writes it.
     """
 
     def __init__(self, stream: TrainStream, num_workers: int, prefetch_factor: int = 2) -> None:
@@ -539,8 +532,6 @@ class ResumableLoader:
         self.layout_start = 0  # batches handed out before this rank and worker layout began (an elastic resume)
         self.positions: list[dict | None] = [None] * max(num_workers, 1)
         self.plans: list[list[Plans] | None] = [None] * max(num_workers, 1)  # per worker, until its first batch
-        # From a checkpoint written before seeking: groups to replay, per worker still without a position.
-        self.legacy_groups: list[int] = []
         self.skipped_samples = 0
 
     def _identity(self) -> dict:
@@ -558,18 +549,13 @@ class ResumableLoader:
         plans = [None if pos is not None or plan is None else [plans_to_json(p or {}) for p in plan]
                  for pos, plan in zip(self.positions, self.plans)]
         return {"batches": self.batches, "layout_start": self.layout_start, "worker_positions": list(self.positions),
-                "worker_plans": plans, "worker_groups": list(self.legacy_groups),
-                "skipped_samples": self.skipped_samples, "identity": self._identity()}
+                "worker_plans": plans, "skipped_samples": self.skipped_samples, "identity": self._identity()}
 
-    def _check_identity(self, theirs: dict, *, legacy: bool = False, elastic: bool = False) -> None:
+    def _check_identity(self, theirs: dict, *, elastic: bool = False) -> None:
         """Refuse a saved state whose stream was another: any setting of the identity but those an elastic
         resume may change (the rank and worker layout, the batch size)."""
         mine = json.loads(json.dumps(self._identity()))
         for k in list(mine) + [k for k in theirs if k not in mine]:  # a key only one side has differs too
-            if legacy and k == "shuffle_buffer" and k not in theirs:
-                continue  # not recorded before seeking
-            if k == "shards" and k not in theirs:
-                continue  # not recorded before shard contents were (older checkpoints resume unchecked)
             if elastic and k in ("world_size", "rank", "num_workers", "batch_size"):
                 continue
             if json.loads(json.dumps(theirs.get(k))) != mine.get(k):
@@ -579,15 +565,14 @@ class ResumableLoader:
                                  f"{mine.get(k)!r} now; {what}")
 
     def load_state_dict(self, state: dict) -> None:
-        self._check_identity(state["identity"], legacy="worker_positions" not in state)
+        self._check_identity(state["identity"])
         self.batches = int(state["batches"])
-        self.layout_start = int(state.get("layout_start", 0))
+        self.layout_start = int(state["layout_start"])
         self.skipped_samples = int(state["skipped_samples"])
-        self.positions = list(state.get("worker_positions") or self.positions)
+        self.positions = list(state["worker_positions"])
         sets = self.stream.sets
         self.plans = [None if p is None else [plans_from_json(x, s) for x, s in zip(p, sets)]
-                      for p in (state.get("worker_plans") or self.plans)]
-        self.legacy_groups = [int(g) for g in state.get("worker_groups", [])]
+                      for p in state["worker_plans"]]
 
     def load_elastic(self, states: list[dict]) -> None:
         """Continue the stream that the old ranks' loader ``states`` (one per old rank, in rank order) stand in,
@@ -597,9 +582,6 @@ class ResumableLoader:
         in shuffle buffers or in prefetched batches (read, not used) are read again. What changes is the order
         within the rest of the epoch. Refused for a state of another stream (seed, sets, shards, buffer)."""
         for state in states:
-            if "worker_positions" not in state:
-                raise ValueError("cannot resume the data stream on another number of ranks or workers: the checkpoint "
-                                 "was written before loader positions were recorded")
             self._check_identity(state["identity"], elastic=True)
         s = self.stream
         old_workers = max(int(states[0]["identity"]["num_workers"]), 1)
@@ -607,7 +589,7 @@ class ResumableLoader:
         for state in states:
             for w in range(old_workers):
                 pos = state["worker_positions"][w]
-                plan = (state.get("worker_plans") or [None] * old_workers)[w]
+                plan = state["worker_plans"][w]
                 for i in range(len(s.sets)):
                     if pos is not None:
                         per_set[i].append(pos["sets"][i])
@@ -623,13 +605,11 @@ class ResumableLoader:
         self.positions = [None] * nw
         self.batches = self.layout_start = int(states[0]["batches"])
         self.skipped_samples = sum(int(st["skipped_samples"]) for st in states) if s.rank == 0 else 0
-        self.legacy_groups = []
 
     def __iter__(self) -> Iterator[dict]:
         nw = max(self.num_workers, 1)
         self.stream.resume_states = list(self.positions)
         self.stream.worker_plans = list(self.plans)
-        self.stream.skip_groups = list(self.legacy_groups)
         self.stream.worker_offset = (self.batches - self.layout_start) % nw
         # Its own generator: worker seeding must not draw from the global RNG, which a resumed
         # run restores for dropout. Workers ignore preemption signals: the rank decides.

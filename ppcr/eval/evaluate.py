@@ -28,6 +28,7 @@ from ppcr.data.shards import split_groups, split_shards
 from ppcr.data.stream import EvalStream, ShardSet
 from ppcr.data.transforms import Preprocessor, box_pair_iou
 from ppcr.eval.metrics import SegmentationMetrics, mask_iou_parts
+from ppcr.eval.rescore import PREDICTIONS_VERSION
 from ppcr.model.predict import PPCR, Ablation, predict_items
 
 def batch_items(batch: dict) -> list[dict]:
@@ -148,7 +149,8 @@ def evaluate_batches(model, batches: Iterable[list[dict]], *, filler: dict, dist
             if records:
                 for i, (x, p) in enumerate(zip(items, main)):
                     out.records.append({
-                        "dataset": x["dataset"], "ref_id": x["ref_id"], "key": x["key"], "sentence": x["expression"],
+                        "format_version": PREDICTIONS_VERSION, "dataset": x["dataset"], "ref_id": x["ref_id"],
+                        "key": x["key"], "sentence": x["expression"],
                         "group": x["group"], "semantic_answer": p.semantic_answer, "spatial_answer": p.spatial_answer,
                         "box": [round(v, 5) for v in p.box.tolist()],
                         "text_box": None if p.text_box is None else [round(v, 5) for v in p.text_box.tolist()],

@@ -5,10 +5,11 @@ and an A/B of two evaluations, expression by expression.
     ppcr-rescore runs/default/eval/step_00001600 [more ...]    # an eval directory, or predictions_*.jsonl files
     ppcr-rescore --compare runs/a/eval/step_00001600 runs/b/eval/step_00001600 [--top 10] [--resamples 2000]
 
-A record (one line of ``predictions_<split>.jsonl``, written by :func:`ppcr.eval.evaluate.evaluate_batches`)
-holds the parts each metric is built from: the mask's intersection and union with the target in pixels
-per ablation, the head box's IoU with the ground truth, and the answer's box's IoU with the ground truth
-and with the head's box. Adding them up through the same :class:`ppcr.eval.metrics.SegmentationMetrics`
+A record (one line of ``predictions_<split>.jsonl``, written by :func:`ppcr.eval.evaluate.evaluate_batches`;
+its ``format_version`` must be :data:`PREDICTIONS_VERSION`, else it is refused) holds the
+parts each metric is built from: the mask's intersection and union with the target in pixels per ablation,
+the head box's IoU with the ground truth, and the answer's box's IoU with the ground truth and with the head's
+box. Adding them up through the same :class:`ppcr.eval.metrics.SegmentationMetrics`
 gives the rows ``make eval`` printed, whole splits, ablations and expression groups alike; beside a
 ``results.json`` the rescored table is checked against it (missing expressions, which have no record, are
 taken from it).
@@ -37,6 +38,7 @@ from ppcr.eval.report import table
 from ppcr.model.predict import PPCR
 
 FIELDS = ("key", "sentence", "group", "pixels", "box_iou", "text_box_iou", "agreement")  # what rescoring reads
+PREDICTIONS_VERSION = 1  # every record's "format_version", which ppcr.eval.evaluate writes and read_records checks
 TOLERANCE = 1e-6
 
 
@@ -59,10 +61,12 @@ def read_records(path: str | Path) -> list[dict]:
             raise RecordError(f"{path}:{n}: not a JSON record ({e})") from e
         if not isinstance(r, dict):
             raise RecordError(f"{path}:{n}: not a JSON object")
+        if r.get("format_version") != PREDICTIONS_VERSION:
+            raise RecordError(f"{path}:{n}: format_version {r.get('format_version')} is not {PREDICTIONS_VERSION}, "
+                              "predictions written by another ppcr: re-run make eval for their checkpoint")
         missing = [f for f in FIELDS if f not in r]
         if missing:
-            raise RecordError(f"{path}:{n}: record has no {', '.join(repr(f) for f in missing)} (written by an older "
-                              "make eval? evaluate again)")
+            raise RecordError(f"{path}:{n}: record has no {', '.join(repr(f) for f in missing)}")
         parts = r["pixels"].values() if isinstance(r["pixels"], dict) else [None]
         if not all(isinstance(v, list) and len(v) == 2 and all(isinstance(x, int) for x in v) for v in parts):
             raise RecordError(f"{path}:{n}: 'pixels' must map each ablation to [intersection, union] in pixels")

@@ -24,7 +24,7 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from ppcr.config import Config, ConfigError, ModelConfig, dump_config, load_config, parse_overrides
+from ppcr.config import Config, ConfigError, ModelConfig, dump_config, load_config, parse_overrides, with_dtype
 from ppcr.common.checkpoint_paths import latest_tag
 from ppcr.model.fingerprint import (CONFIG_FILE, TRAINED_ON_FILE, base_fingerprint, check_base, pin_revision,
                                     read_fingerprint, write_fingerprint)
@@ -106,8 +106,9 @@ def load_pretrained(path: str | Path, dtype: str | None = None, device_map: str 
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a saved PPCR model (config.yaml missing)")
     cfg = load_config(path / "config.yaml")
+    cfg = with_dtype(cfg, dtype or cfg.model.dtype)
     m = replace(cfg.model, mllm_path=str(path / cfg.model.mllm_path), sam_checkpoint=str(path / cfg.model.sam_checkpoint),
-                dtype=dtype or cfg.model.dtype, **(settings or {}))
+                **(settings or {}))
     cfg = replace(cfg, model=m)
     check_base(read_fingerprint(path), m, what=f"export {path}", allow=allow_base_mismatch)
     mllm, processor = load_mllm(m.mllm_path, m.dtype, device_map=device_map,
@@ -189,8 +190,8 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None, *, dev
     to the base's, are skipped."""
     kind, config_file, run_dir, tag = resolve_checkpoint(path)
     cfg = load_config(config_file, overrides)
-    if dtype is not None:  # not through the overrides: train.precision, which must match it, is the run's
-        cfg = replace(cfg, model=replace(cfg.model, dtype=dtype))
+    if dtype is not None:  # not through the overrides, which would not fit the run's train.precision
+        cfg = with_dtype(cfg, dtype)
     if kind == "saved":
         settings = export_settings(overrides)
         cfg = replace(cfg, model=replace(cfg.model, **settings))

@@ -5,6 +5,9 @@
                                        (the CPU generator's state, and the GPU's where the rank has one)
     <run>/checkpoints/latest           the tag of the newest *complete* checkpoint
 
+``ppcr_rank<R>.json`` holds a ``format_version`` (:data:`STATE_VERSION`): a resume reads the state as this
+version writes it, and refuses a checkpoint of another (:func:`rank_states`).
+
 Every rank writes its own shard files; only global rank 0 writes ``latest``, after a barrier that
 every rank reaches only once its files are written, and by an atomic rename; so ``latest`` never
 names a checkpoint that a crash left half written. Older checkpoints beyond ``keep_last`` go. A
@@ -37,6 +40,7 @@ from ppcr.model.saving import check_trainable_state
 from ppcr.train.rng import rank_seed, rng_state, seed_rank, set_rng_state
 
 UNIVERSAL = "universal"  # inside a checkpoint: its DeepSpeed state as a universal checkpoint (elastic resume)
+STATE_VERSION = 1  # of ppcr_rank<R>.json: step, loader (ppcr.data.stream.ResumableLoader), RNG, optimizer groups
 
 
 def save(engine, ckpt_dir: Path, step: int, *, loader, dist: DistInfo, keep_last: int,
@@ -47,8 +51,9 @@ def save(engine, ckpt_dir: Path, step: int, *, loader, dist: DistInfo, keep_last
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
                            exclude_frozen_parameters=True)
     out = ckpt_dir / tag
-    state = {"step": step, "loader": loader.state_dict(), "python_random": dump_random(),
-             "param_groups": [{"name": g.get("name"), "lr": g["lr"]} for g in engine.optimizer.param_groups]}
+    groups = [{"name": g.get("name"), "lr": g["lr"]} for g in engine.optimizer.param_groups]
+    state = {"format_version": STATE_VERSION, "step": step, "loader": loader.state_dict(),
+             "python_random": dump_random(), "param_groups": groups}
     (out / f"ppcr_rank{dist.rank}.json").write_text(json.dumps(state))
     torch.save(rng_state(), out / f"ppcr_rank{dist.rank}_rng.pt")
     if dist.is_main:
@@ -70,12 +75,19 @@ def save(engine, ckpt_dir: Path, step: int, *, loader, dist: DistInfo, keep_last
 
 
 def rank_states(ckpt: Path) -> list[dict]:
-    """The ppcr state every rank of a checkpoint wrote (``ppcr_rank<R>.json``), in rank order."""
+    """The ppcr state every rank of a checkpoint wrote (``ppcr_rank<R>.json``), in rank order; ValueError naming
+    the file for a state of another :data:`STATE_VERSION`."""
     files = {int(f.name[len("ppcr_rank"):-len(".json")]): f for f in ckpt.glob("ppcr_rank*.json")}
     if sorted(files) != list(range(len(files))) or not files:
         raise FileNotFoundError(f"checkpoint {ckpt}: the ranks' ppcr_rank<R>.json files are incomplete "
                                 f"(ranks {sorted(files)})")
-    return [json.loads(files[r].read_text()) for r in range(len(files))]
+    states = [json.loads(files[r].read_text()) for r in range(len(files))]
+    for r, state in enumerate(states):
+        if state.get("format_version") != STATE_VERSION:
+            raise ValueError(f"{files[r]}: format_version {state.get('format_version')} is not {STATE_VERSION}, a "
+                             f"checkpoint from another ppcr, which cannot resume: start a new run "
+                             f"(train.run_name=...), from scratch or from its weights with model.init_from={ckpt}")
+    return states
 
 
 def prepare_elastic(ckpt_dir: Path, dist: DistInfo) -> bool:
@@ -129,7 +141,7 @@ def resume(engine, ckpt_dir: Path, loader, dist: DistInfo, *, seed: int) -> int:
         path, client = engine.load_checkpoint(str(ckpt), tag=UNIVERSAL, load_optimizer_states=True,
                                               load_lr_scheduler_states=True,
                                               custom_load_fn=partial(load_module, where=ckpt / UNIVERSAL))
-        restore_group_settings(engine, groups, states[0].get("param_groups"), where=ckpt)
+        restore_group_settings(engine, groups, states[0]["param_groups"], where=ckpt)
     else:
         path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True,
@@ -153,18 +165,16 @@ def resume(engine, ckpt_dir: Path, loader, dist: DistInfo, *, seed: int) -> int:
     return step
 
 
-def restore_group_settings(engine, fresh: list[dict], saved: list[dict] | None, *, where: Path) -> None:
+def restore_group_settings(engine, fresh: list[dict], saved: list[dict], *, where: Path) -> None:
     """After a universal load: DeepSpeed's ZeRO-3 loader gives every optimizer group the first group's settings
     (its ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``), but ppcr's groups differ (learning rate,
     weight decay, name). Each group gets back its own: the learning rate the checkpoint's optimizer had (ppcr
     records it per group), the rest as the optimizer was just built from the config."""
     groups = engine.optimizer.param_groups
-    if len(groups) != len(fresh) or (saved is not None and len(saved) != len(groups)):
-        raise RuntimeError(f"checkpoint {where}: {len(saved or fresh)} optimizer groups saved, {len(groups)} now")
+    if len(groups) != len(fresh) or len(saved) != len(groups):
+        raise RuntimeError(f"checkpoint {where}: {len(saved)} optimizer groups saved, {len(groups)} now")
     for i, group in enumerate(groups):
-        group.update(fresh[i])
-        if saved is not None:
-            group["lr"] = saved[i]["lr"]
+        group.update(fresh[i], lr=saved[i]["lr"])
 
 
 def load_module(src: dict, dst: torch.nn.Module, where: Path) -> None:

@@ -17,6 +17,7 @@ from ppcr.model.fingerprint import (CONFIG_FILE, FINGERPRINT_FILE, BaseMismatch,
 from ppcr.model.mllm import check_attn_implementation, check_mllm_path
 from ppcr.model.sam import check_sam_checkpoint
 from ppcr.common.checkpoint_paths import latest_tag
+from ppcr.train.checkpoint import rank_states
 from ppcr.train.ds_config import build_ds_config
 
 
@@ -55,8 +56,10 @@ def check_run_inputs(cfg: Config, world_size: int, run_dir: Path) -> dict:
                 split_shards(Path(cfg.paths.shards_root) / spec.name, spec.split)
             except (FileNotFoundError, ValueError) as e:
                 raise FileNotFoundError(f"{key} '{spec.name}/{spec.split}' under paths.shards_root: {e}") from e
-        latest_tag(run_dir / "checkpoints")  # a 'latest' that names a missing checkpoint
-    except FileNotFoundError as e:
+        tag = latest_tag(run_dir / "checkpoints")  # a 'latest' that names a missing checkpoint
+        if tag is not None:
+            rank_states(run_dir / "checkpoints" / tag)  # complete and of this ppcr's format, else it cannot resume
+    except (FileNotFoundError, ValueError) as e:
         raise ConfigError(str(e)) from e
     if cfg.data.exclude_eval_images:
         try:

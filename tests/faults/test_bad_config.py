@@ -96,6 +96,10 @@ def test_the_launcher_stops_with_one_line_before_any_heavy_work(tiny_shards, tin
     stale = tmp_path / "stale/checkpoints"
     stale.mkdir(parents=True)
     (stale / "latest").write_text("step_00000009")
+    old = tmp_path / "old/checkpoints"
+    (old / "step_00000009").mkdir(parents=True)
+    (old / "latest").write_text("step_00000009")
+    (old / "step_00000009/ppcr_rank0.json").write_text(json.dumps({"step": 9}))  # before format_version
     cases = {
         "unknown key": (["train.max_step=3"], "unknown config key 'train.max_step' (valid keys under 'train':"),
         "wrong type": (["train.max_steps=many"], "config key 'train.max_steps': expects an integer, got 'many'"),
@@ -107,6 +111,8 @@ def test_the_launcher_stops_with_one_line_before_any_heavy_work(tiny_shards, tin
         "missing sam": ([f"model.sam_checkpoint={tmp_path}/sam.pth"], f"no SAM checkpoint at {tmp_path}/sam.pth"),
         "missing shards": (["data.train_sets=[{name: absent}]"], "data.train_sets 'absent/train' under paths.shards_root: no"),
         "missing checkpoint": (["train.run_name=stale"], f"{stale}/latest names step_00000009, which is not in"),
+        "checkpoint of an older ppcr": (["train.run_name=old"], f"{old}/step_00000009/ppcr_rank0.json: "
+                                        "format_version None is not 1, a checkpoint from another ppcr"),
         "batch vs world size": (["train.global_batch_size=5"],
                                 "'train.global_batch_size': 5 is not divisible by train.micro_batch_size 2 x world size 1"),
     }
