@@ -97,8 +97,8 @@ class Utilisation:
         return self.counter or nullcontext()
 
     def settle(self, model, window: Window, all_finite: bool) -> dict[str, float] | None:
-        """After a step: the FLOPs a sample on this rank (and the formula's parts) the first time they can be
-        settled, else None."""
+        """After a step: the FLOPs a sample on this rank (with the formula's parts) and its mean tokens by stage,
+        the first time they can be settled, else None."""
         if self.sample_flops is not None or not all_finite:
             return None
         if self.formula:
@@ -106,7 +106,9 @@ class Utilisation:
         else:
             parts = {"model": self.counter.get_total_flops() / (window.samples - self.seen)}
         self.sample_flops = parts["model"]
-        return {"sample": parts.pop("model"), "peak_per_device": self.peak, **parts}
+        tokens = {f"tokens_{stage}_{k}": v for stage, counts in flops.per_sample(window.counts).items()
+                  for k, v in counts.items()}
+        return {"sample": parts.pop("model"), "peak_per_device": self.peak, **parts, **tokens}
 
 
 class SampleRecord:
