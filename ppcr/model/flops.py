@@ -29,6 +29,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from ppcr.model.mllm import QwenVLFamily
+
 # Dense bf16/fp16 peak FLOP/s from NVIDIA's data sheets (without sparsity), by a substring of the device name,
 # checked in this order.
 PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
@@ -101,16 +103,16 @@ def flop_shapes(model) -> FlopShapes:
     size = model.cfg.mllm_image_size
     core = model.family.core
     towers = model.family.vision_modules
-    if hasattr(core, "visual"):  # Qwen2.5-VL: windowed blocks, merged patches
+    if isinstance(model.family, QwenVLFamily):  # merged patches; Qwen2.5-VL's blocks windowed but a few
         v = core.visual
-        merge, patch = v.spatial_merge_size, v.patch_size
+        merge, patch = v.spatial_merge_size, v.patch_embed.patch_size
         grid = size // patch  # patches per side; windows are cut in merged tokens
         patches = grid * grid
-        wgrid, wside = grid // merge, v.window_size // merge // patch
-        full = set(v.fullatt_block_indexes)
+        window = getattr(v, "window_size", None)  # None: Qwen2-VL, every block attends to the whole image
+        full = set(getattr(v, "fullatt_block_indexes", range(len(v.blocks))))
+        windowed = _window_pairs(grid // merge, window // merge // patch) * merge**4 if window else 0
         width = v.blocks[0].attn.qkv.in_features
-        attention = sum(4 * width * (patches**2 if i in full else _window_pairs(wgrid, wside) * merge**4)
-                        for i in range(len(v.blocks)))
+        attention = sum(4 * width * (patches**2 if i in full else windowed) for i in range(len(v.blocks)))
         vision = (2 * patches * (_weights(v.patch_embed) + _weights(v.blocks[0]) * len(v.blocks))
                   + 2 * (patches // merge**2) * _weights(v.merger) + attention)
     else:  # LLaVA: CLIP, every layer run (the features come from the second-last)
@@ -185,7 +187,7 @@ def gpu_peak(name: str | None) -> float | None:
     return None if name is None else next((flops for key, flops in PEAK_BF16 if key in name), None)
 
 
-def matmul_rate(device: torch.device | str, dtype: torch.dtype, n: int = 1024, seconds: float = 0.2) -> float:
+def matmul_rate(device: torch.device | str, dtype: torch.dtype, *, n: int = 1024, seconds: float = 0.2) -> float:
     """FLOP/s of n x n x n matmuls in ``dtype`` on ``device`` with this process's threads, back to back for
     about ``seconds`` after a warm-up."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))

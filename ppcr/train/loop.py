@@ -96,7 +96,7 @@ class Utilisation:
         self.seen = window.samples
         return self.counter or nullcontext()
 
-    def settle(self, model, window: Window, all_finite: bool) -> dict[str, float] | None:
+    def settle(self, model, window: Window, *, all_finite: bool) -> dict[str, float] | None:
         """After a step: the FLOPs a sample on this rank (with the formula's parts) and its mean tokens by stage,
         the first time they can be settled, else None."""
         if self.sample_flops is not None or not all_finite:
@@ -202,7 +202,7 @@ def train(cfg: Config, dist: DistInfo, engine, loader, *, run_dir: Path, start_s
                 finite = optimizer_step(engine, batches, guard, window, t.grad_accum, sam_boxes,
                                         record=None if samples is None else partial(samples.add, step + 1))
             step += 1
-            settled = mfu.settle(engine.module, window, finite == t.grad_accum)
+            settled = mfu.settle(engine.module, window, all_finite=finite == t.grad_accum)
             if settled:
                 log.scalars(step, settled, prefix="flops")
                 log.message(f"MFU: {settled['sample'] / 1e9:.4g} GFLOP a training sample ("
