@@ -45,6 +45,24 @@ def test_resume_on_two_ranks_matches_an_uninterrupted_run(tiny_shards, tiny_mode
     assert len(events) == 1
 
 
+def test_every_logged_step_carries_throughput_mfu_and_peak_memory_per_rank(trained_run):
+    """The trained run (3 steps, 2 ZeRO-3 CPU ranks): tokens/s, MFU and each rank's peak memory in every train
+    record of metrics.jsonl and in TensorBoard; the FLOPs a sample, counted once, in a record of their own."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    records = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    train = [d for d in records if d["kind"] == "train"]
+    assert [d["step"] for d in train] == [1, 2, 3]
+    for d in train:
+        assert 0 < d["mfu"] < 1 and d["tokens_per_s"] > 100 * d["samples_per_s"] > 0
+        per_rank = [d["peak_mem_gib/rank0"], d["peak_mem_gib/rank1"]]
+        assert d["peak_mem_gib"] == max(per_rank) and min(per_rank) > 0.1
+    assert [(d["step"], d["sample"] > 1e8, d["peak_per_device"] > 1e8) for d in records if d["kind"] == "flops"] == [
+        (1, True, True)]
+    events = EventAccumulator(str(next((trained_run / "tensorboard").glob("events.*")))).Reload()
+    assert {"train/mfu", "train/tokens_per_s", "train/peak_mem_gib", "flops/sample"} <= set(events.Tags()["scalars"])
+
+
 def test_two_slurm_tasks_on_two_nodes_keep_their_ranks_and_one_writer(tiny_shards, tiny_models, tmp_path):
     port = free_port()
     procs = []

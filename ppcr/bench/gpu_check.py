@@ -16,10 +16,11 @@ for a few ZeRO-3 bf16 steps through the real launcher, measured against the memo
 3. ``deepspeed --num_gpus N launch/train.py --config <the 7B recipe>`` trains ``warmup + steps``
    steps (no validation), logging every step.
 4. The report: step time and samples/s over the steps after the warm-up, the losses, the peak
-   accelerator memory (``torch.cuda.max_memory_allocated`` on rank 0; n/a on CPU, where rank 0's
-   resident size is given instead) beside the estimator's per-GPU figure for the same config
+   accelerator memory (``torch.cuda.max_memory_allocated``, the largest rank's; n/a on CPU, where rank
+   0's resident size is given instead) beside the estimator's per-GPU figure for the same config
    (:func:`predicted_memory`), ZeRO-3's measured model states beside what the estimator expects,
-   and model FLOP utilisation (:func:`sample_flops`).
+   and model FLOP utilisation as training logs it (:mod:`ppcr.model.flops`: the formula, since the
+   recipes train with gradient checkpointing).
 
 Written to ``<out>/gpu_check.md`` and ``<out>/gpu_check.json``; the models and data stay under
 ``<out>`` and are reused by the next run with the same recipe and depth.
@@ -38,28 +39,20 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoProcessor, LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
+from transformers import LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration
 
 from ppcr.bench import machine, memory
 from ppcr.bench.report import Figure, table
 from ppcr.bench.training import run_launcher
 from ppcr.config import SyntheticConfig, load_config
 from ppcr.data import synthetic
-from ppcr.data.shards import build_shards, iter_tar_samples, split_shards
-from ppcr.model.sam import build_sam, sam_arch, save_sam_state
+from ppcr.data.shards import build_shards
+from ppcr.model.sam import SAM_ARCHS, build_sam, sam_arch, save_sam_state
 from ppcr.model.tiny import LLAVA_SPECIAL, QWEN_SPECIAL, build_processor, build_tokenizer
 
 GIB = 2**30
 RUN_NAME = "gpu_check"
 SHARD_SET = "synthetic_unc"
-# Dense bf16 peak FLOP/s from NVIDIA's data sheets (without sparsity), by a substring of the device name,
-# checked in this order; any other accelerator needs --peak-tflops for MFU.
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
-             ("H200", 989e12), ("A100", 312e12))
-# segment_anything's build_sam_vit_*: encoder width, depth, heads and global-attention blocks.
-SAM_RELEASED = {"vit_h": (1280, 32, 16, (7, 15, 23, 31)), "vit_l": (1024, 24, 16, (5, 11, 17, 23)),
-                "vit_b": (768, 12, 12, (2, 5, 8, 11))}
-FLOP_SAMPLES = 200  # training expressions whose tokens the FLOP count averages over
 
 
 @dataclass
@@ -73,7 +66,7 @@ class Plan:
     warmup_steps: int = 2  # steps before them, not timed
     nproc: int = 1  # ranks (GPUs, or CPU processes without one)
     train_images: int = 64  # synthetic training images (3 refs each)
-    peak_flops: float | None = None  # per device; None: PEAK_BF16 by device name, or no MFU
+    peak_flops: float | None = None  # per device; None: training's (ppcr.model.flops.device_peak)
     overrides: list[str] = field(default_factory=list)
     seed: int = 0
 
@@ -155,13 +148,12 @@ def sam_overrides(sam_type: str, layers: int | None) -> list[str]:
     below ``layers`` (the last block when none is)."""
     if layers is None:
         return []
-    if sam_type not in SAM_RELEASED:
-        raise ValueError(f"model.sam_type '{sam_type}': the check builds a released SAM ({', '.join(SAM_RELEASED)})")
-    dim, _, heads, globals_ = SAM_RELEASED[sam_type]
-    arch = {"encoder_dim": dim, "encoder_depth": layers, "encoder_heads": heads, "patch_size": 16,
-            "window_size": 14, "global_attn_indexes": [i for i in globals_ if i < layers] or [layers - 1],
-            "prompt_dim": 256, "decoder_heads": 8, "decoder_mlp_dim": 2048}
-    arch_yaml = yaml.safe_dump(arch, default_flow_style=True, width=10**6).strip()
+    if sam_type not in SAM_ARCHS:
+        raise ValueError(f"model.sam_type '{sam_type}': the check builds a released SAM ({', '.join(SAM_ARCHS)})")
+    released = SAM_ARCHS[sam_type]
+    arch = dataclasses.replace(released, encoder_depth=layers, global_attn_indexes=[
+        i for i in released.global_attn_indexes if i < layers] or [layers - 1])
+    arch_yaml = yaml.safe_dump(vars(arch), default_flow_style=True, width=10**6).strip()
     return ["model.sam_type=tiny", f"model.sam_arch={arch_yaml}"]
 
 
@@ -227,152 +219,6 @@ def prepare(plan: Plan, cfg, slots: int) -> dict[str, Path]:
     return paths
 
 
-# ---------------------------------------------------------------------------------------------- FLOPs
-
-def _linear_params(module: torch.nn.Module, trainable: bool | None = None) -> int:
-    """Weights of the matrix multiplications in ``module`` (Linear and Conv weights; not norms, biases or
-    embeddings): each does 2 FLOPs per weight and token in a forward. ``trainable`` filters by
-    requires_grad."""
-    n = 0
-    for m in module.modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.ConvTranspose2d)):
-            if trainable is None or m.weight.requires_grad == trainable:
-                n += m.weight.numel()
-    return n
-
-
-def _window_pairs(grid: int, window: int) -> int:
-    """Sum over windows of (tokens per window)^2 for a grid x grid map cut into window x window tiles,
-    the edge tiles smaller (Qwen2.5-VL's window index)."""
-    sides = [min(window, grid - i) for i in range(0, grid, window)]
-    return sum((a * b) ** 2 for a in sides for b in sides)
-
-
-@dataclass(frozen=True)
-class FlopShapes:
-    """Per-component FLOP inputs read off a recipe's (meta) model; see :func:`sample_flops`."""
-
-    lm_frozen: int  # frozen matmul weights of the language model's layers (q, k, v, o, MLP)
-    lm_lora: int  # LoRA weights of one branch (A and B), which train
-    lm_layers: int
-    lm_attn_width: int  # heads x head dim of the queries
-    vocab: int
-    hidden: int
-    vision_forward: int  # FLOPs of one image through the frozen vision tower and projector
-    sam_forward: int  # FLOPs of one image through SAM's frozen image encoder
-
-
-def flop_shapes(rm: memory.RecipeModel) -> FlopShapes:
-    """:class:`FlopShapes` of a recipe's model built by :func:`ppcr.bench.memory.build_meta_model`."""
-    lm = rm.model.family.language_model
-    text = rm.model.mllm.base_model.model.config.get_text_config()
-    lora = sum(p.numel() for n, p in lm.named_parameters() if "lora_" in n and ".semantic." in n)
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    size = rm.cfg.model.mllm_image_size
-    core = rm.model.family.core
-    if rm.family == "qwen2_5_vl":
-        v = core.visual
-        merge, patch = v.spatial_merge_size, v.patch_size
-        grid = size // patch  # patches per side; windows are cut in merged tokens
-        patches = grid * grid
-        block_w = _linear_params(v.blocks[0])
-        wgrid, wside = grid // merge, v.window_size // merge // patch
-        full = set(v.fullatt_block_indexes)
-        width = v.blocks[0].attn.qkv.in_features
-        attention = sum(4 * width * (patches**2 if i in full else _window_pairs(wgrid, wside) * merge**4)
-                        for i in range(len(v.blocks)))
-        vision = (2 * patches * (_linear_params(v.patch_embed) + block_w * len(v.blocks))
-                  + 2 * (patches // merge**2) * _linear_params(v.merger) + attention)
-    else:
-        vc = core.vision_tower.config
-        tower = getattr(core.vision_tower, "vision_model", core.vision_tower)  # transformers 4 wraps it
-        patches = (size // vc.patch_size) ** 2
-        tokens = patches + 1  # CLIP's class token
-        vision = (2 * patches * _linear_params(tower.embeddings)
-                  + 2 * tokens * _linear_params(tower.encoder)
-                  + 4 * vc.hidden_size * tokens**2 * vc.num_hidden_layers
-                  + 2 * patches * _linear_params(core.multi_modal_projector))
-    enc = rm.model.sam.sam.image_encoder
-    grid = enc.img_size // enc.patch_embed.proj.kernel_size[0]
-    sam = 2 * grid**2 * (_linear_params(enc.patch_embed) + _linear_params(enc.neck))
-    for blk in enc.blocks:
-        dim, w = blk.attn.qkv.in_features, blk.window_size
-        padded = (-(-grid // w) * w) ** 2 if w else grid**2  # windowed blocks pad the map to whole windows
-        pairs = (padded // w**2) * w**4 if w else grid**4
-        sam += 2 * padded * (blk.attn.qkv.weight.numel() + blk.attn.proj.weight.numel())
-        sam += 2 * grid**2 * _linear_params(blk.mlp) + 4 * dim * pairs
-    return FlopShapes(lm_frozen=_linear_params(lm.layers, trainable=False), lm_lora=lora,
-                      lm_layers=len(lm.layers), lm_attn_width=text.num_attention_heads * head_dim,
-                      vocab=text.vocab_size, hidden=text.hidden_size, vision_forward=vision, sam_forward=sam)
-
-
-def sample_flops(x: FlopShapes, tokens: dict[str, dict[str, int]], gradient_checkpointing: bool) -> dict[str, int]:
-    """FLOPs of one training sample (``tokens``: :func:`ppcr.bench.memory.sample_tokens`), by part.
-
-    Per stage with T tokens (image + text) and A labelled tokens, with N_f the frozen matmul weights of
-    the language model's layers, N_l one LoRA branch's weights, L layers, d = heads x head dim, V the
-    vocabulary and h the hidden size:
-
-    - forward: 2 (N_f + N_l) T + 4 L d T^2 (scores and their product with the values, causal counted
-      whole, as PaLM's MFU does) + 2 V h A (the LM head runs at the labelled positions only);
-    - backward: a frozen weight needs only its input's gradient, 2 N_f T, not the weight gradient
-      (so not the 4 N T of "6 N T", which is for trained weights); LoRA both, 4 N_l T; attention,
-      which has no weights, twice its forward, 8 L d T^2; the LM head's input gradient 2 V h A;
-    - the vision tower and SAM's image encoder are frozen and run without a graph: one forward per
-      sample for both stages (matmuls 2 x weights x tokens, attention 4 x width x token pairs, with
-      windowed blocks' pairs per window and SAM's padding to whole windows; SAM's relative-position
-      terms, under 2 % of an attention, are left out);
-    - ``recompute``: the forward of the language model's layers again in backward under gradient
-      checkpointing; counted in hardware FLOPs (HFU), not in model FLOPs (MFU).
-
-    Left out, under 0.1 % of a 7B step together: SAM's prompt encoder and mask decoder (128-wide
-    attention projections over its 64 x 64 embedding, about 3 GFLOP a sample forward), the SemSP
-    projectors and the box head (one token each), norms, activations and the loss."""
-    out = {"lm_forward": 0, "lm_backward": 0, "lm_head": 0, "recompute": 0}
-    for stage in ("semantic", "spatial"):
-        t, a = tokens[stage]["image"] + tokens[stage]["text"], tokens[stage]["answer"]
-        attention = 4 * x.lm_layers * x.lm_attn_width * t * t
-        forward = 2 * (x.lm_frozen + x.lm_lora) * t + attention
-        out["lm_forward"] += forward
-        out["lm_backward"] += 2 * x.lm_frozen * t + 4 * x.lm_lora * t + 2 * attention
-        out["lm_head"] += 4 * x.vocab * x.hidden * a
-        out["recompute"] += forward if gradient_checkpointing else 0
-    out["vision_tower"], out["sam_image_encoder"] = x.vision_forward, x.sam_forward
-    out["model"] = sum(v for k, v in out.items() if k != "recompute")
-    out["hardware"] = out["model"] + out["recompute"]
-    return out
-
-
-def mean_sample_flops(rm: memory.RecipeModel, shard_dir: Path, processor, *,
-                      limit: int = FLOP_SAMPLES) -> dict[str, float]:
-    """:func:`sample_flops` averaged over the first ``limit`` training expressions of ``shard_dir``, with
-    their tokens through ``processor`` (the one the run loads) as training encodes them."""
-    shapes = flop_shapes(rm)
-    totals: dict[str, float] = {}
-    n = 0
-    for shard in split_shards(shard_dir, "train"):
-        for raw in iter_tar_samples(shard_dir / shard["name"]):
-            meta = json.loads(raw["json"])
-            x, y, w, h = meta["bbox"]
-            box = torch.tensor([(x + w / 2) / meta["width"], (y + h / 2) / meta["height"], w / meta["width"],
-                                h / meta["height"]])
-            for sentence in meta["sentences"]:
-                tokens = memory.sample_tokens(processor, rm.cfg, expression=sentence, category=meta["category"],
-                                              box=box)
-                for k, v in sample_flops(shapes, tokens, rm.cfg.model.gradient_checkpointing).items():
-                    totals[k] = totals.get(k, 0.0) + v
-                for k in ("image", "text", "answer"):
-                    for stage in ("semantic", "spatial"):
-                        key = f"tokens_{stage}_{k}"
-                        totals[key] = totals.get(key, 0.0) + tokens[stage][k]
-                n += 1
-                if n == limit:
-                    return {k: v / n for k, v in totals.items()}
-    if not n:
-        raise ValueError(f"no training samples in {shard_dir}")
-    return {k: v / n for k, v in totals.items()}
-
-
 # ---------------------------------------------------------------------------------------------- memory
 
 def predicted_memory(rm: memory.RecipeModel, world: int) -> dict[str, float]:
@@ -393,13 +239,6 @@ def predicted_memory(rm: memory.RecipeModel, world: int) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------------------- the check
-
-def peak_flops_for(name: str | None) -> float | None:
-    """Dense bf16 peak FLOP/s of an accelerator named ``name`` (PEAK_BF16), or None."""
-    if name is None:
-        return None
-    return next((flops for key, flops in PEAK_BF16 if key in name), None)
-
 
 def run_overrides(plan: Plan, paths: dict[str, Path], shard_dir: Path, *, user: list[str]) -> list[str]:
     """The run's overrides: the written backbones and shards, ``user`` (SAM's and the plan's), then the
@@ -429,8 +268,6 @@ def run(plan: Plan) -> dict:
     cfg = load_config(recipe, overrides)
 
     rm = memory.build_meta_model(plan.recipe, overrides=overrides, layers=plan.layers)
-    processor = AutoProcessor.from_pretrained(paths["mllm"], local_files_only=True)
-    flops = mean_sample_flops(rm, shard_dir, processor)
     predicted = predicted_memory(rm, plan.nproc)
 
     print(f"training {plan.warmup_steps} + {plan.steps} steps: deepspeed --num_gpus {plan.nproc} launch/train.py "
@@ -441,14 +278,14 @@ def run(plan: Plan) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"the training run failed (exit {done.returncode}); its output is above")
     records = [json.loads(line) for line in (plan.out / "runs" / RUN_NAME / "metrics.jsonl").read_text().splitlines()]
-    return report(plan, cfg, rm, records=records, overrides=overrides, flops=flops, predicted=predicted,
+    return report(plan, cfg, rm, records=records, overrides=overrides, predicted=predicted,
                   timing={"train_wall_s": train_wall, "total_s": time.perf_counter() - t0})
 
 
-def report(plan: Plan, cfg, rm: memory.RecipeModel, *, records: list[dict], overrides: list[str], flops: dict,
-           predicted: dict, timing: dict) -> dict:
-    """The figures from the run's metrics.jsonl (one ``train`` record a step, the ``memory`` record of
-    step 1) beside the estimator's."""
+def report(plan: Plan, cfg, rm: memory.RecipeModel, *, records: list[dict], overrides: list[str], predicted: dict,
+           timing: dict) -> dict:
+    """The figures from the run's metrics.jsonl (one ``train`` record a step, the ``memory`` and ``flops``
+    records of step 1) beside the estimator's; MFU is training's, against ``plan.peak_flops`` if given."""
     train = sorted((d for d in records if d["kind"] == "train"), key=lambda d: d["step"])
     timed = [d for d in train if d["step"] > plan.warmup_steps]
     if len(train) != plan.warmup_steps + plan.steps or len(timed) != plan.steps:
@@ -458,10 +295,11 @@ def report(plan: Plan, cfg, rm: memory.RecipeModel, *, records: list[dict], over
     rate = statistics.median(rates)
     gpus = machine.describe()["gpus"]
     device = gpus[0]["name"] if gpus else None
-    peak = plan.peak_flops or peak_flops_for(device)
-    achieved = flops["model"] * rate / plan.nproc  # per device
+    flops = next(d for d in records if d["kind"] == "flops")  # ppcr.model.flops, as training settled them
+    peak = plan.peak_flops or flops["peak_per_device"]
+    mfu = statistics.median(d["mfu"] for d in timed) * flops["peak_per_device"] / peak
     states = next((d for d in records if d["kind"] == "memory"), None)
-    measured_peak = max(d["memory_gb"] for d in train) * GIB if device else None
+    measured_peak = max(d["peak_mem_gib"] for d in train) * GIB if device else None
     return {
         "recipe": plan.recipe, "layers": plan.layers, "device": device or "cpu (no accelerator)",
         "ranks": plan.nproc, "micro_batch": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
@@ -483,10 +321,9 @@ def report(plan: Plan, cfg, rm: memory.RecipeModel, *, records: list[dict], over
             "model_states_measured": {k: states[k] for k in ("params", "gradients", "optimizer", "total")}
             if states else None,
         },
-        "flops": {"per_sample": flops, "per_step_model": flops["model"] * per_step,
-                  "achieved_per_device": achieved, "peak_per_device": peak,
-                  "mfu": achieved / peak if peak else None,
-                  "hfu": flops["hardware"] * rate / plan.nproc / peak if peak else None},
+        "flops": {"per_sample": flops, "per_step_model": flops["sample"] * per_step,
+                  "achieved_per_device": mfu * peak, "peak_per_device": peak, "mfu": mfu,
+                  "hfu": mfu * flops["hardware"] / flops["sample"] if "hardware" in flops else None},
         "timing": timing,
     }
 
@@ -511,7 +348,7 @@ def render(r: dict) -> str:
                   f"{r['grad_accum']}); {r['warmup_steps']} warm-up + {r['timed_steps']} timed steps"],
         ["step time", f"{Figure(**r['step_s']).fmt(3)} s (median, min-max)"],
         ["samples/s", f"{Figure(**r['samples_per_s']).fmt(2)}; data wait {100 * r['data_wait_share']:.1f} %"],
-        ["peak accelerator memory (rank 0)", _gib(m["peak_accelerator_bytes"]) + cpu_note],
+        ["peak accelerator memory (largest rank)", _gib(m["peak_accelerator_bytes"]) + cpu_note],
         ["estimator, per GPU", f"{_gib(p['per_gpu'])} = model states {_gib(p['model_states'])} + activations "
                                f"{_gib(p['activations'])} + allowance {_gib(p['allowance'])}"
          + (f"; measured / estimated allocations (model states + activations) {m['peak_vs_predicted']:.2f}"
@@ -519,21 +356,22 @@ def render(r: dict) -> str:
         ["model states, measured (step 1)", "n/a" if states is None else
          f"{_gib(states['total'])} (params {_gib(states['params'])}, gradients {_gib(states['gradients'])}, "
          f"optimizer {_gib(states['optimizer'])}); expected in bf16 {_gib(p['model_states_bf16'])}"],
-        ["model FLOPs", f"{f['per_sample']['model'] / 1e12:.3f} TFLOP a sample, {f['per_step_model'] / 1e12:.2f} TFLOP "
-                        f"a step; achieved {f['achieved_per_device'] / 1e12:.2f} TFLOP/s per device"],
-        ["MFU (HFU)", "n/a (no accelerator peak; --peak-tflops gives one)" if f["mfu"] is None else
-         f"{100 * f['mfu']:.1f} % ({100 * f['hfu']:.1f} %) of {f['peak_per_device'] / 1e12:.0f} TFLOP/s bf16 dense"],
+        ["model FLOPs", f"{f['per_sample']['sample'] / 1e12:.3f} TFLOP a sample, {f['per_step_model'] / 1e12:.2f} "
+                        f"TFLOP a step; achieved {f['achieved_per_device'] / 1e12:.3g} TFLOP/s per device"],
+        ["MFU (HFU)", f"{100 * f['mfu']:.1f} %" + ("" if f["hfu"] is None else f" ({100 * f['hfu']:.1f} %)")
+         + f" of {f['peak_per_device'] / 1e12:.3g} TFLOP/s per device"],
         ["losses", ", ".join(f"{k}: {v:.3f}" for k, v in r["losses"].items())],
         ["wall time", f"training run {r['timing']['train_wall_s']:.0f} s, whole check {r['timing']['total_s']:.0f} s"],
     ]
     tok = f["per_sample"]
-    notes = (f"Tokens a sample (mean): semantic {tok['tokens_semantic_image']:.0f} image + "
+    parts = ("lm_forward", "lm_backward", "lm_head", "vision_tower", "sam_image_encoder", "recompute")
+    notes = (f"Tokens a sample (mean, training's first step): semantic {tok['tokens_semantic_image']:.0f} image + "
              f"{tok['tokens_semantic_text']:.1f} text, spatial {tok['tokens_spatial_image']:.0f} + "
-             f"{tok['tokens_spatial_text']:.1f}. FLOPs a sample by part (TFLOP): "
-             + ", ".join(f"{k} {tok[k] / 1e12:.3f}" for k in ("lm_forward", "lm_backward", "lm_head", "vision_tower",
-                                                              "sam_image_encoder", "recompute"))
-             + ". Formulas: ppcr.bench.gpu_check.sample_flops. Step time = samples a step / samples/s, "
-             "over the timed steps.")
+             f"{tok['tokens_spatial_text']:.1f}. "
+             + ("FLOPs a sample by part (TFLOP, ppcr.model.flops.sample_flops): "
+                + ", ".join(f"{k} {tok[k] / 1e12:.3f}" for k in parts) + ". " if "recompute" in tok else
+                "FLOPs counted by torch's FLOP counter (no gradient checkpointing). ")
+             + "Step time = samples a step / samples/s, over the timed steps.")
     return "## GPU check\n\n" + table(["figure", "value"], rows) + "\n\n" + notes
 
 

@@ -1,11 +1,10 @@
-"""What machine a benchmark ran on, and how fast it multiplies matrices: the peak that utilisation
-figures are measured against (measured here, not taken from a data sheet)."""
+"""What machine a benchmark ran on, and how fast it multiplies matrices: the peak that the plain loop's
+utilisation is measured against (measured, as training measures a CPU's: :func:`ppcr.model.flops.matmul_rate`)."""
 
 from __future__ import annotations
 
 import os
 import platform
-import time
 from importlib import metadata
 
 import psutil
@@ -13,6 +12,7 @@ import torch
 
 from ppcr.bench.report import Figure
 from ppcr.common.distributed import usable_cores
+from ppcr.model.flops import matmul_rate
 
 
 def _cpu_model() -> str:
@@ -54,24 +54,7 @@ def describe() -> dict:
     return out
 
 
-def matmul_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, n: int = 1024, reps: int = 5,
-                 min_seconds: float = 0.5) -> Figure:
-    """FLOP/s of an n x n x n matmul on ``device`` with the process's threads, per repetition."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for _ in range(3):
-        a @ b
-    sync()
-    t0 = time.perf_counter()
-    a @ b
-    sync()
-    per_rep = max(1, round(min_seconds / (time.perf_counter() - t0)))  # one repetition lasts about min_seconds
-    rates = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        for _ in range(per_rep):
-            a @ b
-        sync()
-        rates.append(2 * n**3 * per_rep / (time.perf_counter() - t0))
-    return Figure.of(rates, "FLOP/s")
+def matmul_flops(device: str = "cpu", dtype: torch.dtype = torch.float32, reps: int = 5) -> Figure:
+    """FLOP/s of 1024 x 1024 x 1024 matmuls on ``device`` with the process's threads, ``reps`` repetitions
+    of about 0.5 s."""
+    return Figure.of([matmul_rate(device, dtype, seconds=0.5) for _ in range(reps)], "FLOP/s")

@@ -2,9 +2,9 @@
 baseline, the same model, data and optimizer in a plain single-process PyTorch loop.
 
 Launcher runs are ``launch/train.py`` as users run it, with logging every ``steps_per_rep`` steps:
-each logged window after the first (warm-up) is one repetition of samples/s, reduced over ranks by
-the trainer itself; the last steps are profiled (``train.profile_at_step``, after one unrecorded
-warm-up step), after the timed windows.
+each logged window after the first (warm-up) is one repetition of samples/s and MFU, reduced over ranks
+by the trainer itself, which also counts the FLOPs a sample (:mod:`ppcr.model.flops`); the last steps are
+profiled (``train.profile_at_step``, after one unrecorded warm-up step), after the timed windows.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
 
 from ppcr.bench.report import Figure
 from ppcr.config import Config
@@ -69,6 +68,8 @@ def launcher_run(name: str, recipe: str, overrides: list[str], cfg: Config, npro
         "ranks": nproc,
         "ds_config": ds_config,
         "samples_per_s": Figure.of(rates, "samples/s"),
+        "mfu": Figure.of([d["mfu"] for d in windows], "share"),
+        "flops_per_sample": next(d["sample"] for d in lines if d["kind"] == "flops"),
         "step_ms": Figure.of([1e3 * samples_per_step / r for r in rates], "ms"),
         "data_wait_share": Figure.of([d["data_wait_share"] for d in windows], "share"),
         "profile": json.loads((run_dir / "profile" / "rank0.stages.json").read_text()),
@@ -119,16 +120,6 @@ def plain_loop(cfg: Config, reps: int, steps_per_rep: int, profile_steps: int) -
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(profile_steps):
             step()
-    batch = next(batches)
     return {"ranks": 1, "samples_per_s": Figure.of(rates, "samples/s"), "step_ms": Figure.of(step_ms, "ms"),
-            "profile": stage_split(prof.events()), "flops_per_sample": flops_per_sample(model, batch),
-            "trainable_params": sum(p.numel() for p in params),
+            "profile": stage_split(prof.events()), "trainable_params": sum(p.numel() for p in params),
             "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
-
-
-def flops_per_sample(model: torch.nn.Module, batch: dict) -> float:
-    """Forward + backward FLOPs of one training micro-batch, per sample (torch.utils.flop_counter)."""
-    with FlopCounterMode(display=False) as counter:
-        model(batch)["loss"].backward()
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops() / len(batch["keys"])

@@ -21,6 +21,7 @@ class StageInputs:
     attention_mask: torch.Tensor  # (B, L)
     positions: torch.Tensor  # (B, L) or (3, B, L)
     image_tokens: int  # image tokens in the batch, counted on the host
+    tokens: int  # tokens the language model attends to (attention mask), counted on the host
     labels: torch.Tensor | None = None
     marker: torch.Tensor | None = None  # (B,) position of each answer's [SEM] / [LOC], found on the host
     # The N labelled tokens, found on the host: flat (B * L) index of the position that predicts each,
@@ -30,6 +31,11 @@ class StageInputs:
     # Where each row's T image tokens sit (found on the host; every row holds one image of the same grid)
     image_positions: torch.Tensor | None = None  # (B, T)
     token_grid: tuple[int, int] | None = None  # (rows, columns) of those T tokens, raster order
+
+    def counts(self) -> dict[str, int]:
+        """The batch's rows, attended tokens, image tokens and labelled tokens; no read from the device."""
+        return {"rows": len(self.input_ids), "tokens": self.tokens, "image": self.image_tokens,
+                "answer": 0 if self.target_index is None else len(self.target_index)}
 
 
 def encode_stage(processor, family: Family, image_token_id: int, prompts: list[str], answers: list[str] | None,
@@ -87,7 +93,7 @@ def encode_stage(processor, family: Family, image_token_id: int, prompts: list[s
     if bool((per_row == per_row[0]).all()) and int(per_row[0]) > 0:
         image_positions = is_image.nonzero()[:, 1].view(b, -1)
     stage = StageInputs(input_ids.to(device), attention.to(device), positions.to(device),
-                        image_tokens=int((input_ids == image_token_id).sum()),
+                        image_tokens=int((input_ids == image_token_id).sum()), tokens=int(attention.sum()),
                         labels=labels.to(device) if answers is not None else None,
                         marker=where.to(device) if where is not None else None,
                         target_index=target_index.to(device) if target_index is not None else None,

@@ -186,9 +186,10 @@ class PPCRModel(nn.Module):
 
     # ------------------------------------------------------------------ training
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
-        """Teacher-forced pass over a loader batch; returns every loss term, the weighted total and the
-        predicted boxes and low-resolution mask logits."""
+    def forward(self, batch: dict) -> dict:
+        """Teacher-forced pass over a loader batch; returns every loss term, the weighted total, the
+        predicted boxes and low-resolution mask logits, and ``tokens``: each stage's token counts
+        (:meth:`ppcr.model.inputs.StageInputs.counts`, host integers)."""
         return self.compute(self.prepare(batch))
 
     def prepare(self, batch: dict) -> TrainInputs:
@@ -208,7 +209,7 @@ class PPCRModel(nn.Module):
             return TrainInputs(s1, s2, vision, batch["sam_images"].to(dev), batch["sam_masks"].to(dev),
                                batch["input_sizes"].to(dev), batch["boxes"].to(dev), cover, gt_boxes, use_gt)
 
-    def compute(self, x: TrainInputs) -> dict[str, torch.Tensor]:
+    def compute(self, x: TrainInputs) -> dict:
         """Device side of a training step. ppcr's code in it never reads a value back from the device (no
         host synchronisation; tests/test_model.py checks it); transformers' attention-mask helpers do."""
         with mark("vision"):
@@ -233,7 +234,8 @@ class PPCRModel(nn.Module):
         with mark("mask_losses"):
             bce, dice = mask_losses(low, x.sam_masks, x.input_sizes)
         terms = {"ce_sem": ce_sem, "ce_spa": ce_spa, "l1": l1, "giou": giou, **tokens, "bce": bce, "dice": dice}
-        return {"loss": total_loss(terms, self.loss_weights), **terms, "boxes": boxes, "mask_logits": low}
+        return {"loss": total_loss(terms, self.loss_weights), **terms, "boxes": boxes, "mask_logits": low,
+                "tokens": {"semantic": x.semantic.counts(), "spatial": x.spatial.counts()}}
 
     def language_stages(self, semantic: StageInputs, spatial: StageInputs, features: torch.Tensor) -> dict:
         """Both stages teacher-forced: last-layer hidden states h1 (B, L1, H) and h2 (B, L2, H), SemSP and

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Callable
@@ -14,12 +15,13 @@ import torch
 from tqdm import tqdm
 
 from ppcr.config import Config
+from ppcr.model import flops
 from ppcr.model.losses import TERMS
 from ppcr.profiling import StepProfiler, mark
 from ppcr.train import checkpoint
 from ppcr.common.distributed import DistInfo, all_reduce_sum, device
 from ppcr.common.logger import RunLogger
-from ppcr.train.memory import host_memory_gb, model_state_bytes
+from ppcr.train.memory import host_memory_gb, model_state_bytes, peak_memory_gib
 from ppcr.train.nonfinite import NonfiniteGuard
 from ppcr.train.preempt import Preemption
 
@@ -27,33 +29,86 @@ from ppcr.train.preempt import Preemption
 @dataclass
 class Window:
     """Sums between two log lines, reduced over ranks when logged. The loss terms stay on the device
-    until then: adding them never waits for the device."""
+    until then: adding them never waits for the device. ``counts``: per stage, the token counts of the
+    window's micro-batches (host integers, :meth:`ppcr.model.inputs.StageInputs.counts`)."""
 
     terms: torch.Tensor | None = None
     samples: int = 0
     data_s: float = 0.0
     step_s: float = 0.0
     micro: int = 0
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def add(self, out: dict, samples: int, data_s: float, step_s: float) -> None:
         vals = torch.stack([out["loss"].detach()] + [out[t].detach() for t in TERMS]).double()
         self.terms = vals if self.terms is None else self.terms + vals
         self.samples, self.data_s, self.step_s, self.micro = (self.samples + samples, self.data_s + data_s,
                                                               self.step_s + step_s, self.micro + 1)
+        for stage, counts in out["tokens"].items():
+            mine = self.counts.setdefault(stage, dict.fromkeys(counts, 0))
+            for k, v in counts.items():
+                mine[k] += v
 
-    def report(self, world: int, counters: dict[str, float]) -> dict[str, float]:
+    def report(self, dist: DistInfo, counters: dict[str, float], *, sample_flops: float | None, peak_flops: float,
+               peak_mem_gib: float) -> dict[str, float]:
         """Means over ranks of the window's finite micro-batches (all ranks agree on which those were),
-        throughput, data wait, and ``counters`` summed over ranks."""
+        throughput (samples/s, and tokens/s: the tokens both stages put through the language model), MFU
+        (each rank's model FLOPs, ``sample_flops`` a sample, over its step time, summed, against the summed
+        ``peak_flops``; none while ``sample_flops`` is unknown), data wait, each rank's ``peak_mem_gib`` and
+        their largest, and ``counters`` summed over ranks. One all-reduce."""
+        world = dist.world_size
         terms = self.terms if self.terms is not None else torch.zeros(len(TERMS) + 1, dtype=torch.float64)
-        extra = torch.tensor([self.samples, self.data_s, self.step_s, *counters.values()], dtype=torch.float64)
+        memory = [peak_mem_gib if r == dist.rank else 0.0 for r in range(world)]
+        tokens = sum(c["tokens"] for c in self.counts.values())
+        extra = torch.tensor([self.samples, tokens, self.data_s, self.step_s, (sample_flops or 0.0) * self.samples,
+                              peak_flops, *memory, *counters.values()], dtype=torch.float64)
         sums = all_reduce_sum(torch.cat([terms.to(device()), extra.to(device())])).cpu().tolist()
         n = self.micro * world
         out = {name: sums[i] / n for i, name in enumerate(("loss",) + TERMS)} if n else {}
-        samples, data_s, step_s, *totals = sums[len(TERMS) + 1:]
-        out["samples_per_s"] = samples / (step_s / world) if step_s else 0.0
+        samples, tokens, data_s, step_s, model_flops, peak_flops, *rest = sums[len(TERMS) + 1:]
+        seconds = step_s / world  # a rank's time in the window, the mean over ranks
+        out["samples_per_s"] = samples / seconds if step_s else 0.0
+        out["tokens_per_s"] = tokens / seconds if step_s else 0.0
+        if sample_flops and step_s:
+            out["mfu"] = model_flops / seconds / peak_flops
         out["data_wait_share"] = data_s / step_s if step_s else 0.0
-        out.update(zip(counters, totals))
+        out["peak_mem_gib"] = max(rest[:world])
+        out.update({f"peak_mem_gib/rank{r}": m for r, m in enumerate(rest[:world])})
+        out.update(zip(counters, rest[world:]))
         return out
+
+
+class Utilisation:
+    """This rank's terms of MFU (:mod:`ppcr.model.flops`): its device's peak FLOP/s, looked up or measured at
+    start, and the model FLOPs of a training sample, settled on the first step whose micro-batches all had a
+    finite loss: counted by torch's FLOP counter around that step, or, under gradient checkpointing (the
+    counter would count the recomputed forward too), the formula on that step's token counts."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.formula = cfg.model.gradient_checkpointing
+        self.peak, self.peak_source = flops.device_peak(device(), getattr(torch, cfg.model.dtype))
+        self.sample_flops: float | None = None
+        self.counter, self.seen = None, 0
+
+    def around_step(self, window: Window):
+        """The FLOP counter until a sample's FLOPs are settled (without the formula), else nothing."""
+        self.counter = flops.counter() if self.sample_flops is None and not self.formula else None
+        self.seen = window.samples
+        return self.counter or nullcontext()
+
+    def settle(self, model, window: Window, *, all_finite: bool) -> dict[str, float] | None:
+        """After a step: the FLOPs a sample on this rank (with the formula's parts) and its mean tokens by stage,
+        the first time they can be settled, else None."""
+        if self.sample_flops is not None or not all_finite:
+            return None
+        if self.formula:
+            parts = flops.sample_flops(flops.flop_shapes(model), flops.per_sample(window.counts), True)
+        else:
+            parts = {"model": self.counter.get_total_flops() / (window.samples - self.seen)}
+        self.sample_flops = parts["model"]
+        tokens = {f"tokens_{stage}_{k}": v for stage, counts in flops.per_sample(window.counts).items()
+                  for k, v in counts.items()}
+        return {"sample": parts.pop("model"), "peak_per_device": self.peak, **parts, **tokens}
 
 
 class SampleRecord:
@@ -133,6 +188,7 @@ def train(cfg: Config, dist: DistInfo, engine, loader, *, run_dir: Path, start_s
                dynamic_ncols=True)
     batches = iter(loader)
     window = Window()
+    mfu = Utilisation(cfg)
     step = start_step
     status = "done"
     samples = SampleRecord(run_dir, dist.rank) if t.record_samples else None
@@ -142,16 +198,24 @@ def train(cfg: Config, dist: DistInfo, engine, loader, *, run_dir: Path, start_s
             share = max(0.0, 1.0 - step / t.sam_gt_box_steps) if t.sam_gt_box_steps else 0.0
             share = max(share, t.sam_gt_box_floor)
             sam_boxes = {"gt_box_share": share, "gt_box_jitter": t.sam_box_jitter, "step": step + 1}
-            with mark("step"):
+            with mark("step"), mfu.around_step(window):
                 finite = optimizer_step(engine, batches, guard, window, t.grad_accum, sam_boxes,
                                         record=None if samples is None else partial(samples.add, step + 1))
             step += 1
+            settled = mfu.settle(engine.module, window, all_finite=finite == t.grad_accum)
+            if settled:
+                log.scalars(step, settled, prefix="flops")
+                log.message(f"MFU: {settled['sample'] / 1e9:.4g} GFLOP a training sample ("
+                            f"{'formula' if mfu.formula else 'counted'}); peak {mfu.peak / 1e12:.4g} TFLOP/s a rank "
+                            f"({mfu.peak_source})")
             bar.update(1)
             guard.end_step(step, finite, t.grad_accum)
             if step == start_step + 1:  # Adam's states exist from the first step on
                 log.scalars(step, model_state_bytes(engine), prefix="memory")
             if step % t.log_every == 0 or step == t.max_steps:
-                values = window.report(dist.world_size, {"skipped_samples": loader.skipped_samples})
+                values = window.report(dist, {"skipped_samples": loader.skipped_samples},
+                                       sample_flops=mfu.sample_flops, peak_flops=mfu.peak,
+                                       peak_mem_gib=peak_memory_gib())
                 values.update(nonfinite_steps=guard.skipped_steps, nonfinite_micro_batches=guard.skipped_micro_batches)
                 window = Window()
                 for group in engine.optimizer.param_groups:
@@ -165,7 +229,9 @@ def train(cfg: Config, dist: DistInfo, engine, loader, *, run_dir: Path, start_s
                 values.update(host_memory_gb())
                 log.scalars(step, values)
                 if "loss" in values:
-                    bar.set_postfix(loss=f"{values['loss']:.3f}")
+                    bar.set_postfix({"loss": f"{values['loss']:.3f}", "tok/s": f"{values['tokens_per_s']:.0f}",
+                                     "MFU": f"{100 * values.get('mfu', 0.0):.2f}%",
+                                     "mem": f"{values['peak_mem_gib']:.2f}GiB"})
             profiler.end(step)
             stop = preempt.requested()
             if stop or step % t.save_every == 0 or step == t.max_steps or step == t.halt_at_step:

@@ -1,16 +1,20 @@
 """Memory a rank uses. Model states: the bytes of parameters, gradients and optimizer states this
 rank holds in a live DeepSpeed ZeRO engine, read from the ZeRO optimizer's own buffers, each storage
 counted once; the trainer logs them after the first step (Adam's states are created lazily), so
-that measured memory can be put beside DeepSpeed's estimators. Host memory: the resident size of
-the rank and of its data-loader workers, logged every log step (a leak shows as growth).
+that measured memory can be put beside DeepSpeed's estimators. Logged every log step: the peak memory
+of each rank, and host memory: the resident size of the rank and of its data-loader workers (a leak
+shows as growth).
 """
 
 from __future__ import annotations
 
+import resource
 from collections.abc import Iterable
 
 import psutil
 import torch
+
+from ppcr.common.distributed import device
 
 
 def _tensors(value: object) -> Iterable[torch.Tensor]:
@@ -85,9 +89,18 @@ def model_state_bytes(engine) -> dict[str, int]:
     return out
 
 
+def peak_memory_gib() -> float:
+    """This rank's peak memory so far, GiB: the most its GPU's allocator handed out
+    (``torch.cuda.max_memory_allocated``), or on CPU the process's largest resident size (``ru_maxrss``, KiB
+    on Linux; the rank alone, not its loader workers)."""
+    if device().type == "cuda":
+        return torch.cuda.max_memory_allocated(device()) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def host_memory_gb() -> dict[str, float]:
-    """GiB: the device's peak allocation (GPU) or the process's resident size (CPU), the process's
-    resident size, and the summed resident size of its child processes (data-loader workers)."""
+    """GiB: the process's resident size now, and the summed resident size of its child processes
+    (data-loader workers)."""
     me = psutil.Process()
     rss = me.memory_info().rss
     workers = 0
@@ -96,5 +109,4 @@ def host_memory_gb() -> dict[str, float]:
             workers += child.memory_info().rss
         except psutil.NoSuchProcess:  # a worker that ended between listing and reading
             pass
-    peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else rss
-    return {"memory_gb": peak / 2**30, "host_rss_gb": rss / 2**30, "loader_rss_gb": workers / 2**30}
+    return {"host_rss_gb": rss / 2**30, "loader_rss_gb": workers / 2**30}
