@@ -36,7 +36,10 @@ install: $(STAMP)
 check-install: | $(STAMP)
 	$(PY) launch/check_install.py
 
+# Lint and format first (ruff, pyproject.toml; seconds), then the suite.
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q tests
 
 $(SHARDS): $(CONFIG) | $(STAMP)

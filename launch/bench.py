@@ -16,8 +16,9 @@ from ppcr.config import ConfigError
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="launch/bench.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="launch/bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default="launch/configs/default.yaml", help="recipe YAML")
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--reps", type=int, default=suite.Plan.reps, help="repetitions of every timed figure")

@@ -78,8 +78,20 @@ def unreachable(url: str, timeout: float = 10.0) -> str | None:
 def resolve(args: list[str], python: str = sys.executable) -> dict[str, str]:
     """{name: version} that ``pip install <args>`` would install into an empty environment; raises
     RuntimeError with pip's message when the requirements do not resolve."""
-    cmd = [python, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report", "-",
-           "--no-cache-dir", "--use-feature=fast-deps", *args]
+    cmd = [
+        python,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--report",
+        "-",
+        "--no-cache-dir",
+        "--use-feature=fast-deps",
+        *args,
+    ]
     # DS_BUILD_OPS=0 and --no-build-isolation (below) as make install: deepspeed's setup.py imports torch
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "DS_BUILD_OPS": "0"})
     if out.returncode != 0:
@@ -107,18 +119,27 @@ def check(name: str, spec: str, default_index: str = PYPI) -> dict:
         return {**result, "status": "failed", "reason": str(e), "seconds": round(time.monotonic() - t0, 1)}
     picked = {pkg: torch_env[pkg] for pkg in ("torch", "torchvision")}
     picked.update({pkg: rest[pkg] for pkg in ("deepspeed", "transformers", "torchcodec") if pkg in rest})
-    return {**result, "status": "ok", "versions": picked, "packages": len(rest),
-            "seconds": round(time.monotonic() - t0, 1)}
+    return {
+        **result,
+        "status": "ok",
+        "versions": picked,
+        "packages": len(rest),
+        "seconds": round(time.monotonic() - t0, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("names", nargs="*", help="TORCH_SPEC_<name> names to check (default: all)")
     ap.add_argument("--makefile", type=Path, default=ROOT / "Makefile")
-    ap.add_argument("--spec", action="append", default=[], metavar="NAME=SPEC",
-                    help="check this spec too (not from the Makefile)")
-    ap.add_argument("--default-index", default=os.environ.get("PIP_INDEX_URL", PYPI),
-                    help="the index deepspeed and ppcr come from (default: $PIP_INDEX_URL or PyPI)")
+    ap.add_argument(
+        "--spec", action="append", default=[], metavar="NAME=SPEC", help="check this spec too (not from the Makefile)"
+    )
+    ap.add_argument(
+        "--default-index",
+        default=os.environ.get("PIP_INDEX_URL", PYPI),
+        help="the index deepspeed and ppcr come from (default: $PIP_INDEX_URL or PyPI)",
+    )
     ap.add_argument("--json", action="store_true", help="print the results as one JSON list")
     a = ap.parse_args(argv)
 

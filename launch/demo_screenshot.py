@@ -31,9 +31,18 @@ from ppcr.common.distributed import free_port
 from ppcr.eval.demo import examples
 
 # Chromium on a machine without a network: no background calls, no sandbox as root, no GPU.
-CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--disable-quic", "--window-size=1400,1000")
+CHROMIUM_FLAGS = (
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--window-size=1400,1000",
+)
 
 
 def start_server(checkpoint: str, port: int, log: Path) -> subprocess.Popen:
@@ -81,19 +90,26 @@ def ask(driver: webdriver.Chrome, *, url: str, image: str, expression: str, time
     def answered(d):  # the overlay has loaded and the details are in (answers may be empty strings)
         img = d.find_elements(By.CSS_SELECTOR, "#ppcr-overlay img")
         facts = d.find_element(By.CSS_SELECTOR, "#ppcr-details").text
-        if img and "mask" in facts and d.execute_script("return arguments[0].complete && arguments[0].naturalWidth",
-                                                        img[0]):
+        if (
+            img
+            and "mask" in facts
+            and d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img[0])
+        ):
             return img[0]
         return False
 
     img = wait.until(answered)
     seconds = time.monotonic() - t0
-    return {"semantic_answer": driver.find_element(By.CSS_SELECTOR, "#ppcr-semantic textarea").get_attribute("value"),
-            "spatial_answer": driver.find_element(By.CSS_SELECTOR, "#ppcr-spatial textarea").get_attribute("value"),
-            "overlay_size": [driver.execute_script("return arguments[0].naturalWidth", img),
-                             driver.execute_script("return arguments[0].naturalHeight", img)],
-            "details": driver.find_element(By.CSS_SELECTOR, "#ppcr-details").text,
-            "seconds": round(seconds, 2)}
+    return {
+        "semantic_answer": driver.find_element(By.CSS_SELECTOR, "#ppcr-semantic textarea").get_attribute("value"),
+        "spatial_answer": driver.find_element(By.CSS_SELECTOR, "#ppcr-spatial textarea").get_attribute("value"),
+        "overlay_size": [
+            driver.execute_script("return arguments[0].naturalWidth", img),
+            driver.execute_script("return arguments[0].naturalHeight", img),
+        ],
+        "details": driver.find_element(By.CSS_SELECTOR, "#ppcr-details").text,
+        "seconds": round(seconds, 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,21 +67,39 @@ def kept_split(out: Path, name: str, settings: dict) -> list[dict] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="launch/eval.py", description=__doc__, epilog=settings_help(),
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="launch/eval.py",
+        description=__doc__,
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--checkpoint", type=Path, default=Path("runs/default"))
-    p.add_argument("--ablations", action="store_true", help="also: box from the answer text, ground-truth box "
-                   "(oracle), SAM with the box only and with SemSP only (one generation serves every row)")
+    p.add_argument(
+        "--ablations",
+        action="store_true",
+        help="also: box from the answer text, ground-truth box "
+        "(oracle), SAM with the box only and with SemSP only (one generation serves every row)",
+    )
     p.add_argument("--redo", action="store_true", help="evaluate again the splits an earlier run already wrote")
     p.add_argument("--device", help="where the model runs (default: this rank's GPU, else the CPU)")
     p.add_argument("--device-map", help="'auto' spreads a large MLLM over the visible GPUs (one process only)")
-    p.add_argument("--zero3", action="store_true", help="partition the weights over the ranks with ZeRO-3, for a "
-                   "model too large for one device (every forward gathers them, so the ranks decode in lockstep) "
-                   "instead of every rank holding the whole model")
-    p.add_argument(BASE_FLAG, action="store_true", help="evaluate even when the base weights differ from those the "
-                   "checkpoint was trained on (model.mllm_path, model.sam_checkpoint)")
+    p.add_argument(
+        "--zero3",
+        action="store_true",
+        help="partition the weights over the ranks with ZeRO-3, for a "
+        "model too large for one device (every forward gathers them, so the ranks decode in lockstep) "
+        "instead of every rank holding the whole model",
+    )
+    p.add_argument(
+        BASE_FLAG,
+        action="store_true",
+        help="evaluate even when the base weights differ from those the "
+        "checkpoint was trained on (model.mllm_path, model.sam_checkpoint)",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("overrides", nargs="*", help="key.sub=value (eval.sets=[...], eval.batch_size=8, paths.shards_root=...)")
+    p.add_argument(
+        "overrides", nargs="*", help="key.sub=value (eval.sets=[...], eval.batch_size=8, paths.shards_root=...)"
+    )
     args = p.parse_args(argv)
     if args.device_map and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         p.error("--device-map spreads one model over the GPUs: run one process (python launch/eval.py), not ranks")
@@ -90,29 +108,41 @@ def main(argv: list[str] | None = None) -> int:
     if args.zero3:  # before the model is built: SAM registers the weights its prompt encoder reads directly
         import deepspeed
     try:
-        model, cfg, run_dir, tag = load_checkpoint(args.checkpoint, args.overrides,
-                                                   device=None if args.device_map or args.zero3 else
-                                                   args.device or device(),
-                                                   device_map=args.device_map,
-                                                   allow_base_mismatch=args.allow_base_mismatch)
+        model, cfg, run_dir, tag = load_checkpoint(
+            args.checkpoint,
+            args.overrides,
+            device=None if args.device_map or args.zero3 else args.device or device(),
+            device_map=args.device_map,
+            allow_base_mismatch=args.allow_base_mismatch,
+        )
         record = read_exclusion_record(run_dir / "checkpoints" / tag if run_dir else args.checkpoint)
     except (ConfigError, FileNotFoundError, BaseMismatch, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dist = init_distributed()
     if args.zero3:  # inference only: no optimizer; DeepSpeed moves each rank's partition to its device
-        ds = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
-              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+        ds = {
+            "train_micro_batch_size_per_gpu": 1,
+            "bf16": {"enabled": cfg.model.dtype == "bfloat16"},
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        }
         model = deepspeed.initialize(model=model, config=ds)[0].module
     out = (run_dir or args.checkpoint) / "eval" / (tag or "saved")
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
     ablations = ABLATIONS if args.ablations else [PPCR]
     # what a split's rows depend on besides the weights: kept splits must have been made with the same
-    settings = json.loads(json.dumps({"predictions_version": PREDICTIONS_VERSION,
-                                      "ablations": [a.name for a in ablations], "model": asdict(cfg.model),
-                                      "eval": {k: v for k, v in asdict(cfg.eval).items() if k != "sets"},
-                                      "shards_root": cfg.paths.shards_root}))
+    settings = json.loads(
+        json.dumps(
+            {
+                "predictions_version": PREDICTIONS_VERSION,
+                "ablations": [a.name for a in ablations],
+                "model": asdict(cfg.model),
+                "eval": {k: v for k, v in asdict(cfg.eval).items() if k != "sets"},
+                "shards_root": cfg.paths.shards_root,
+            }
+        )
+    )
     names = [split_name(s) for s in cfg.eval.sets]
     kept = {} if args.redo else {n: rows for n in names if (rows := kept_split(out, n, settings)) is not None}
     excluded = None if record is None else set(record["excluded_eval_splits"])
@@ -122,9 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     log = RunLogger(run_dir, dist) if run_dir is not None else None
     step = int(tag.split("_")[1]) if tag else 0
     if dist.is_main:
-        print(f"evaluating {args.checkpoint} ({tag or 'saved model'}) by generation on {dist.world_size} rank(s), "
-              f"batch {cfg.eval.batch_size}" + (f"; kept from an earlier run (--redo evaluates again): "
-                                                f"{', '.join(kept)}" if kept else ""), flush=True)
+        print(
+            f"evaluating {args.checkpoint} ({tag or 'saved model'}) by generation on {dist.world_size} rank(s), "
+            f"batch {cfg.eval.batch_size}"
+            + (f"; kept from an earlier run (--redo evaluates again): {', '.join(kept)}" if kept else ""),
+            flush=True,
+        )
     # every rank holds the whole model: no collective inside a forward, no lockstep decoding; under ZeRO-3 each
     # forward gathers the weights collectively, so the ranks agree at every decoding step
     synced = args.zero3 and dist.world_size > 1
@@ -154,8 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     precision_plot(every, out / "prec_at_x.png")
     print(f"wrote {out}/results.json, results.md, masks.png, prec_at_x.png, predictions_<split>.jsonl")
     if errors:
-        print(f"error: {len(errors)} of {len(names)} split(s) not scored: {', '.join(errors)} (above); the others "
-              "are written", file=sys.stderr)
+        print(
+            f"error: {len(errors)} of {len(names)} split(s) not scored: {', '.join(errors)} (above); the others "
+            "are written",
+            file=sys.stderr,
+        )
         return 4
     return 0
 
@@ -167,8 +203,9 @@ def _write_split(split: SplitOutcome, out: Path, dist, *, settings: dict, log: R
     barrier()
     if dist.is_main:
         merge_records(predictions, dist.world_size)
-        split_file(out, split.name, "split").write_text(json.dumps({"split": split.name, "settings": settings,
-                                                                    "rows": split.rows}, indent=1))
+        split_file(out, split.name, "split").write_text(
+            json.dumps({"split": split.name, "settings": settings, "rows": split.rows}, indent=1)
+        )
     if log is not None:
         for r in split.rows:
             group = "" if r["group"] == "all" else f"/{r['group']}"
@@ -176,14 +213,31 @@ def _write_split(split: SplitOutcome, out: Path, dist, *, settings: dict, log: R
         log.flush()
 
 
-def _write_results(out: Path, *, args, tag: str | None, names: list[str], rows: dict[str, list[dict]],
-                   errors: dict[str, str], excluded: set[str] | None) -> None:
+def _write_results(
+    out: Path,
+    *,
+    args,
+    tag: str | None,
+    names: list[str],
+    rows: dict[str, list[dict]],
+    errors: dict[str, str],
+    excluded: set[str] | None,
+) -> None:
     """results.json and results.md with every split scored so far (rewritten after each split)."""
     every = [r for n in names if n in rows for r in rows[n]]
     not_excluded = None if excluded is None else [n for n in names if n not in excluded]
-    (out / "results.json").write_text(json.dumps(
-        {"checkpoint": str(args.checkpoint), "tag": tag, "rows": every, "errors": errors,
-         "not_excluded_from_training": not_excluded}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(args.checkpoint),
+                "tag": tag,
+                "rows": every,
+                "errors": errors,
+                "not_excluded_from_training": not_excluded,
+            },
+            indent=1,
+        )
+    )
     text = table(every) + "".join(f"\n\nerror: {e}" for e in errors.values())
     (out / "results.md").write_text(text + "\n")
 

@@ -21,24 +21,40 @@ from ppcr.config import ConfigError
 
 def main(argv: list[str] | None = None) -> int:
     defaults = gpu_check.Plan()
-    p = argparse.ArgumentParser(prog="launch/gpu_check.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="launch/gpu_check.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--recipe", default=defaults.recipe, choices=list(memory.RECIPES))
-    p.add_argument("--layers", type=int, default=None, help="depth of the LM, vision tower and SAM encoder "
-                   "(default: the published depth)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="depth of the LM, vision tower and SAM encoder (default: the published depth)",
+    )
     p.add_argument("--steps", type=int, default=defaults.steps, help="timed training steps")
     p.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="untimed steps before them")
     p.add_argument("--nproc", type=int, default=defaults.nproc, help="ranks (GPUs)")
     p.add_argument("--train-images", type=int, default=defaults.train_images, help="synthetic training images")
-    p.add_argument("--peak-tflops", type=float, default=None,
-                   help="dense bf16 peak TFLOP/s of one device, for MFU (known: H100, H200, A100)")
+    p.add_argument(
+        "--peak-tflops",
+        type=float,
+        default=None,
+        help="dense bf16 peak TFLOP/s of one device, for MFU (known: H100, H200, A100)",
+    )
     p.add_argument("--out", type=Path, default=defaults.out)
     p.add_argument("overrides", nargs="*", help="key.sub=value, applied to the run and the estimator")
     args = p.parse_args(argv)
-    plan = gpu_check.Plan(recipe=args.recipe, out=args.out, layers=args.layers, steps=args.steps,
-                          warmup_steps=args.warmup_steps, nproc=args.nproc, train_images=args.train_images,
-                          peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12,
-                          overrides=args.overrides)
+    plan = gpu_check.Plan(
+        recipe=args.recipe,
+        out=args.out,
+        layers=args.layers,
+        steps=args.steps,
+        warmup_steps=args.warmup_steps,
+        nproc=args.nproc,
+        train_images=args.train_images,
+        peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12,
+        overrides=args.overrides,
+    )
     try:
         plan.check()
     except ValueError as e:

@@ -20,13 +20,21 @@ from ppcr.config import ConfigError, load_config
 from ppcr.train.preflight import resolve_batch
 
 # Periodic checkpoints and validation, as a long real run has them.
-SOAK = ["train.run_name=soak", "train.save_every=250", "train.keep_last=2", "train.val_every=500",
-        "train.val_samples=24", "train.image_every=500", "train.log_every=25"]
+SOAK = [
+    "train.run_name=soak",
+    "train.save_every=250",
+    "train.keep_last=2",
+    "train.val_every=500",
+    "train.val_samples=24",
+    "train.image_every=500",
+    "train.log_every=25",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="launch/soak.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="launch/soak.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", default="launch/configs/default.yaml", help="recipe YAML")
     p.add_argument("--nproc", type=int, default=2, help="ranks on this machine")
     p.add_argument("--steps", type=int, default=4000)

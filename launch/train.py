@@ -20,25 +20,25 @@ import deepspeed
 import torch
 from transformers.integrations import HfDeepSpeedConfig
 
+from ppcr.common.checkpoint_paths import latest_tag
+from ppcr.common.distributed import init_distributed
+from ppcr.common.logger import RunLogger
 from ppcr.config import ConfigError, dump_config, load_config, settings_help
 from ppcr.data.stream import build_train_loader
+from ppcr.eval.validate import Validator
+from ppcr.model.fingerprint import BASE_FLAG, MODEL_FLAG, BaseMismatch
 from ppcr.model.model import PPCRModel
 from ppcr.model.params import parameter_table
+from ppcr.model.saving import trained_state
 from ppcr.train import checkpoint
-from ppcr.common.distributed import init_distributed
 from ppcr.train.ds_config import zero_stage
-from ppcr.common.logger import RunLogger
+from ppcr.train.init_from import init_trained
 from ppcr.train.loop import train
 from ppcr.train.nonfinite import NonfiniteLossError
 from ppcr.train.offload import CpuAdamUnavailable, load_cpu_adam, offloads_optimizer
 from ppcr.train.optim import build_optimizer, build_scheduler
-from ppcr.common.checkpoint_paths import latest_tag
-from ppcr.model.fingerprint import BASE_FLAG, MODEL_FLAG, BaseMismatch
-from ppcr.model.saving import trained_state
-from ppcr.train.init_from import init_trained
 from ppcr.train.preflight import check_run_inputs, run_identity
 from ppcr.train.rng import seed_rank
-from ppcr.eval.validate import Validator
 
 RECIPES = Path(__file__).parent / "configs"
 
@@ -46,15 +46,25 @@ RECIPES = Path(__file__).parent / "configs"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     recipes = "\n".join(f"  {p}" for p in sorted(RECIPES.glob("*.yaml")))
     p = argparse.ArgumentParser(
-        prog="launch/train.py", formatter_class=argparse.RawDescriptionHelpFormatter, description=__doc__,
+        prog="launch/train.py",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__,
         epilog=f"recipes:\n{recipes}\n\noverrides: key.sub=value, values in YAML, e.g.\n"
-               "  train.max_steps=200 data.num_workers=0 'data.train_sets=[{name: refcoco_unc, split: train}]'\n\n"
-               + settings_help())
+        "  train.max_steps=200 data.num_workers=0 'data.train_sets=[{name: refcoco_unc, split: train}]'\n\n"
+        + settings_help(),
+    )
     p.add_argument("--config", required=True, help="recipe YAML")
-    p.add_argument(BASE_FLAG, action="store_true", help="resume even when the base weights (model.mllm_path, "
-                   "model.sam_checkpoint) differ from those the checkpoint was trained on")
-    p.add_argument(MODEL_FLAG, action="store_true", help="resume even when model.* settings differ from those the "
-                   "checkpoint was trained with")
+    p.add_argument(
+        BASE_FLAG,
+        action="store_true",
+        help="resume even when the base weights (model.mllm_path, "
+        "model.sam_checkpoint) differ from those the checkpoint was trained on",
+    )
+    p.add_argument(
+        MODEL_FLAG,
+        action="store_true",
+        help="resume even when model.* settings differ from those the checkpoint was trained with",
+    )
     p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # set by the deepspeed launcher
     p.add_argument("overrides", nargs="*", help="key.sub=value")
     return p.parse_args(argv)
@@ -107,33 +117,55 @@ def main(argv: list[str] | None = None) -> int:
         kept = init_trained(model, state, complete=complete, where=cfg.model.init_from)
         del state, start_from
         if dist.is_main:
-            print(f"started from the trained weights of {cfg.model.init_from}"
-                  + (f"; {len(kept)} trainable parameter(s) it did not train keep the base's, first {kept[:3]}"
-                     if kept else ""), flush=True)
+            print(
+                f"started from the trained weights of {cfg.model.init_from}"
+                + (
+                    f"; {len(kept)} trainable parameter(s) it did not train keep the base's, first {kept[:3]}"
+                    if kept
+                    else ""
+                ),
+                flush=True,
+            )
     if dist.is_main:
         print(parameter_table(model), flush=True)
     optimizer = build_optimizer(model, cfg.train, ds=ds)
     if checkpoint.prepare_elastic(ckpt_dir, dist):  # written by another number of ranks: DeepSpeed's universal load
         ds = {**ds, "checkpoint": {**ds.get("checkpoint", {}), "load_universal": True}}
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=build_scheduler(optimizer, cfg.train), config=ds
+    )
     if dist.is_main:
-        print(f"optimizer: {type(optimizer).__name__}, groups "
-              + ", ".join(g.get("name", "?") for g in optimizer.param_groups), flush=True)
+        print(
+            f"optimizer: {type(optimizer).__name__}, groups "
+            + ", ".join(g.get("name", "?") for g in optimizer.param_groups),
+            flush=True,
+        )
     seed_rank(cfg.train.seed, dist.rank)  # dropout differs between ranks (a resume restores the states next)
     loader = build_train_loader(cfg, dist.rank, dist.world_size)
     start = checkpoint.resume(engine, ckpt_dir, loader, dist, seed=cfg.train.seed)
     if dist.is_main and start:
-        print(f"resumed from step {start}" + (" (model.init_from applies to a run's start only: ignored)"
-                                              if cfg.model.init_from else ""), flush=True)
+        print(
+            f"resumed from step {start}"
+            + (" (model.init_from applies to a run's start only: ignored)" if cfg.model.init_from else ""),
+            flush=True,
+        )
     # Generation runs a varying number of forwards; under ZeRO-3, whose forwards gather parameters
     # collectively, every rank decodes the same number of steps.
     synced = zero_stage(ds) == 3 and dist.world_size > 1
     validator = Validator(cfg, dist, synced=synced) if cfg.train.val_samples and cfg.eval.sets else None
     log = RunLogger(run_dir, dist)
     try:
-        status, step, totals = train(cfg, dist, engine, loader, run_dir=run_dir, start_step=start, log=log,
-                                     identity=identity.files(), validator=validator)
+        status, step, totals = train(
+            cfg,
+            dist,
+            engine,
+            loader,
+            run_dir=run_dir,
+            start_step=start,
+            log=log,
+            identity=identity.files(),
+            validator=validator,
+        )
     except NonfiniteLossError as e:
         if dist.is_main:
             print(f"error: {e}", file=sys.stderr, flush=True)

@@ -19,8 +19,18 @@ from torch.profiler import ProfilerActivity, profile, record_function, schedule
 
 PREFIX = "ppcr/"
 STEP = PREFIX + "step"
-STAGES = ("data", "encode", "vision", "stage1", "stage2", "sam_encoder", "sam_decoder", "mask_losses", "backward",
-          "optimizer")
+STAGES = (
+    "data",
+    "encode",
+    "vision",
+    "stage1",
+    "stage2",
+    "sam_encoder",
+    "sam_decoder",
+    "mask_losses",
+    "backward",
+    "optimizer",
+)
 COLLECTIVE_PREFIXES = ("gloo:", "nccl:")
 
 
@@ -40,7 +50,7 @@ def stage_split(events) -> dict:
     stages = {s: 0.0 for s in STAGES}
     for e in events:
         if e.thread == thread and e.name.startswith(PREFIX) and e.name != STEP:
-            name = e.name[len(PREFIX):]
+            name = e.name[len(PREFIX) :]
             if name not in stages:
                 raise ValueError(f"unknown stage range '{e.name}' (stages: {', '.join(STAGES)})")
             stages[name] += e.time_range.elapsed_us() / 1e3 / n
@@ -70,8 +80,10 @@ class StepProfiler:
     def begin(self, step: int) -> None:
         """Before step ``step`` runs."""
         if step == self.first:
-            self.prof = profile(activities=[ProfilerActivity.CPU],
-                                schedule=schedule(wait=0, warmup=self.warmup, active=self.steps, repeat=1))
+            self.prof = profile(
+                activities=[ProfilerActivity.CPU],
+                schedule=schedule(wait=0, warmup=self.warmup, active=self.steps, repeat=1),
+            )
             self.prof.__enter__()
 
     def end(self, step: int) -> None:

@@ -19,8 +19,9 @@ from ppcr.config import Config, ShardSetConfig, SyntheticConfig, load_config
 from ppcr.data import synthetic
 from ppcr.data.shards import build_shards, iter_tar_samples, load_manifest
 
-TINY_SYNTH = dict(seed=7, num_images={"train": 24, "val": 6, "testA": 5, "testB": 5},
-                  min_image_size=160, max_image_size=224)
+TINY_SYNTH = dict(
+    seed=7, num_images={"train": 24, "val": 6, "testA": 5, "testB": 5}, min_image_size=160, max_image_size=224
+)
 
 
 @pytest.fixture(scope="session")
@@ -40,12 +41,19 @@ def tiny_shards(tiny_refer, tmp_path_factory) -> Path:
 
 def make_config(shards_dir: Path, *overrides: str) -> Config:
     """The default recipe pointed at a test shard set, with small batches and no loader workers."""
-    return load_config(Path(__file__).parent.parent / "launch/configs/default.yaml", [
-        f"paths.shards_root={shards_dir.parent}",
-        f"data.train_sets=[{{name: {shards_dir.name}, split: train}}]",
-        "data.num_workers=0", "data.shuffle_buffer=16", "train.micro_batch_size=3",
-        "model.sam_image_size=64", "model.mllm_image_size=32", *overrides,
-    ])
+    return load_config(
+        Path(__file__).parent.parent / "launch/configs/default.yaml",
+        [
+            f"paths.shards_root={shards_dir.parent}",
+            f"data.train_sets=[{{name: {shards_dir.name}, split: train}}]",
+            "data.num_workers=0",
+            "data.shuffle_buffer=16",
+            "train.micro_batch_size=3",
+            "model.sam_image_size=64",
+            "model.mllm_image_size=32",
+            *overrides,
+        ],
+    )
 
 
 def train_set(shards_dir: Path, split: str = "train", ratio: float = 1.0) -> ShardSetConfig:
@@ -105,11 +113,21 @@ def tiny_models(tmp_path_factory) -> dict:
 
 def model_config(shards_dir: Path, models: dict, family: str, *overrides: str) -> Config:
     """The test data config plus a tiny model of ``family``; deterministic (no dropout, no flips)."""
-    return make_config(shards_dir, f"model.mllm_path={models[family]}", f"model.tiny_family={family}",
-                       f"model.sam_checkpoint={models['sam']}", "model.sam_image_size=256",
-                       "model.mllm_image_size=112", "model.lora.dropout=0.0", "data.flip_prob=0.0",
-                       "train.micro_batch_size=2", "model.trainable.vision_tower=false",
-                       "model.trainable.llm_base=false", "model.trainable.sam_image_encoder=false", *overrides)
+    return make_config(
+        shards_dir,
+        f"model.mllm_path={models[family]}",
+        f"model.tiny_family={family}",
+        f"model.sam_checkpoint={models['sam']}",
+        "model.sam_image_size=256",
+        "model.mllm_image_size=112",
+        "model.lora.dropout=0.0",
+        "data.flip_prob=0.0",
+        "train.micro_batch_size=2",
+        "model.trainable.vision_tower=false",
+        "model.trainable.llm_base=false",
+        "model.trainable.sam_image_encoder=false",
+        *overrides,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -118,8 +136,16 @@ def trained_run(tiny_shards, tiny_models, tmp_path_factory) -> Path:
     from launching import deepspeed_cmd, overrides, run
 
     runs = tmp_path_factory.mktemp("runs")
-    args = overrides(tiny_shards, tiny_models, runs, "train.max_steps=3", "train.run_name=trained",
-                     "model.max_new_tokens=6", "train.lr=1e-2", "train.head_lr=1e-2")
+    args = overrides(
+        tiny_shards,
+        tiny_models,
+        runs,
+        "train.max_steps=3",
+        "train.run_name=trained",
+        "model.max_new_tokens=6",
+        "train.lr=1e-2",
+        "train.head_lr=1e-2",
+    )
     done = run(deepspeed_cmd(args))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return runs / "trained"
@@ -144,25 +170,33 @@ def evaluated_run(trained_run, tiny_shards, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("evaluated") / "trained"
     shutil.copytree(trained_run, out, ignore=shutil.ignore_patterns("eval"))
     sets = f"eval.sets=[{{name: {tiny_shards.name}, split: val}}, {{name: {tiny_shards.name}, split: testB}}]"
-    done = run([sys.executable, "launch/eval.py", "--checkpoint", str(out), "--ablations", sets,
-                "eval.max_expressions=8"])
+    done = run(
+        [sys.executable, "launch/eval.py", "--checkpoint", str(out), "--ablations", sets, "eval.max_expressions=8"]
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return out
 
 
 def _write_refer(root, images, annotations, refs, categories=({"id": 1, "name": "thing", "supercategory": "x"},)):
     (root / "refcoco").mkdir(parents=True)
-    (root / "refcoco" / "instances.json").write_text(json.dumps(
-        {"images": images, "annotations": annotations, "categories": list(categories)}))
+    (root / "refcoco" / "instances.json").write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": list(categories)})
+    )
     with open(root / "refcoco" / "refs(unc).p", "wb") as f:
         pickle.dump(refs, f)
 
 
 def _ref(ref_id, ann_id, image_id=1, split="train", sents=("the thing",)):
-    return {"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "category_id": 1, "split": split,
-            "sent_ids": list(range(len(sents))),
-            "sentences": [{"raw": s, "sent": s, "sent_id": i, "tokens": s.split()} for i, s in enumerate(sents)],
-            "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg"}
+    return {
+        "ref_id": ref_id,
+        "ann_id": ann_id,
+        "image_id": image_id,
+        "category_id": 1,
+        "split": split,
+        "sent_ids": list(range(len(sents))),
+        "sentences": [{"raw": s, "sent": s, "sent_id": i, "tokens": s.split()} for i, s in enumerate(sents)],
+        "file_name": f"COCO_train2014_{image_id:012d}_{ann_id}.jpg",
+    }
 
 
 @pytest.fixture
@@ -173,8 +207,10 @@ def handmade(tmp_path):
     img_dir = tmp_path / "train2014"
     img_dir.mkdir()
     Image.fromarray(np.full((h, w, 3), 128, np.uint8)).save(img_dir / "COCO_train2014_000000000001.jpg")
-    images = [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": h, "width": w},
-              {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "height": h, "width": w}]  # no file
+    images = [
+        {"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": h, "width": w},
+        {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "height": h, "width": w},
+    ]  # no file
     rle_mask = np.zeros((h, w), np.uint8, order="F")
     rle_mask[5:15, 30:50] = 1
     compressed = mask_utils.encode(rle_mask)
@@ -189,35 +225,101 @@ def handmade(tmp_path):
     uncompressed["counts"].append(run)
     annotations = [
         # Two overlapping squares, 10x10 each, overlap 5x5: union area 175.
-        {"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 15, 15], "area": 175,
-         "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10], [5, 5, 15, 5, 15, 15, 5, 15]]},
-        {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [30, 5, 20, 10], "area": 200,
-         "segmentation": compressed},
-        {"id": 12, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [30, 5, 20, 10], "area": 200,
-         "segmentation": uncompressed},
-        {"id": 13, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 1, 1], "area": 0,
-         "segmentation": [[0, 0, 0, 0, 0, 0]]},  # zero area
-        {"id": 14, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [50, 30, 20, 20], "area": 100,
-         "segmentation": [[50, 30, 60, 30, 60, 40, 50, 40]]},  # box beyond the right edge
-        {"id": 15, "image_id": 2, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 5, 5], "area": 25,
-         "segmentation": [[0, 0, 5, 0, 5, 5, 0, 5]]},
-        {"id": 16, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 5, 5], "area": 100,
-         "segmentation": [[100, 50, 110, 50, 110, 60, 100, 60]]},  # polygon outside the image
+        {
+            "id": 10,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "bbox": [0, 0, 15, 15],
+            "area": 175,
+            "segmentation": [[0, 0, 10, 0, 10, 10, 0, 10], [5, 5, 15, 5, 15, 15, 5, 15]],
+        },
+        {
+            "id": 11,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "bbox": [30, 5, 20, 10],
+            "area": 200,
+            "segmentation": compressed,
+        },
+        {
+            "id": 12,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "bbox": [30, 5, 20, 10],
+            "area": 200,
+            "segmentation": uncompressed,
+        },
+        {
+            "id": 13,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "bbox": [0, 0, 1, 1],
+            "area": 0,
+            "segmentation": [[0, 0, 0, 0, 0, 0]],
+        },  # zero area
+        {
+            "id": 14,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "bbox": [50, 30, 20, 20],
+            "area": 100,
+            "segmentation": [[50, 30, 60, 30, 60, 40, 50, 40]],
+        },  # box beyond the right edge
+        {
+            "id": 15,
+            "image_id": 2,
+            "category_id": 1,
+            "iscrowd": 0,
+            "bbox": [0, 0, 5, 5],
+            "area": 25,
+            "segmentation": [[0, 0, 5, 0, 5, 5, 0, 5]],
+        },
+        {
+            "id": 16,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "bbox": [0, 0, 5, 5],
+            "area": 100,
+            "segmentation": [[100, 50, 110, 50, 110, 60, 100, 60]],
+        },  # polygon outside the image
     ]
-    refs = [_ref(0, 10), _ref(1, 11, split="val"), _ref(2, 12, split="testA"), _ref(3, 13),
-            _ref(4, 14), _ref(5, 15, image_id=2), _ref(6, 10, sents=("  ",)), _ref(7, 99), _ref(8, 10, split="testC"),
-            _ref(9, 16)]
+    refs = [
+        _ref(0, 10),
+        _ref(1, 11, split="val"),
+        _ref(2, 12, split="testA"),
+        _ref(3, 13),
+        _ref(4, 14),
+        _ref(5, 15, image_id=2),
+        _ref(6, 10, sents=("  ",)),
+        _ref(7, 99),
+        _ref(8, 10, split="testC"),
+        _ref(9, 16),
+    ]
     _write_refer(tmp_path, images, annotations, refs)
     return tmp_path, img_dir
 
 
-def write_refer(root: Path, dataset: str, split_by: str, *, images: list[dict], annotations: list[dict],
-                refs: list[dict]) -> None:
+def write_refer(
+    root: Path, dataset: str, split_by: str, *, images: list[dict], annotations: list[dict], refs: list[dict]
+) -> None:
     """REFER files of one dataset and split scheme under ``root``: instances.json and refs(<split_by>).p."""
     d = root / dataset
     d.mkdir(parents=True, exist_ok=True)
-    (d / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations,
-                                                  "categories": [{"id": 1, "name": "thing", "supercategory": "x"}]}))
+    (d / "instances.json").write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": [{"id": 1, "name": "thing", "supercategory": "x"}],
+            }
+        )
+    )
     with open(d / f"refs({split_by}).p", "wb") as f:
         pickle.dump(refs, f)
 
@@ -231,8 +333,15 @@ def coco_image(img_dir: Path, image_id: int, h: int = 48, w: int = 64) -> dict:
 
 
 def square_annotation(ann_id: int, image_id: int, x: int = 4, y: int = 4, side: int = 12) -> dict:
-    return {"id": ann_id, "image_id": image_id, "category_id": 1, "iscrowd": 0, "bbox": [x, y, side, side],
-            "area": side * side, "segmentation": [[x, y, x + side, y, x + side, y + side, x, y + side]]}
+    return {
+        "id": ann_id,
+        "image_id": image_id,
+        "category_id": 1,
+        "iscrowd": 0,
+        "bbox": [x, y, side, side],
+        "area": side * side,
+        "segmentation": [[x, y, x + side, y, x + side, y + side, x, y + side]],
+    }
 
 
 @pytest.fixture(scope="session")
@@ -244,19 +353,41 @@ def coco_pool(tmp_path_factory) -> dict:
     img_dir = root / "train2014"
     img_dir.mkdir()
     layout = {
-        ("refcoco", "unc"): [(100, 1, "train"), (101, 1, "train"), (102, 5, "train"), (110, 2, "val"),
-                             (111, 2, "val"), (120, 3, "testA"), (130, 4, "testB")],
-        ("refcocog", "umd"): [(200, 2, "train"), (201, 2, "train"), (202, 6, "train"), (203, 6, "train"),
-                              (204, 7, "train"), (205, 1, "train"), (210, 8, "val"), (220, 9, "test")],
+        ("refcoco", "unc"): [
+            (100, 1, "train"),
+            (101, 1, "train"),
+            (102, 5, "train"),
+            (110, 2, "val"),
+            (111, 2, "val"),
+            (120, 3, "testA"),
+            (130, 4, "testB"),
+        ],
+        ("refcocog", "umd"): [
+            (200, 2, "train"),
+            (201, 2, "train"),
+            (202, 6, "train"),
+            (203, 6, "train"),
+            (204, 7, "train"),
+            (205, 1, "train"),
+            (210, 8, "val"),
+            (220, 9, "test"),
+        ],
     }
     shards = root / "shards"
     for (dataset, split_by), refs in layout.items():
         image_ids = sorted({image_id for _, image_id, _ in refs})
-        write_refer(root / "refer", dataset, split_by, images=[coco_image(img_dir, i) for i in image_ids],
-                    annotations=[square_annotation(ref_id, image_id, x=2 + ref_id % 7 * 5)
-                                 for ref_id, image_id, _ in refs],
-                    refs=[_ref(ref_id, ref_id, image_id=image_id, split=split,
-                               sents=(f"the thing {ref_id}", f"object {ref_id}")) for ref_id, image_id, split in refs])
-        build_shards(root / "refer", dataset, split_by, img_dir, shards / f"{dataset}_{split_by}", workers=1,
-                     max_samples=2)
+        write_refer(
+            root / "refer",
+            dataset,
+            split_by,
+            images=[coco_image(img_dir, i) for i in image_ids],
+            annotations=[square_annotation(ref_id, image_id, x=2 + ref_id % 7 * 5) for ref_id, image_id, _ in refs],
+            refs=[
+                _ref(ref_id, ref_id, image_id=image_id, split=split, sents=(f"the thing {ref_id}", f"object {ref_id}"))
+                for ref_id, image_id, split in refs
+            ],
+        )
+        build_shards(
+            root / "refer", dataset, split_by, img_dir, shards / f"{dataset}_{split_by}", workers=1, max_samples=2
+        )
     return {"shards_root": shards, "layout": layout, "refer_root": root / "refer", "images": img_dir}

@@ -12,16 +12,36 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def overrides(tiny_shards, tiny_models, runs, *extra):
-    return [f"paths.shards_root={tiny_shards.parent}", f"data.train_sets=[{{name: {tiny_shards.name}, split: train}}]",
-            f"eval.sets=[{{name: {tiny_shards.name}, split: val}}]", f"paths.runs_root={runs}",
-            f"model.mllm_path={tiny_models['qwen2_5_vl']}", "model.tiny_family=qwen2_5_vl",
-            f"model.sam_checkpoint={tiny_models['sam']}", "model.sam_image_size=256", "data.num_workers=2",
-            "train.micro_batch_size=2", "train.warmup_steps=2", "train.log_every=1", "train.val_samples=0", *extra]
+    return [
+        f"paths.shards_root={tiny_shards.parent}",
+        f"data.train_sets=[{{name: {tiny_shards.name}, split: train}}]",
+        f"eval.sets=[{{name: {tiny_shards.name}, split: val}}]",
+        f"paths.runs_root={runs}",
+        f"model.mllm_path={tiny_models['qwen2_5_vl']}",
+        "model.tiny_family=qwen2_5_vl",
+        f"model.sam_checkpoint={tiny_models['sam']}",
+        "model.sam_image_size=256",
+        "data.num_workers=2",
+        "train.micro_batch_size=2",
+        "train.warmup_steps=2",
+        "train.log_every=1",
+        "train.val_samples=0",
+        *extra,
+    ]
 
 
 def deepspeed_cmd(args, script=ROOT / "launch/train.py", ranks=2):
-    return [str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-            str(script), "--config", str(ROOT / "launch/configs/default.yaml"), *args]
+    return [
+        str(VENV_BIN / "deepspeed"),
+        "--num_gpus",
+        str(ranks),
+        "--master_port",
+        str(free_port()),
+        str(script),
+        "--config",
+        str(ROOT / "launch/configs/default.yaml"),
+        *args,
+    ]
 
 
 def rank_processes(launcher_pid: int) -> list:
@@ -46,5 +66,8 @@ def run(cmd, **kw):
 
 
 def losses(run_dir):
-    return {d["step"]: d for d in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-            if d["kind"] == "train"}
+    return {
+        d["step"]: d
+        for d in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+        if d["kind"] == "train"
+    }

@@ -33,8 +33,10 @@ def from_pil_image(path):
 
 
 def test_import_ppcr_stays_light():
-    code = ("import sys, ppcr\n"
-            "print([m for m in ('torch', 'transformers', 'deepspeed', 'ppcr.eval.segmenter') if m in sys.modules])\n")
+    code = (
+        "import sys, ppcr\n"
+        "print([m for m in ('torch', 'transformers', 'deepspeed', 'ppcr.eval.segmenter') if m in sys.modules])\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"  # the API is imported on first use (ppcr.Segmenter, ppcr.load)
@@ -94,7 +96,8 @@ def test_dtype_loads_an_export_or_a_run_in_another_precision(exported, trained_r
 
 
 def test_an_export_moved_away_from_its_deleted_run_segments_as_ppcr_infer_on_the_run(
-        evaluated_run, trained_run, tiny_models, tmp_path):
+    evaluated_run, trained_run, tiny_models, tmp_path
+):
     """The run and the base models it names are copied, exported, deleted; the export is moved and loads
     with the Python API alone, with the mask ppcr-infer gives on the original run."""
     work = tmp_path / "work"
@@ -133,8 +136,23 @@ def test_an_export_moved_away_from_its_deleted_run_segments_as_ppcr_infer_on_the
     shutil.move(work / "export", moved)
     image, expression = examples()[0]
     result = ppcr.load(moved, device="cpu")(image, expression)
-    assert infer_main(["--checkpoint", str(trained_run), "--image", image, "--expression", expression,
-                       "--out", str(tmp_path / "infer"), "--device", "cpu"]) == 0
+    assert (
+        infer_main(
+            [
+                "--checkpoint",
+                str(trained_run),
+                "--image",
+                image,
+                "--expression",
+                expression,
+                "--out",
+                str(tmp_path / "infer"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     name = Path(image).stem
     assert np.array_equal(np.array(Image.open(tmp_path / f"infer/{name}.mask.png")), result.mask)
     written = json.loads((tmp_path / f"infer/{name}.json").read_text())
@@ -165,12 +183,16 @@ def test_device_map_places_a_run_checkpoint_and_an_export_alike(trained_run, exp
     load through one placement: the MLLM loaded with the device map (accelerate dispatches it where there are
     GPUs), every other part on its input device, the language model's and vision tower's outputs brought back
     there. (On this CPU machine every device is the CPU and transformers does not dispatch.)"""
-    from ppcr.model import model as model_module, saving
+    from ppcr.model import model as model_module
+    from ppcr.model import saving
 
     asked = []
     for module in (model_module, saving):
-        monkeypatch.setattr(module, "load_mllm", lambda *a, _f=module.load_mllm, **k: (asked.append(k.get("device_map")),
-                                                                                        _f(*a, **k))[1])
+        monkeypatch.setattr(
+            module,
+            "load_mllm",
+            lambda *a, _f=module.load_mllm, **k: (asked.append(k.get("device_map")), _f(*a, **k))[1],
+        )
     image, expression = examples()[0]
     plain = ppcr.Segmenter.from_pretrained(trained_run, device="cpu")(image, expression)
     for path in (trained_run, exported / "model"):
@@ -180,8 +202,10 @@ def test_device_map_places_a_run_checkpoint_and_an_export_alike(trained_run, exp
         assert asked == ["auto"], path  # the MLLM loaded with the map, for a run checkpoint too
         first = model.mllm.get_input_embeddings().weight.device
         assert {p.device for n, p in model.named_parameters() if not n.startswith("mllm.")} == {first}
-        assert all(getattr(m, "_hf_hook", None) is not None
-                   for m in (model.family.language_model, *model.family.vision_modules))
+        assert all(
+            getattr(m, "_hf_hook", None) is not None
+            for m in (model.family.language_model, *model.family.vision_modules)
+        )
         if path == trained_run:
             result = segmenter(image, expression)
             assert result.spatial_answer == plain.spatial_answer and np.array_equal(result.mask, plain.mask)

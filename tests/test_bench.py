@@ -3,9 +3,9 @@ import time
 
 import pytest
 import torch
+from conftest import make_config
 from torch.profiler import ProfilerActivity, profile
 
-from conftest import make_config
 from ppcr.bench.refer_loader import ReferRandomAccess
 from ppcr.bench.report import Figure, paired_ratio
 from ppcr.data.shards import decode_sample, iter_tar_samples, load_manifest
@@ -75,7 +75,10 @@ def test_the_random_access_baseline_delivers_what_the_shard_reader_does(tiny_ref
     baseline = ReferRandomAccess(tiny_refer["refer_root"], "synthetic", "unc", tiny_refer["images"], "train", cfg.model)
     by_ref = {ref["ref_id"]: i for i, ref in enumerate(baseline.refs)}
     pre = Preprocessor.from_config(cfg.model)
-    mean, std = torch.tensor(cfg.model.sam_pixel_mean).view(3, 1, 1), torch.tensor(cfg.model.sam_pixel_std).view(3, 1, 1)
+    mean, std = (
+        torch.tensor(cfg.model.sam_pixel_mean).view(3, 1, 1),
+        torch.tensor(cfg.model.sam_pixel_std).view(3, 1, 1),
+    )
     shard = load_manifest(tiny_shards)["splits"]["train"]["shards"][0]
     checked = 0
     for raw in iter_tar_samples(tiny_shards / shard["name"]):

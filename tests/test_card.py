@@ -30,10 +30,14 @@ def test_a_hf_download_local_dir_gives_its_commit(tmp_path):
     d = mllm_dir(tmp_path / "checkpoints" / "Qwen2.5-VL-7B-Instruct")
     meta = d / ".cache/huggingface/download/config.json.metadata"
     meta.parent.mkdir(parents=True)
-    meta.write_text(f"{COMMIT}\n\"etag\"\n1700000000.0\n")
+    meta.write_text(f'{COMMIT}\n"etag"\n1700000000.0\n')
     base = describe_mllm(cfg_for(d))
-    assert (base.name, base.hub_id, base.revision, base.sha256) == ("Qwen/Qwen2.5-VL-7B-Instruct",
-                                                                      "Qwen/Qwen2.5-VL-7B-Instruct", COMMIT, None)
+    assert (base.name, base.hub_id, base.revision, base.sha256) == (
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        "Qwen/Qwen2.5-VL-7B-Instruct",
+        COMMIT,
+        None,
+    )
     assert base.licence == "apache-2.0"
 
 
@@ -63,13 +67,27 @@ def test_any_other_directory_is_named_by_a_hash_of_its_weights(tmp_path):
     assert base.licence == "other" and export_licence([base]) == "other"  # unknown: the card says to check
 
 
-@pytest.mark.parametrize("release,named", [("sam_vit_b_01ec64.pth", "Meta's SAM vit_b (sam_vit_b_01ec64.pth, "
-                                                                    "published md5 01ec64d29a2fca3f0661936605ae66f8)"),
-                                           ("mine.pth", "SAM vit_b (mine.pth)")])
+@pytest.mark.parametrize(
+    "release,named",
+    [
+        (
+            "sam_vit_b_01ec64.pth",
+            "Meta's SAM vit_b (sam_vit_b_01ec64.pth, published md5 01ec64d29a2fca3f0661936605ae66f8)",
+        ),
+        ("mine.pth", "SAM vit_b (mine.pth)"),
+    ],
+)
 def test_sam_is_named_by_its_release_and_hashed(tmp_path, release, named):
     (tmp_path / release).write_bytes(b"sam")
-    cfg = load_config(None, [f"model.sam_checkpoint={tmp_path / release}", "model.sam_type=vit_b",
-                             "model.sam_image_size=1024"])
+    cfg = load_config(
+        None, [f"model.sam_checkpoint={tmp_path / release}", "model.sam_type=vit_b", "model.sam_image_size=1024"]
+    )
     sam = describe_sam(cfg)
-    assert sam == BaseModel(part="SAM", name=named, hub_id=None, revision=None,
-                            sha256=hashlib.sha256(b"sam").hexdigest(), licence="apache-2.0")
+    assert sam == BaseModel(
+        part="SAM",
+        name=named,
+        hub_id=None,
+        revision=None,
+        sha256=hashlib.sha256(b"sam").hexdigest(),
+        licence="apache-2.0",
+    )

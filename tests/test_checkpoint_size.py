@@ -3,9 +3,9 @@
 
 import pytest
 import torch
+from launching import deepspeed_cmd, overrides, run
 from torch import nn
 
-from launching import deepspeed_cmd, overrides, run
 from ppcr.bench.memory import checkpoint_bytes, eval_model_bytes, persistent_buffer_bytes
 from ppcr.model.model import PPCRModel
 from ppcr.model.saving import load_checkpoint
@@ -31,8 +31,10 @@ def assert_size_as_estimated(ckpt, model: nn.Module, stage: str) -> None:
     alone (plus up to 5 % and 256 KiB a rank of metadata), well below the size with frozen weights."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    now, before = (checkpoint_bytes(trainable, frozen, 2, stage, 4, persistent_buffer_bytes(model), f)["total"]
-                   for f in (False, True))
+    now, before = (
+        checkpoint_bytes(trainable, frozen, 2, stage, 4, persistent_buffer_bytes(model), f)["total"]
+        for f in (False, True)
+    )
     measured = sum(f.stat().st_size for f in deepspeed_files(ckpt))
     assert now <= measured <= now * 1.05 + 2 * 2**18 < before, (measured, now, before)
 
@@ -56,16 +58,20 @@ def test_a_zero3_checkpoint_holds_no_frozen_weight_and_loads_for_evaluation(trai
     assert any(".visual." in n for n, p in model.named_parameters() if not p.requires_grad)
     assert_size_as_estimated(ckpt, model, "zero3")
     # Loaded: trained weights from the checkpoint, frozen ones from the base paths.
-    state = get_fp32_state_dict_from_zero_checkpoint(str(trained_run / "checkpoints"), tag=tag,
-                                                     exclude_frozen_parameters=True)
+    state = get_fp32_state_dict_from_zero_checkpoint(
+        str(trained_run / "checkpoints"), tag=tag, exclude_frozen_parameters=True
+    )
     base = dict(PPCRModel.from_config(cfg.model, cfg.train.loss).named_parameters())
     for name, p in model.named_parameters():
         assert torch.equal(p, state[name] if p.requires_grad else base[name]), name
 
 
 def test_load_checkpoint_names_missing_trainable_and_unexpected_keys(trained_run):
-    with pytest.raises(RuntimeError, match=r"step_00000003 does not fit.*trainable parameter\(s\) missing from the "
-                                           r"checkpoint, first \['sam\.sam\.prompt_encoder\."):
+    with pytest.raises(
+        RuntimeError,
+        match=r"step_00000003 does not fit.*trainable parameter\(s\) missing from the "
+        r"checkpoint, first \['sam\.sam\.prompt_encoder\.",
+    ):
         load_checkpoint(trained_run, ["model.trainable.sam_prompt_encoder=true"])
     with pytest.raises(RuntimeError, match=r"key\(s\) not in the model, first \[.*k_proj\.lora_"):
         load_checkpoint(trained_run, ["model.lora.target_modules=[q_proj, v_proj, o_proj]"])
@@ -88,8 +94,16 @@ def test_resume_module_load_lets_frozen_weights_be_absent_but_no_trainable_one()
 
 
 def test_zero2_saves_trained_weights_only_and_resumes(tiny_shards, tiny_models, tmp_path):
-    base = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=2", "train.save_every=100",
-                     "train.warmup_steps=1", "train.ds_config=ds_configs/zero2.json", "train.run_name=z2")
+    base = overrides(
+        tiny_shards,
+        tiny_models,
+        tmp_path,
+        "train.max_steps=2",
+        "train.save_every=100",
+        "train.warmup_steps=1",
+        "train.ds_config=ds_configs/zero2.json",
+        "train.run_name=z2",
+    )
     first = run(deepspeed_cmd(base + ["train.halt_at_step=1"]))
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "ZeRO-2" in first.stdout and "halted at step 1" in first.stdout
@@ -104,8 +118,7 @@ def test_zero2_saves_trained_weights_only_and_resumes(tiny_shards, tiny_models, 
 def test_checkpoint_and_eval_estimates_on_a_hand_computed_case():
     t, f, b = 1000, 8000, 16
     assert checkpoint_bytes(t, f, 8, "zero3", 2, b) == {"total": 8 * (1500 + b), "rank": 1500 + b}
-    assert checkpoint_bytes(t, f, 8, "zero3", 2, b, frozen_included=True) == {"total": 8 * (3500 + b),
-                                                                             "rank": 3500 + b}
+    assert checkpoint_bytes(t, f, 8, "zero3", 2, b, frozen_included=True) == {"total": 8 * (3500 + b), "rank": 3500 + b}
     assert checkpoint_bytes(t, f, 8, "zero2", 2, b) == {"total": 12 * t + 2 * t + b, "rank": 1500 + 2 * t + b}
     assert checkpoint_bytes(t, f, 8, "zero2", 2, b, True)["rank"] == 1500 + 2 * (t + f) + b
     assert eval_model_bytes(t, f, 2) == 2 * 9000 + 4 * t and eval_model_bytes(t, f, 2, True) == 6 * 9000

@@ -3,8 +3,20 @@ from pathlib import Path
 
 import pytest
 
-from ppcr.config import (Config, ConfigError, DataConfig, ModelConfig, PretrainConfig, ShardSetConfig, SyntheticConfig,
-                         TemplateConfig, TrainConfig, dump_config, load_config, with_dtype)
+from ppcr.config import (
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    PretrainConfig,
+    ShardSetConfig,
+    SyntheticConfig,
+    TemplateConfig,
+    TrainConfig,
+    dump_config,
+    load_config,
+    with_dtype,
+)
 
 RECIPE = Path(__file__).parent.parent / "launch/configs/default.yaml"
 
@@ -20,9 +32,17 @@ def test_default_recipe_loads_and_round_trips(tmp_path):
 
 
 def test_overrides_set_nested_values_with_yaml_types():
-    cfg = load_config(RECIPE, ["data.num_workers=0", "data.flip_prob=0.25", "train.seed=11", "train.lr=1e-3",
-                               "data.synthetic.difficulty_weights=[0, 1, 2]",
-                               "data.train_sets=[{name: a, split: train, ratio: 3}, {name: b, split: val}]"])
+    cfg = load_config(
+        RECIPE,
+        [
+            "data.num_workers=0",
+            "data.flip_prob=0.25",
+            "train.seed=11",
+            "train.lr=1e-3",
+            "data.synthetic.difficulty_weights=[0, 1, 2]",
+            "data.train_sets=[{name: a, split: train, ratio: 3}, {name: b, split: val}]",
+        ],
+    )
     assert cfg.data.num_workers == 0 and cfg.data.flip_prob == 0.25 and cfg.train.seed == 11
     assert cfg.train.lr == 0.001  # YAML 1.1 reads 1e-3 as a string; a float field takes it
     assert cfg.data.synthetic.difficulty_weights == [0.0, 1.0, 2.0]
@@ -49,14 +69,16 @@ def test_a_config_built_in_code_is_checked_as_a_loaded_one_with_the_same_message
         (["data.synthetic.min_objects=9"], lambda: SyntheticConfig(min_objects=9)),  # nested two deep
         (["data.synthetic.min_objects=9"], lambda: Config(data=DataConfig(synthetic=SyntheticConfig(min_objects=9)))),
         (["model.templates.spatial_answer='{box} [LOC]'"], lambda: TemplateConfig(spatial_answer="{box} [LOC]")),
-        (["data.train_sets=[{name: a}, {name: b, ratio: 0}]"],
-         lambda: DataConfig(train_sets=[ShardSetConfig(name="a"), ShardSetConfig(name="b", ratio=0.0)])),
+        (
+            ["data.train_sets=[{name: a}, {name: b, ratio: 0}]"],
+            lambda: DataConfig(train_sets=[ShardSetConfig(name="a"), ShardSetConfig(name="b", ratio=0.0)]),
+        ),
         (["train.precision=bf16"], lambda: Config(train=TrainConfig(precision="bf16"))),  # across sections
         (["pretrain.seed=0"], lambda: Config(pretrain=PretrainConfig(seed=0))),
         (["model.sam_type=vit_h"], lambda: replace(ModelConfig(), sam_type="vit_h")),
     ]
     for overrides, build in cases:
-        loaded = message(lambda: load_config(RECIPE, overrides))
+        loaded = message(lambda overrides=overrides: load_config(RECIPE, overrides))
         assert message(build) == loaded, overrides
     assert "config key 'train.sam_gt_box_floor': must lie in [0, 1]" in message(cases[0][1])
     assert message(cases[5][1]) == "config key 'data.train_sets[1].ratio': must be > 0, got 0.0"
@@ -84,8 +106,9 @@ def test_every_key_is_listed_with_its_type_default_and_doc_and_the_listed_defaul
                 yield f"{prefix}{k}"
 
     assert set(leaves(to_dict(Config()))) == {k for k in keys if "[i]" not in k}
-    assert {k for k in keys if "[i]" in k} == {f"{lst}[i].{f}" for lst in ("data.train_sets", "eval.sets")
-                                               for f in ("name", "split", "ratio")}
+    assert {k for k in keys if "[i]" in k} == {
+        f"{lst}[i].{f}" for lst in ("data.train_sets", "eval.sets") for f in ("name", "split", "ratio")
+    }
     assert all(s.doc.strip() for s in listed), [s.key for s in listed if not s.doc.strip()]
     by_key = {s.key: s for s in listed}
     assert by_key["pretrain.vision.steps"].default == 6000  # the tree's nested default, not the class's 1000

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import _ref, coco_image, make_config, square_annotation, write_refer
+
 from ppcr.data import counts
 from ppcr.data.counts import expected_expressions
 from ppcr.data.overlap import COCO_POOL, image_pool, plan_exclusions, split_images
@@ -23,14 +23,20 @@ def rejecting(tmp_path):
     img_dir = tmp_path / "train2014"
     img_dir.mkdir()
     images = [coco_image(img_dir, 1), coco_image(img_dir, 2)]
-    annotations = [square_annotation(10, 1), square_annotation(12, 1, x=30), square_annotation(14, 2),
-                   {**square_annotation(11, 1), "segmentation": [[5, 5, 5, 5, 5, 5]]},  # zero area
-                   square_annotation(13, 1, x=60)]  # box runs 8 px past the right edge
-    refs = [_ref(0, 10, sents=("the left thing", "thing on the left")),
-            _ref(1, 11, sents=("the flat thing", "a line", "nothing at all")),
-            _ref(2, 12, sents=("the right thing",)),
-            _ref(3, 13, sents=("the thing past the edge",)),
-            _ref(4, 14, image_id=2, split="val", sents=("the other thing", "  "))]
+    annotations = [
+        square_annotation(10, 1),
+        square_annotation(12, 1, x=30),
+        square_annotation(14, 2),
+        {**square_annotation(11, 1), "segmentation": [[5, 5, 5, 5, 5, 5]]},  # zero area
+        square_annotation(13, 1, x=60),
+    ]  # box runs 8 px past the right edge
+    refs = [
+        _ref(0, 10, sents=("the left thing", "thing on the left")),
+        _ref(1, 11, sents=("the flat thing", "a line", "nothing at all")),
+        _ref(2, 12, sents=("the right thing",)),
+        _ref(3, 13, sents=("the thing past the edge",)),
+        _ref(4, 14, image_id=2, split="val", sents=("the other thing", "  ")),
+    ]
     write_refer(tmp_path / "refer", "refcoco", "unc", images=images, annotations=annotations, refs=refs)
     out = tmp_path / "shards" / "refcoco_unc"
     build_shards(tmp_path / "refer", "refcoco", "unc", img_dir, out, workers=1, max_reject_share=1.0)
@@ -72,8 +78,10 @@ def test_a_manifest_of_another_format_asks_for_a_rebuild(rejecting, tmp_path):
     for version in (None, 1, FORMAT_VERSION + 1):
         manifest["format_version"] = version
         (old / "manifest.json").write_text(json.dumps(manifest))
-        refused = (rf"{old}/manifest.json: format_version {version} is not {FORMAT_VERSION}, a shard set written by "
-                   r"another ppcr; rebuild it \('make clean-data shards' for the synthetic set, 'ppcr-shards build'")
+        refused = (
+            rf"{old}/manifest.json: format_version {version} is not {FORMAT_VERSION}, a shard set written by "
+            r"another ppcr; rebuild it \('make clean-data shards' for the synthetic set, 'ppcr-shards build'"
+        )
         with pytest.raises(ValueError, match=refused):
             expected_expressions(old, "val")
         with pytest.raises(ValueError, match=refused):
@@ -85,8 +93,9 @@ def test_the_synthetic_set_has_no_published_count_and_drops_nothing(tiny_shards)
     assert c.official is None and c.source == c.written == load_manifest(tiny_shards)["splits"]["val"]["expressions"]
     assert c.rejected == 0
     # The default recipe trains on synthetic train and evaluates on its other splits: no image shared.
-    plan = plan_exclusions(tiny_shards.parent, make_config(tiny_shards).data.train_sets,
-                           make_config(tiny_shards).eval.sets)
+    plan = plan_exclusions(
+        tiny_shards.parent, make_config(tiny_shards).data.train_sets, make_config(tiny_shards).eval.sets
+    )
     assert plan.sets[0].refs == 0 and plan.sets[0].image_ids == frozenset() and plan.missing == []
 
 
@@ -99,9 +108,13 @@ def take(loader, n):
 
 
 def pool_config(coco_pool, *overrides):
-    return make_config(coco_pool["shards_root"] / "refcocog_umd", "data.flip_prob=0.0",
-                       "eval.sets=[{name: refcoco_unc, split: val}, {name: refcoco_unc, split: testA}, "
-                       "{name: refcocog_umd, split: val}]", *overrides)
+    return make_config(
+        coco_pool["shards_root"] / "refcocog_umd",
+        "data.flip_prob=0.0",
+        "eval.sets=[{name: refcoco_unc, split: val}, {name: refcoco_unc, split: testA}, "
+        "{name: refcocog_umd, split: val}]",
+        *overrides,
+    )
 
 
 def test_images_are_one_pool_across_the_refcoco_family():
@@ -113,8 +126,10 @@ def test_training_drops_exactly_the_refs_whose_image_an_eval_split_shows(coco_po
     cfg = pool_config(coco_pool)
     loader = build_train_loader(cfg, 0, 1)
     report = capsys.readouterr().out
-    assert ("exclude_eval_images: dropped 2 training refs of refcocog_umd/train (1 images) whose image is in "
-            "refcoco_unc/val (2 refs)") in report
+    assert (
+        "exclude_eval_images: dropped 2 training refs of refcocog_umd/train (1 images) whose image is in "
+        "refcoco_unc/val (2 refs)"
+    ) in report
     seen = {k for b in take(loader, 8) for k in b["keys"]}  # 24 samples: six passes over the 4 kept refs
     assert seen == keys("refcocog", "umd", [202, 203, 204, 205])  # 205 shows a refcoco *train* image: kept
     build_train_loader(cfg, 1, 2)
@@ -130,9 +145,12 @@ def test_nothing_is_dropped_with_exclude_eval_images_false(coco_pool, capsys):
 
 def test_every_training_set_is_checked_and_the_report_counts_per_set(coco_pool):
     root = coco_pool["shards_root"]
-    cfg = pool_config(coco_pool, "data.train_sets=[{name: refcoco_unc, split: train}, "
-                                 "{name: refcocog_umd, split: train}, {name: refcoco_unc, split: val}]",
-                      "eval.sets=[{name: refcoco_unc, split: val}, {name: refcoco_nope, split: val}]")
+    cfg = pool_config(
+        coco_pool,
+        "data.train_sets=[{name: refcoco_unc, split: train}, "
+        "{name: refcocog_umd, split: train}, {name: refcoco_unc, split: val}]",
+        "eval.sets=[{name: refcoco_unc, split: val}, {name: refcoco_nope, split: val}]",
+    )
     plan = plan_exclusions(root, cfg.data.train_sets, cfg.eval.sets)
     assert [x.refs for x in plan.sets] == [0, 2, 0]  # refcoco_unc/train shares image 1 only with a training split
     assert plan.sets[1].image_ids == frozenset({2}) and plan.sets[1].by_eval == (("refcoco_unc/val", 2),)
@@ -160,9 +178,11 @@ def test_resume_with_excluded_images_is_exact_and_a_state_without_them_is_refuse
         unfiltered.load_state_dict(first.state_dict())
 
 
-def test_evaluation_stops_on_missing_expressions_or_scores_them_as_misses(rejecting, tiny_shards, tiny_models,
-                                                                        monkeypatch):
+def test_evaluation_stops_on_missing_expressions_or_scores_them_as_misses(
+    rejecting, tiny_shards, tiny_models, monkeypatch
+):
     from conftest import model_config
+
     from ppcr.common.distributed import DistInfo
     from ppcr.eval.splits import evaluate_splits
     from ppcr.model.model import PPCRModel
@@ -171,8 +191,9 @@ def test_evaluation_stops_on_missing_expressions_or_scores_them_as_misses(reject
     monkeypatch.setattr(counts, "OFFICIAL_EXPRESSIONS", {("refcoco", "unc", "train"): 7})
     one = DistInfo(rank=0, world_size=1, local_rank=0, node_rank=0)
     sets = f"eval.sets=[{{name: {rejecting.name}, split: train}}]"
-    cfg = model_config(tiny_shards, tiny_models, "llava", f"paths.shards_root={rejecting.parent}", sets,
-                       "model.max_new_tokens=4")
+    cfg = model_config(
+        tiny_shards, tiny_models, "llava", f"paths.shards_root={rejecting.parent}", sets, "model.max_new_tokens=4"
+    )
     model = PPCRModel.from_config(cfg.model, cfg.train.loss).eval()
     (failed,) = evaluate_splits(model, cfg, one, synced=False, ablations=[PPCR])
     assert failed.rows == [] and "refcoco_unc/train: the shards hold 3 of the source's 7 expressions" in failed.error
@@ -191,9 +212,13 @@ def test_training_refuses_an_eval_split_without_shards_unless_opted_out(tiny_sha
     from ppcr.train.preflight import check_run_inputs
 
     sets = f"eval.sets=[{{name: {tiny_shards.name}, split: val}}, {{name: nowhere_unc, split: testA}}]"
-    with pytest.raises(ConfigError, match=r"eval split\(s\) nowhere_unc/testA have no shards under .*"
-                                          r"data.eval_splits_missing_ok"):
+    with pytest.raises(
+        ConfigError,
+        match=r"eval split\(s\) nowhere_unc/testA have no shards under .*"
+        r"data.eval_splits_missing_ok",
+    ):
         check_run_inputs(make_config(tiny_shards, sets), 1, tmp_path / "run")
-    check_run_inputs(make_config(tiny_shards, sets, "data.eval_splits_missing_ok=[nowhere_unc/testA]"), 1,
-                     tmp_path / "run")
+    check_run_inputs(
+        make_config(tiny_shards, sets, "data.eval_splits_missing_ok=[nowhere_unc/testA]"), 1, tmp_path / "run"
+    )
     check_run_inputs(make_config(tiny_shards, sets, "data.exclude_eval_images=false"), 1, tmp_path / "run")

@@ -2,7 +2,6 @@
 a checkpoint that does not load ends the command; and the page driven in a real headless Chromium."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -10,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_images import exif_rotated_jpeg
 
 from ppcr.eval.demo import MAX_EXPRESSION_CHARS, DemoInputError, RequestHandler, examples
 from ppcr.eval.demo import main as demo_main
 from ppcr.eval.segmenter import Segmenter
-from test_images import exif_rotated_jpeg
 
 ROOT = Path(__file__).parent.parent
 
@@ -34,14 +33,17 @@ def test_an_example_gets_the_overlay_both_answers_and_the_details(handler):
         assert fact in answer.details
 
 
-@pytest.mark.parametrize("case,message", [
-    ("no image", "Upload an image"),
-    ("empty expression", "Type an expression"),
-    ("overlong expression", f"{MAX_EXPRESSION_CHARS + 1} characters; at most {MAX_EXPRESSION_CHARS}"),
-    ("missing file", "image not found"),
-    ("not an image", "cannot read image"),
-    ("huge image", "9000 x 8000 px (72 MP)"),
-])
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("no image", "Upload an image"),
+        ("empty expression", "Type an expression"),
+        ("overlong expression", f"{MAX_EXPRESSION_CHARS + 1} characters; at most {MAX_EXPRESSION_CHARS}"),
+        ("missing file", "image not found"),
+        ("not an image", "cannot read image"),
+        ("huge image", "9000 x 8000 px (72 MP)"),
+    ],
+)
 def test_bad_input_is_answered_with_a_message(handler, tmp_path, case, message):
     image, expression = examples()[0]
     if case == "no image":
@@ -63,12 +65,15 @@ def test_bad_input_is_answered_with_a_message(handler, tmp_path, case, message):
     assert message in str(caught.value)
 
 
-@pytest.mark.parametrize("kind,note,shown_size", [
-    ("grey", "grey scale shown as RGB", (64, 48)),
-    ("rgba", "transparency composited over white", (64, 48)),
-    ("16-bit", "16-bit grey scaled to 8 bits", (64, 48)),
-    ("exif", "rotated as its EXIF orientation (6) says", (40, 60)),
-])
+@pytest.mark.parametrize(
+    "kind,note,shown_size",
+    [
+        ("grey", "grey scale shown as RGB", (64, 48)),
+        ("rgba", "transparency composited over white", (64, 48)),
+        ("16-bit", "16-bit grey scaled to 8 bits", (64, 48)),
+        ("exif", "rotated as its EXIF orientation (6) says", (40, 60)),
+    ],
+)
 def test_odd_images_are_answered_and_the_page_says_what_was_converted(handler, tmp_path, kind, note, shown_size):
     path = tmp_path / ("photo.jpg" if kind == "exif" else "photo.png")
     if kind == "grey":
@@ -107,9 +112,26 @@ def test_the_page_answers_in_a_real_browser(handler, exported, tmp_path):
         pytest.skip(reason)
     image, expression = examples()[1]
     shot = tmp_path / "demo.png"
-    done = subprocess.run([sys.executable, str(ROOT / "launch/demo_screenshot.py"), "--checkpoint",
-                           str(exported / "model"), "--image", image, "--expression", expression, "--out", str(shot),
-                           "--timeout", "120"], cwd=ROOT, capture_output=True, text=True, timeout=400)
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "launch/demo_screenshot.py"),
+            "--checkpoint",
+            str(exported / "model"),
+            "--image",
+            image,
+            "--expression",
+            expression,
+            "--out",
+            str(shot),
+            "--timeout",
+            "120",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     shown = json.loads(done.stdout.strip().splitlines()[-1])
     expected = handler(image, expression)  # the same model in this process: the page must show its answer

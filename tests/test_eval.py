@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
-
 from test_train import ROOT, deepspeed_cmd, run
+
 from ppcr.data.shards import load_manifest
 from ppcr.eval.rescore import read_records, rescore
 
@@ -29,14 +29,15 @@ def test_eval_on_two_zero3_ranks_equals_one_process_and_counts_every_expression(
     records_one = read_records(out / f"predictions_{tiny_shards.name}_val.jsonl")
     cmd = deepspeed_cmd([])
     cmd[cmd.index(str(ROOT / "launch/train.py"))] = str(ROOT / "launch/eval.py")
-    cmd = cmd[:cmd.index("--config")] + ["--checkpoint", str(run_dir), sets, "--redo", "--zero3"]
+    cmd = cmd[: cmd.index("--config")] + ["--checkpoint", str(run_dir), sets, "--redo", "--zero3"]
     two = run(cmd)
     assert two.returncode == 0, two.stderr[-3000:]
     assert "kept from an earlier run" not in two.stdout  # --redo: not the split just written
     rows_two = json.loads((out / "results.json").read_text())["rows"]
     timing = ("seconds", "expressions_per_s", "lm_forwards_per_expression")  # differ with the ranks' batches
-    assert [{k: v for k, v in r.items() if k not in timing} for r in rows_one] == \
-        [{k: v for k, v in r.items() if k not in timing} for r in rows_two]
+    assert [{k: v for k, v in r.items() if k not in timing} for r in rows_one] == [
+        {k: v for k, v in r.items() if k not in timing} for r in rows_two
+    ]
     alone = {(r["key"], r["sentence"]): r for r in records_one}
     synced = read_records(out / f"predictions_{tiny_shards.name}_val.jsonl")
     assert len(synced) == len(alone)
@@ -78,9 +79,11 @@ def broken_copy(tiny_shards, tmp_path, name="broken_unc"):
     return out
 
 
-def test_every_count_is_checked_before_the_first_forward_and_a_bad_split_loses_nothing(tiny_shards, tiny_models,
-                                                                                       tmp_path, monkeypatch):
+def test_every_count_is_checked_before_the_first_forward_and_a_bad_split_loses_nothing(
+    tiny_shards, tiny_models, tmp_path, monkeypatch
+):
     from conftest import model_config
+
     from ppcr.common.distributed import DistInfo
     from ppcr.eval import evaluate, splits
     from ppcr.model.model import PPCRModel
@@ -89,12 +92,20 @@ def test_every_count_is_checked_before_the_first_forward_and_a_bad_split_loses_n
     broken = broken_copy(tiny_shards, tmp_path)
     shutil.copytree(tiny_shards, broken.parent / tiny_shards.name)
     sets = f"eval.sets=[{{name: {tiny_shards.name}, split: testB}}, {{name: {broken.name}, split: val}}]"
-    cfg = model_config(tiny_shards, tiny_models, "llava", f"paths.shards_root={broken.parent}", sets,
-                       "model.max_new_tokens=4", "eval.max_expressions=3")
+    cfg = model_config(
+        tiny_shards,
+        tiny_models,
+        "llava",
+        f"paths.shards_root={broken.parent}",
+        sets,
+        "model.max_new_tokens=4",
+        "eval.max_expressions=3",
+    )
     events = []
     counted, forward = splits.expected_expressions, evaluate.predict_items
-    monkeypatch.setattr(splits, "expected_expressions", lambda d, s: (events.append(("count", Path(d).name)),
-                                                                      counted(d, s))[1])
+    monkeypatch.setattr(
+        splits, "expected_expressions", lambda d, s: (events.append(("count", Path(d).name)), counted(d, s))[1]
+    )
     monkeypatch.setattr(evaluate, "predict_items", lambda *a, **k: (events.append("forward"), forward(*a, **k))[1])
     model = PPCRModel.from_config(cfg.model, cfg.train.loss).eval()
     one = DistInfo(rank=0, world_size=1, local_rank=0, node_rank=0)
@@ -112,27 +123,41 @@ def evaluate_splits_list(model, cfg, dist, ablation):
 
 
 def test_make_eval_writes_each_split_reports_a_failing_one_keeps_done_ones_and_flags_unexcluded(
-        tiny_shards, trained_run, tmp_path):
+    tiny_shards, trained_run, tmp_path
+):
     """A split that fails is an error line and in results.json, the others are written as they are done
     (predictions, rows, TensorBoard); run again, the written splits are kept; testB, which the run's training
     did not leave out (its eval.sets held val only), is flagged."""
     run_dir = shutil.copytree(trained_run, tmp_path / "run", ignore=shutil.ignore_patterns("eval"))
-    assert json.loads((run_dir / "checkpoints/step_00000003/ppcr_excluded.json").read_text()) == \
-        {"exclude_eval_images": True, "excluded_eval_splits": [f"{tiny_shards.name}/val"]}
+    assert json.loads((run_dir / "checkpoints/step_00000003/ppcr_excluded.json").read_text()) == {
+        "exclude_eval_images": True,
+        "excluded_eval_splits": [f"{tiny_shards.name}/val"],
+    }
     broken = broken_copy(tiny_shards, tmp_path)
     shutil.copytree(tiny_shards, broken.parent / tiny_shards.name)
-    sets = (f"eval.sets=[{{name: {tiny_shards.name}, split: val}}, {{name: {broken.name}, split: val}}, "
-            f"{{name: {tiny_shards.name}, split: testB}}]")
-    cmd = [sys.executable, "launch/eval.py", "--checkpoint", str(run_dir), sets, "eval.max_expressions=3",
-           f"paths.shards_root={broken.parent}"]
+    sets = (
+        f"eval.sets=[{{name: {tiny_shards.name}, split: val}}, {{name: {broken.name}, split: val}}, "
+        f"{{name: {tiny_shards.name}, split: testB}}]"
+    )
+    cmd = [
+        sys.executable,
+        "launch/eval.py",
+        "--checkpoint",
+        str(run_dir),
+        sets,
+        "eval.max_expressions=3",
+        f"paths.shards_root={broken.parent}",
+    ]
     done = run(cmd)
     second = run(cmd)
     assert done.returncode == 4, done.stderr[-3000:]
     assert f"error: shard set {broken} split 'val': the refs file" in done.stderr
     out = run_dir / "eval/step_00000003"
     results = json.loads((out / "results.json").read_text())
-    assert [r["split"] for r in results["rows"] if r["group"] == "all"] == [f"{tiny_shards.name}/val",
-                                                                           f"{tiny_shards.name}/testB"]
+    assert [r["split"] for r in results["rows"] if r["group"] == "all"] == [
+        f"{tiny_shards.name}/val",
+        f"{tiny_shards.name}/testB",
+    ]
     assert list(results["errors"]) == [f"{broken.name}/val"]
     assert results["not_excluded_from_training"] == [f"{broken.name}/val", f"{tiny_shards.name}/testB"]
     flags = {r["split"]: r["excluded_from_training"] for r in results["rows"]}
@@ -143,6 +168,9 @@ def test_make_eval_writes_each_split_reports_a_failing_one_keeps_done_ones_and_f
         assert (out / f"split_{tiny_shards.name}_{split}.json").is_file()
     logged = [json.loads(line)["kind"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert f"eval/{tiny_shards.name}/testB/box=head,sam=box+semsp" in logged
-    assert second.returncode == 4 and f"kept from an earlier run (--redo evaluates again): {tiny_shards.name}/val, " \
-                                      f"{tiny_shards.name}/testB" in second.stdout
+    assert (
+        second.returncode == 4
+        and f"kept from an earlier run (--redo evaluates again): {tiny_shards.name}/val, {tiny_shards.name}/testB"
+        in second.stdout
+    )
     assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]

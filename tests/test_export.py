@@ -17,11 +17,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText
 
-from ppcr.model.predict import predict
 from ppcr.data.shards import decode_sample, iter_tar_samples, load_manifest
 from ppcr.eval.infer import main as infer_main
 from ppcr.model.export import main as export_main
 from ppcr.model.fingerprint import FINGERPRINT_FILE, UnverifiedBaseWarning
+from ppcr.model.predict import predict
 from ppcr.model.saving import load_checkpoint, load_pretrained
 
 
@@ -67,8 +67,21 @@ def test_infer_writes_mask_overlay_and_json_and_reports_bad_requests(exported, t
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not an image")
     out = tmp_path / "out"
-    assert infer_main(["--checkpoint", str(exported / "model"), "--image", str(image), "--expression",
-                       sample["meta"]["sentences"][0], "--out", str(out)]) == 0
+    assert (
+        infer_main(
+            [
+                "--checkpoint",
+                str(exported / "model"),
+                "--image",
+                str(image),
+                "--expression",
+                sample["meta"]["sentences"][0],
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     mask = np.array(Image.open(out / "photo.mask.png"))
     assert mask.shape == sample["image"].shape[:2]
     result = json.loads((out / "photo.json").read_text())
@@ -76,12 +89,18 @@ def test_infer_writes_mask_overlay_and_json_and_reports_bad_requests(exported, t
     assert Image.open(out / "photo.overlay.png").size == (sample["image"].shape[1], sample["image"].shape[0])
 
     requests = tmp_path / "requests.jsonl"
-    requests.write_text("\n".join(json.dumps(r) for r in [
-        {"image": str(image), "expression": "the thing", "id": "good"},
-        {"image": str(tmp_path / "missing.png"), "expression": "x"},
-        {"image": str(broken), "expression": "x"},
-        {"image": str(image), "expression": "  "},
-    ]) + "\n{not json\n")
+    requests.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {"image": str(image), "expression": "the thing", "id": "good"},
+                {"image": str(tmp_path / "missing.png"), "expression": "x"},
+                {"image": str(broken), "expression": "x"},
+                {"image": str(image), "expression": "  "},
+            ]
+        )
+        + "\n{not json\n"
+    )
     capsys.readouterr()
     assert infer_main(["--checkpoint", str(exported / "model"), "--jsonl", str(requests), "--out", str(out)]) == 1
     err = capsys.readouterr().err
@@ -94,8 +113,21 @@ def test_infer_masks_an_exif_rotated_photo_in_the_orientation_a_viewer_shows(exp
     from test_images import exif_rotated_jpeg
 
     exif_rotated_jpeg(tmp_path / "phone.jpg")  # stored 40 x 60, shown 60 x 40
-    assert infer_main(["--checkpoint", str(exported / "model"), "--image", str(tmp_path / "phone.jpg"),
-                       "--expression", "the red part", "--out", str(tmp_path / "out")]) == 0
+    assert (
+        infer_main(
+            [
+                "--checkpoint",
+                str(exported / "model"),
+                "--image",
+                str(tmp_path / "phone.jpg"),
+                "--expression",
+                "the red part",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     assert np.array(Image.open(tmp_path / "out/phone.mask.png")).shape == (60, 40)
     assert Image.open(tmp_path / "out/phone.overlay.png").size == (40, 60)
     assert "rotated as its EXIF orientation (6) says" in capsys.readouterr().out
@@ -135,11 +167,31 @@ def test_push_to_hub_with_the_opt_in_reaches_the_hub_and_keeps_the_export(export
     export: its card keeps the run's facts) stays."""
     out = tmp_path / "again"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
-    env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT="http://127.0.0.1:9", HF_TOKEN="hf_test", HF_HOME=str(tmp_path / "hf"),
-               OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "ppcr.model.export", "--checkpoint", str(exported / "model"), "--out",
-                           str(out), "--push-to-hub", "someorg/ppcr-test"], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=tmp_path)
+    env.update(
+        HF_HUB_OFFLINE="0",
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_TOKEN="hf_test",
+        HF_HOME=str(tmp_path / "hf"),
+        OMP_NUM_THREADS="1",
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ppcr.model.export",
+            "--checkpoint",
+            str(exported / "model"),
+            "--out",
+            str(out),
+            "--push-to-hub",
+            "someorg/ppcr-test",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=tmp_path,
+    )
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert "error: could not upload" in done.stderr and "someorg/ppcr-test" in done.stderr
     assert "Connection refused" in done.stderr and "OfflineModeIsEnabled" not in done.stderr

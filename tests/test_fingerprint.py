@@ -3,7 +3,6 @@ loader compares, and a difference is refused with the file, both hashes and the 
 cached per file version; hub ids are pinned to the commit a run trained on."""
 
 import json
-import os
 import shutil
 import warnings
 from dataclasses import replace
@@ -11,14 +10,22 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import model_config
+
 from ppcr.common import hashing
 from ppcr.common.hashing import file_sha256, sha256_uncached
 from ppcr.config import load_config
 from ppcr.model import mllm
-from ppcr.model.fingerprint import (CONFIG_FILE, FINGERPRINT_FILE, BaseMismatch, UnverifiedBaseWarning,
-                                    base_fingerprint, check_base, check_model_settings, pin_revision)
+from ppcr.model.fingerprint import (
+    CONFIG_FILE,
+    FINGERPRINT_FILE,
+    BaseMismatch,
+    UnverifiedBaseWarning,
+    base_fingerprint,
+    check_base,
+    check_model_settings,
+    pin_revision,
+)
 from ppcr.model.saving import load_checkpoint, load_pretrained
 from ppcr.model.tiny import save_tiny_sam
 
@@ -63,8 +70,10 @@ def test_a_changed_base_file_is_named_with_both_hashes_and_the_flag(tiny_shards,
         check_base(saved, m, what="checkpoint X", allow=False)
     msg = str(e.value)
     assert f"{sam}: sha256 {was} when trained, {now} now" in msg
-    assert f"{mllm_dir / 'generation_config.json'}: sha256 {saved['mllm']['files']['generation_config.json']} " \
-           "when trained, (no such file) now" in msg
+    assert (
+        f"{mllm_dir / 'generation_config.json'}: sha256 {saved['mllm']['files']['generation_config.json']} "
+        "when trained, (no such file) now" in msg
+    )
     assert "checkpoint X was trained on other base weights" in msg and "--allow-base-mismatch" in msg
     with pytest.warns(UserWarning, match="loaded anyway as asked"):
         assert check_base(saved, m, what="checkpoint X", allow=True)["sam"]["sha256"] == now
@@ -85,8 +94,7 @@ def test_a_resume_with_other_model_settings_is_refused_by_key(tiny_shards, tiny_
         check_model_settings(saved, other, what="checkpoint X", allow=True)
 
 
-def test_a_hub_id_records_its_commit_and_later_loads_ask_for_it(tiny_shards, tiny_models, tmp_path, monkeypatch,
-                                                                 cache):
+def test_a_hub_id_records_its_commit_and_later_loads_ask_for_it(tiny_shards, tiny_models, tmp_path, monkeypatch, cache):
     from huggingface_hub import constants
 
     commit = "0123456789abcdef0123456789abcdef01234567"
@@ -113,8 +121,7 @@ def test_a_hub_id_records_its_commit_and_later_loads_ask_for_it(tiny_shards, tin
         check_base(moved, pinned, what="checkpoint X", allow=False)
 
 
-def test_checkpoints_record_their_base_and_config_and_evaluation_checks_them(trained_run, tiny_models, tmp_path,
-                                                                             cache):
+def test_checkpoints_record_their_base_and_config_and_evaluation_checks_them(trained_run, tiny_models, tmp_path, cache):
     """The run's checkpoint carries ppcr_base.json and its own config; a copy of the run whose SAM file was
     replaced is refused by load_checkpoint; without a fingerprint (an older checkpoint) it loads, warned."""
     ckpt = trained_run / "checkpoints/step_00000003"

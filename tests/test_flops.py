@@ -3,8 +3,8 @@ partitioned weights, the counter's CPU attention, and the published Qwen2.5-VL-7
 
 import pytest
 import torch
-
 from conftest import model_config
+
 from ppcr.bench import memory
 from ppcr.data.stream import build_train_loader
 from ppcr.model import flops
@@ -92,6 +92,8 @@ def test_flops_of_the_published_qwen_follow_the_formula():
     assert f["hardware"] == f["model"] + fwd
     assert 20e12 < f["model"] < 30e12  # about 24 TFLOP a sample: 6.5 B frozen LM weights, 2 stages of ~300 tokens
     assert flops.sample_flops(x, tokens, gradient_checkpointing=False)["recompute"] == 0
-    batch = {"semantic": {"rows": 2, "tokens": 592, "image": 512, "answer": 10},
-             "spatial": {"rows": 2, "tokens": 632, "image": 512, "answer": 40}}
+    batch = {
+        "semantic": {"rows": 2, "tokens": 592, "image": 512, "answer": 10},
+        "spatial": {"rows": 2, "tokens": 632, "image": 512, "answer": 40},
+    }
     assert flops.per_sample(batch) == tokens

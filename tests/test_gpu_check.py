@@ -21,9 +21,23 @@ ROOT = Path(__file__).parent.parent
 
 def test_gpu_check_trains_the_7b_architecture_shrunk_in_depth(tmp_path):
     out = tmp_path / "check"
-    cmd = [sys.executable, str(ROOT / "launch/gpu_check.py"), "--layers", "1", "--steps", "1", "--warmup-steps", "1",
-           "--train-images", "8", "--out", str(out),
-           "train.micro_batch_size=1", "train.grad_accum=1", "data.num_workers=1"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "launch/gpu_check.py"),
+        "--layers",
+        "1",
+        "--steps",
+        "1",
+        "--warmup-steps",
+        "1",
+        "--train-images",
+        "8",
+        "--out",
+        str(out),
+        "train.micro_batch_size=1",
+        "train.grad_accum=1",
+        "data.num_workers=1",
+    ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     r = json.loads((out / "gpu_check.json").read_text())
@@ -33,7 +47,11 @@ def test_gpu_check_trains_the_7b_architecture_shrunk_in_depth(tmp_path):
     config = json.loads(next((out / "models").glob("qwen2.5-vl-7b_1-layers/config.json")).read_text())
     text, vision = config.get("text_config", config), config["vision_config"]
     assert (text["hidden_size"], text["intermediate_size"], text["num_hidden_layers"], text["vocab_size"]) == (
-        3584, 18944, 1, 152064)
+        3584,
+        18944,
+        1,
+        152064,
+    )
     assert (vision["hidden_size"], vision["depth"], vision["fullatt_block_indexes"]) == (1280, 1, [0])
     with safe_open(next((out / "models").glob("sam_tiny_1-layers.safetensors")), "pt") as f:
         keys = list(f.keys())
@@ -81,7 +99,12 @@ def test_depth_shrinks_and_widths_stay():
     a = cfg.model.sam_arch
     assert cfg.model.sam_type == "tiny" and cfg.model.sam_image_size == 1024
     assert (a.encoder_dim, a.encoder_depth, a.encoder_heads, a.global_attn_indexes, a.window_size) == (
-        1280, 9, 16, [7], 14)
+        1280,
+        9,
+        16,
+        [7],
+        14,
+    )
     assert (a.prompt_dim, a.decoder_heads, a.decoder_mlp_dim) == (256, 8, 2048)
 
     rm = memory.build_meta_model("llava-1.5-7b", overrides=gpu_check.sam_overrides("vit_h", 2), layers=2)
@@ -91,15 +114,20 @@ def test_depth_shrinks_and_widths_stay():
 
 
 def test_bad_plans():
-    for bad, match in (({"recipe": "gpt"}, "unknown recipe"), ({"steps": 0}, "steps must be"),
-                       ({"layers": 0}, "layers must be"), ({"warmup_steps": -1}, "warmup_steps")):
+    for bad, match in (
+        ({"recipe": "gpt"}, "unknown recipe"),
+        ({"steps": 0}, "steps must be"),
+        ({"layers": 0}, "layers must be"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+    ):
         with pytest.raises(ValueError, match=match):
             gpu_check.Plan(**bad).check()
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no GPU: at the published depth"):
             gpu_check.Plan().check()
-    done = subprocess.run([sys.executable, str(ROOT / "launch/gpu_check.py"), "--layers", "0"], cwd=ROOT,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "launch/gpu_check.py"), "--layers", "0"], cwd=ROOT, capture_output=True, text=True
+    )
     assert done.returncode == 2 and "layers must be >= 1" in done.stderr
 
 
@@ -111,17 +139,60 @@ def test_the_measured_peak_is_compared_with_the_estimated_allocations_not_the_al
 
     gib = gpu_check.GIB
     monkeypatch.setattr(gpu_check.machine, "describe", lambda: {"gpus": [{"name": "NVIDIA H100 80GB HBM3"}]})
-    predicted = {"model_states": 10 * gib, "activations": 2 * gib, "allowance": 1.5 * gib, "allocated": 12 * gib,
-                 "per_gpu": 13.5 * gib, "model_states_bf16": 9 * gib}
-    records = [{"kind": "train", "step": s, "loss": 1.0, "samples_per_s": 2.0, "data_wait_share": 0.0, "mfu": 0.4,
-                "peak_mem_gib": 12.0, "host_rss_gb": 1.0} for s in (1, 2, 3)]
-    records.append({"kind": "flops", "step": 1, "peak_per_device": 1e15, **dict.fromkeys((
-        "sample", "tokens_semantic_image", "tokens_semantic_text", "tokens_spatial_image", "tokens_spatial_text",
-        "lm_forward", "lm_backward", "lm_head", "vision_tower", "sam_image_encoder", "recompute"), 1e12),
-        "hardware": 1.5e12})
-    r = gpu_check.report(gpu_check.Plan(steps=2, warmup_steps=1, peak_flops=0.8e15), load_config(None),
-                         SimpleNamespace(total=3, trainable=1, frozen=2), records=records, overrides=[],
-                         predicted=predicted, timing={"train_wall_s": 1.0, "total_s": 2.0})
+    predicted = {
+        "model_states": 10 * gib,
+        "activations": 2 * gib,
+        "allowance": 1.5 * gib,
+        "allocated": 12 * gib,
+        "per_gpu": 13.5 * gib,
+        "model_states_bf16": 9 * gib,
+    }
+    records = [
+        {
+            "kind": "train",
+            "step": s,
+            "loss": 1.0,
+            "samples_per_s": 2.0,
+            "data_wait_share": 0.0,
+            "mfu": 0.4,
+            "peak_mem_gib": 12.0,
+            "host_rss_gb": 1.0,
+        }
+        for s in (1, 2, 3)
+    ]
+    records.append(
+        {
+            "kind": "flops",
+            "step": 1,
+            "peak_per_device": 1e15,
+            **dict.fromkeys(
+                (
+                    "sample",
+                    "tokens_semantic_image",
+                    "tokens_semantic_text",
+                    "tokens_spatial_image",
+                    "tokens_spatial_text",
+                    "lm_forward",
+                    "lm_backward",
+                    "lm_head",
+                    "vision_tower",
+                    "sam_image_encoder",
+                    "recompute",
+                ),
+                1e12,
+            ),
+            "hardware": 1.5e12,
+        }
+    )
+    r = gpu_check.report(
+        gpu_check.Plan(steps=2, warmup_steps=1, peak_flops=0.8e15),
+        load_config(None),
+        SimpleNamespace(total=3, trainable=1, frozen=2),
+        records=records,
+        overrides=[],
+        predicted=predicted,
+        timing={"train_wall_s": 1.0, "total_s": 2.0},
+    )
     assert r["memory"]["peak_vs_predicted"] == pytest.approx(1.0)
     assert "measured / estimated allocations (model states + activations) 1.00" in gpu_check.render(r)
     # MFU as training logged it, against the peak the plan names: 400 TFLOP/s of 800

@@ -11,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
 from conftest import _ref, _write_refer
+
 from ppcr.config import load_config
 from ppcr.data import synthetic
 from ppcr.data.refer import expression_group, read_refer, segmentation_to_mask
@@ -87,11 +87,30 @@ def test_refcoco_refs_are_grouped_by_the_targets_supercategory(tmp_path):
     Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(img_dir / "COCO_train2014_000000000001.jpg")
     images = [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "height": 20, "width": 30}]
     poly = [[2.0, 2.0, 12.0, 2.0, 12.0, 12.0, 2.0, 12.0]]
-    anns = [{"id": 10, "image_id": 1, "category_id": 1, "segmentation": poly, "bbox": [2, 2, 10, 10], "area": 100.0,
-             "iscrowd": 0},
-            {"id": 11, "image_id": 1, "category_id": 2, "segmentation": poly, "bbox": [2, 2, 10, 10], "area": 100.0,
-             "iscrowd": 0}]
-    categories = ({"id": 1, "name": "man", "supercategory": "person"}, {"id": 2, "name": "car", "supercategory": "vehicle"})
+    anns = [
+        {
+            "id": 10,
+            "image_id": 1,
+            "category_id": 1,
+            "segmentation": poly,
+            "bbox": [2, 2, 10, 10],
+            "area": 100.0,
+            "iscrowd": 0,
+        },
+        {
+            "id": 11,
+            "image_id": 1,
+            "category_id": 2,
+            "segmentation": poly,
+            "bbox": [2, 2, 10, 10],
+            "area": 100.0,
+            "iscrowd": 0,
+        },
+    ]
+    categories = (
+        {"id": 1, "name": "man", "supercategory": "person"},
+        {"id": 2, "name": "car", "supercategory": "vehicle"},
+    )
     refs = [_ref(0, 10, sents=("man on the left", "guy")), {**_ref(1, 11), "category_id": 2}]
     _write_refer(root, images, anns, refs, categories)
     records, rejected = read_refer(root, "refcoco", "unc", img_dir)

@@ -29,19 +29,31 @@ def online(monkeypatch, tmp_path):
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
 
 
-@pytest.mark.parametrize("path,is_id", [
-    ("Qwen/Qwen2.5-VL-7B-Instruct", True), ("llava-hf/llava-1.5-7b-hf", True),
-    ("./Qwen/Qwen2.5-VL-7B-Instruct", False), ("/models/qwen", False), ("~/qwen/x", False),
-    ("checkpoints/a/b", False), ("qwen", False), ("org/na me", False), ("org/name--x", False),
-])
+@pytest.mark.parametrize(
+    "path,is_id",
+    [
+        ("Qwen/Qwen2.5-VL-7B-Instruct", True),
+        ("llava-hf/llava-1.5-7b-hf", True),
+        ("./Qwen/Qwen2.5-VL-7B-Instruct", False),
+        ("/models/qwen", False),
+        ("~/qwen/x", False),
+        ("checkpoints/a/b", False),
+        ("qwen", False),
+        ("org/na me", False),
+        ("org/name--x", False),
+    ],
+)
 def test_what_reads_as_a_hub_id(path, is_id, offline):
     assert looks_like_hub_id(path) is is_id
 
 
 def test_a_path_under_an_existing_directory_is_a_missing_path_not_a_hub_id(online, tmp_path):
     (tmp_path / "checkpoints").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no MLLM checkpoint at checkpoints/tiny-x \(config.json missing\)"
-                                                r".*hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir checkpoints/tiny-x"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"no MLLM checkpoint at checkpoints/tiny-x \(config.json missing\)"
+        r".*hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir checkpoints/tiny-x",
+    ):
         check_mllm_path("checkpoints/tiny-x")
 
 
@@ -74,16 +86,29 @@ def test_online_hub_id_loads_from_the_downloaded_snapshot(online, monkeypatch, t
 def _load_in_subprocess(tmp_path, **env):
     """load_mllm(HUB_ID) in a fresh process (the hub reads HF_HUB_OFFLINE at import), with an endpoint
     that refuses connections so that nothing is ever downloaded; returns its last output line."""
-    code = ("from ppcr.model.mllm import load_mllm\n"
-            "try:\n"
-            f"    load_mllm({HUB_ID!r})\n"
-            "except FileNotFoundError as e:\n"
-            "    c = e.__cause__\n"
-            "    print(repr(str(e)), type(c).__module__ if c else None, type(c).__name__ if c else None)\n")
+    code = (
+        "from ppcr.model.mllm import load_mllm\n"
+        "try:\n"
+        f"    load_mllm({HUB_ID!r})\n"
+        "except FileNotFoundError as e:\n"
+        "    c = e.__cause__\n"
+        "    print(repr(str(e)), type(c).__module__ if c else None, type(c).__name__ if c else None)\n"
+    )
     base = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180, cwd=tmp_path,
-                         env={**base, "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9",
-                              "OMP_NUM_THREADS": "1", **env})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=tmp_path,
+        env={
+            **base,
+            "HF_HOME": str(tmp_path / "hf"),
+            "HF_ENDPOINT": "http://127.0.0.1:9",
+            "OMP_NUM_THREADS": "1",
+            **env,
+        },
+    )
     assert out.returncode == 0 and out.stdout.strip(), out.stderr[-3000:]
     return out.stdout.strip().splitlines()[-1]
 
@@ -106,6 +131,9 @@ def test_config_refuses_an_empty_or_url_mllm_path(value):
 
 
 def test_missing_real_sam_checkpoint_names_the_file_and_its_md5(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth "
-                                                r"\(md5 0b3195507c641ddb6910d2bb5adee89c"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth "
+        r"\(md5 0b3195507c641ddb6910d2bb5adee89c",
+    ):
         load_sam(ModelConfig(sam_checkpoint=str(tmp_path / "nope.pth"), sam_type="vit_l", sam_image_size=1024))

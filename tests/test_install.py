@@ -94,8 +94,9 @@ def test_make_install_locked_installs_under_the_constraints():
     import subprocess
 
     def dry(*args):
-        out = subprocess.run(["make", "-n", "-B", "install", "PY=python", *args], cwd=ROOT, capture_output=True,
-                             text=True, timeout=60)
+        out = subprocess.run(
+            ["make", "-n", "-B", "install", "PY=python", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+        )
         assert out.returncode == 0, out.stderr
         return [line for line in out.stdout.splitlines() if "pip install" in line]
 

@@ -12,8 +12,8 @@ import json
 import sys
 
 import torch
-
 from launching import ROOT, deepspeed_cmd, run
+
 from ppcr.common.distributed import DistInfo
 from ppcr.config import SyntheticConfig, load_config
 from ppcr.data import synthetic
@@ -31,13 +31,22 @@ def test_a_short_default_run_finds_and_segments_held_out_objects(tmp_path):
     data = SyntheticConfig(seed=11, num_images={"train": 200, "val": 20, "testA": 1, "testB": 1})
     synthetic.generate(data, tmp_path / "refer", tmp_path / "images", workers=1)
     shards = tmp_path / "shards" / "learn_unc"
-    build_shards(tmp_path / "refer", "synthetic", "unc", tmp_path / "images" / "synthetic", shards, workers=1,
-                 max_samples=100)
+    build_shards(
+        tmp_path / "refer", "synthetic", "unc", tmp_path / "images" / "synthetic", shards, workers=1, max_samples=100
+    )
     common = [f"paths.shards_root={shards.parent}", f"eval.sets=[{{name: {shards.name}, split: val}}]"]
-    train_args = [*common, f"data.train_sets=[{{name: {shards.name}, split: train}}]",
-                  f"paths.runs_root={tmp_path / 'runs'}", "train.run_name=learn", f"train.max_steps={STEPS}",
-                  f"train.save_every={STEPS}", f"train.val_every={STEPS}", "train.val_samples=8",
-                  f"train.image_every={STEPS}", "train.log_every=50"]
+    train_args = [
+        *common,
+        f"data.train_sets=[{{name: {shards.name}, split: train}}]",
+        f"paths.runs_root={tmp_path / 'runs'}",
+        "train.run_name=learn",
+        f"train.max_steps={STEPS}",
+        f"train.save_every={STEPS}",
+        f"train.val_every={STEPS}",
+        "train.val_samples=8",
+        f"train.image_every={STEPS}",
+        "train.log_every=50",
+    ]
     # The control: the same recipe's model untrained (pretrained backbones, new heads as initialised).
     cfg = load_config(ROOT / "launch/configs/default.yaml", train_args)
     torch.manual_seed(cfg.train.seed)
@@ -49,17 +58,20 @@ def test_a_short_default_run_finds_and_segments_held_out_objects(tmp_path):
     train = run(deepspeed_cmd(train_args))
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     run_dir = tmp_path / "runs" / "learn"
-    validation = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
-                  if r["kind"].startswith("val/")]
+    validation = [
+        r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"].startswith("val/")
+    ]
     # The spatial diagnostics and the expression groups are logged with the validation.
     assert {"tf_ce_spa_fixed", "tf_ce_spa_digit1", "image_dependence_box", "level 0/cIoU"} <= set(validation[-1])
     ev = run([sys.executable, "launch/eval.py", "--checkpoint", str(run_dir), *common])
     assert ev.returncode == 0, ev.stdout[-3000:] + ev.stderr[-3000:]
     rows = json.loads(next((run_dir / "eval").glob("step_*/results.json")).read_text())["rows"]
     after = rows[0]
-    print(f"held-out, untrained: cIoU {before['cIoU']:.3f} BoxAcc@0.5 {before['BoxAcc@0.5']:.3f}; after {STEPS} "
-          f"steps: cIoU {after['cIoU']:.3f} BoxAcc@0.5 {after['BoxAcc@0.5']:.3f}; count {after['count']}; by group "
-          + ", ".join(f"{r['group']} {r['BoxAcc@0.5']:.3f} ({r['count']})" for r in rows[1:]))
+    print(
+        f"held-out, untrained: cIoU {before['cIoU']:.3f} BoxAcc@0.5 {before['BoxAcc@0.5']:.3f}; after {STEPS} "
+        f"steps: cIoU {after['cIoU']:.3f} BoxAcc@0.5 {after['BoxAcc@0.5']:.3f}; count {after['count']}; by group "
+        + ", ".join(f"{r['group']} {r['BoxAcc@0.5']:.3f} ({r['count']})" for r in rows[1:])
+    )
     assert after["group"] == "all" and after["count"] == before["count"] > 100
     assert after["cIoU"] >= before["cIoU"] + MIN_CIOU_GAIN, (before, after)
     assert after["BoxAcc@0.5"] >= MIN_BOX_ACC, after

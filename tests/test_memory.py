@@ -62,8 +62,16 @@ STEP = 4  # AdamW keeps one fp32 "step" scalar per parameter group (two groups h
 
 def start_engines(world: int, *cases: str) -> list[subprocess.Popen]:
     port = str(free_port())
-    return [subprocess.Popen([sys.executable, "-c", ENGINES, str(rank), str(world), port, *cases], cwd=ROOT,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(world)]
+    return [
+        subprocess.Popen(
+            [sys.executable, "-c", ENGINES, str(rank), str(world), port, *cases],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(world)
+    ]
 
 
 def results(procs: list[subprocess.Popen]) -> list[dict]:
@@ -78,8 +86,14 @@ def results(procs: list[subprocess.Popen]) -> list[dict]:
 
 def states(params: int, gradients: int, optimizer: int) -> dict[str, int]:
     total = params + gradients + optimizer
-    return {"params": params, "gradients": gradients, "optimizer": optimizer, "total": total, "cpu": total,
-            "gathered": 0}
+    return {
+        "params": params,
+        "gradients": gradients,
+        "optimizer": optimizer,
+        "total": total,
+        "cpu": total,
+        "gathered": 0,
+    }
 
 
 def test_model_state_bytes_counts_what_zero_allocates_on_one_rank():
@@ -107,7 +121,10 @@ def test_model_state_bytes_counts_what_zero_allocates_on_one_rank():
 def test_zero3_per_rank_states_halve_on_two_ranks():
     two_procs, one_procs = start_engines(2, "z3-fp32"), start_engines(1, "z3-fp32")  # side by side
     ranks, (one,) = results(two_procs), results(one_procs)
-    half = lambda numels: sum(math.ceil(n / 2) for n in numels)  # partitions, padded per tensor
+
+    def half(numels):  # partitions, padded per tensor
+        return sum(math.ceil(n / 2) for n in numels)
+
     for r in ranks:
         step = r["z3-fp32"]["step"]
         assert step == states(4 * half(TRAINABLE + FROZEN), 4 * half(TRAINABLE), 12 * half(TRAINABLE) + 2 * STEP)
@@ -125,8 +142,13 @@ def test_expected_zero3_bytes_come_from_the_estimator_mapped_to_precision():
     t, f = 1_000_000, 8_000_000
     one = expected_zero3_bytes_per_rank(t, f, 1, "fp32")
     assert one["estimator"] == 18 * t  # DeepSpeed's 2 + 4 + 4 + 8 bytes per trained parameter
-    assert one == {"params": 4 * (t + f), "gradients": 4 * t, "optimizer": 12 * t, "total": 20 * t + 4 * f,
-                   "estimator": 18 * t}
+    assert one == {
+        "params": 4 * (t + f),
+        "gradients": 4 * t,
+        "optimizer": 12 * t,
+        "total": 20 * t + 4 * f,
+        "estimator": 18 * t,
+    }
     two = expected_zero3_bytes_per_rank(t, f, 2, "fp32")
     assert all(two[k] == one[k] / 2 for k in one)
     bf16 = expected_zero3_bytes_per_rank(t, f, 1, "bf16")
@@ -136,15 +158,30 @@ def test_expected_zero3_bytes_come_from_the_estimator_mapped_to_precision():
 def test_model_state_memory_wires_deepspeeds_estimators():
     t, f, largest = 1_000_000, 8_000_000, 500_000
     eight = model_state_memory(t, f, largest, num_gpus_per_node=8)
-    assert eight["zero2"] == {"estimator_gpu": 2 * t + 18 * t // 8, "estimator_cpu": int(t * 4 * 8 * 1.5),
-                              "frozen_gpu": 2 * f, "frozen_cpu": 2 * f * 8,
-                              "gpu": 2 * t + 18 * t // 8 + 2 * f, "cpu": int(t * 4 * 8 * 1.5) + 16 * f}
-    assert eight["zero3"] == {"estimator_gpu": 4 * largest + 18 * t // 8, "estimator_cpu": int(largest * 4 * 8 * 1.5),
-                              "frozen_gpu": 2 * f // 8, "frozen_cpu": 0,
-                              "gpu": 4 * largest + 18 * t // 8 + 2 * f // 8, "cpu": int(largest * 4 * 8 * 1.5)}
-    assert eight["zero3_offload"] == {"estimator_gpu": 4 * largest, "estimator_cpu": int(t * 18 * 1.5),
-                                      "frozen_gpu": 0, "frozen_cpu": 2 * f,
-                                      "gpu": 4 * largest, "cpu": int(t * 18 * 1.5) + 2 * f}
+    assert eight["zero2"] == {
+        "estimator_gpu": 2 * t + 18 * t // 8,
+        "estimator_cpu": int(t * 4 * 8 * 1.5),
+        "frozen_gpu": 2 * f,
+        "frozen_cpu": 2 * f * 8,
+        "gpu": 2 * t + 18 * t // 8 + 2 * f,
+        "cpu": int(t * 4 * 8 * 1.5) + 16 * f,
+    }
+    assert eight["zero3"] == {
+        "estimator_gpu": 4 * largest + 18 * t // 8,
+        "estimator_cpu": int(largest * 4 * 8 * 1.5),
+        "frozen_gpu": 2 * f // 8,
+        "frozen_cpu": 0,
+        "gpu": 4 * largest + 18 * t // 8 + 2 * f // 8,
+        "cpu": int(largest * 4 * 8 * 1.5),
+    }
+    assert eight["zero3_offload"] == {
+        "estimator_gpu": 4 * largest,
+        "estimator_cpu": int(t * 18 * 1.5),
+        "frozen_gpu": 0,
+        "frozen_cpu": 2 * f,
+        "gpu": 4 * largest,
+        "cpu": int(t * 18 * 1.5) + 2 * f,
+    }
     one = model_state_memory(t, f, largest, num_gpus_per_node=1)
     # ZeRO-3's partitioned states fall 8x from 1 to 8 GPUs; the gathered largest layer does not.
     assert (one["zero3"]["gpu"] - 4 * largest) == 8 * (eight["zero3"]["gpu"] - 4 * largest)
@@ -152,18 +189,45 @@ def test_model_state_memory_wires_deepspeeds_estimators():
 
 
 def test_activation_bytes_on_a_hand_computed_case():
-    x = ActivationShapes(micro_batch=2, lengths=(10, 12), image_tokens=4, hidden=8, layers=3, heads=2, vocab=50,
-                         fused_attention=False, gradient_checkpointing=True, lora_in_features=32, lora_modules=4,
-                         lora_rank=2, vision_patches=16, vision_hidden=4, vision_intermediate=6, vision_heads=2,
-                         sam_tokens=16, sam_dim=8, sam_heads=2, sam_mlp=32, sam_out_chans=4, sam_image_size=32)
+    x = ActivationShapes(
+        micro_batch=2,
+        lengths=(10, 12),
+        image_tokens=4,
+        hidden=8,
+        layers=3,
+        heads=2,
+        vocab=50,
+        fused_attention=False,
+        gradient_checkpointing=True,
+        lora_in_features=32,
+        lora_modules=4,
+        lora_rank=2,
+        vision_patches=16,
+        vision_hidden=4,
+        vision_intermediate=6,
+        vision_heads=2,
+        sam_tokens=16,
+        sam_dim=8,
+        sam_heads=2,
+        sam_mlp=32,
+        sam_out_chans=4,
+        sam_image_size=32,
+    )
     # One layer at s = 12: 34sbh 6528 + 5as^2b 2880 + LoRA 3sb*32 2304 + 2sbr*4 384; at s = 10: 9680.
     out = activation_bytes(x)
-    assert out["held"] == {"lm_layer_inputs": 2 * 2 * 8 * 3 * 22, "logits_fp32_logprobs": 4 * 2 * 22 * 50,
-                           "image_features": 2 * 2 * 4 * 8, "sam_embeddings": 2 * 2 * 4 * 16,
-                           "sam_mask_decoder": 2 * (32 * 2 * 4 * 16 + 8 * 4 * 32 * 32)}
-    assert out["transient"] == {"lm_layer_recompute": 12096, "logits_forward": 8 * 2 * 12 * 50,
-                                "vision_tower_block": 2 * 2 * 16 * (16 + 24) + 2 * 2 * 2 * 16 * 16,
-                                "sam_encoder_global_block": 2 * 2 * (3 * 2 * 256 + 16 * (40 + 64))}
+    assert out["held"] == {
+        "lm_layer_inputs": 2 * 2 * 8 * 3 * 22,
+        "logits_fp32_logprobs": 4 * 2 * 22 * 50,
+        "image_features": 2 * 2 * 4 * 8,
+        "sam_embeddings": 2 * 2 * 4 * 16,
+        "sam_mask_decoder": 2 * (32 * 2 * 4 * 16 + 8 * 4 * 32 * 32),
+    }
+    assert out["transient"] == {
+        "lm_layer_recompute": 12096,
+        "logits_forward": 8 * 2 * 12 * 50,
+        "vision_tower_block": 2 * 2 * 16 * (16 + 24) + 2 * 2 * 2 * 16 * 16,
+        "sam_encoder_global_block": 2 * 2 * (3 * 2 * 256 + 16 * (40 + 64)),
+    }
     assert out["peak"] == 2112 + 8800 + 128 + 256 + 73728 + 12800  # held + the SAM block, the largest transient
     plain = activation_bytes(ActivationShapes(**{**x.__dict__, "gradient_checkpointing": False}))
     assert plain["held"]["lm_layers"] == 3 * (9680 + 12096) and "lm_layer_recompute" not in plain["transient"]
@@ -187,17 +251,25 @@ def lin(i: int, o: int) -> int:
 
 
 def heads_and_rows(hidden: int, box: int = 1024, sam: int = 256) -> dict[str, int]:
-    return {"new_token_rows": 2 * 5 * hidden,  # input and output rows of the 5 PPCR tokens
-            "projectors": 2 * lin(hidden, hidden) + lin(hidden, hidden) + lin(hidden, sam),
-            # the pointer (ppcr.model.pointer): query and key (LayerNorm, Linear), the per-token regressor on
-            # the feature and the cell centre, the refinement on SpaSP and the pooled state
-            "box_head": 2 * (2 * hidden + lin(hidden, box)) + lin(hidden + 2, box) + lin(box, 4)
-            + lin(2 * hidden, box) + lin(box, 4)}
+    return {
+        "new_token_rows": 2 * 5 * hidden,  # input and output rows of the 5 PPCR tokens
+        "projectors": 2 * lin(hidden, hidden) + lin(hidden, hidden) + lin(hidden, sam),
+        # the pointer (ppcr.model.pointer): query and key (LayerNorm, Linear), the per-token regressor on
+        # the feature and the cell centre, the refinement on SpaSP and the pooled state
+        "box_head": 2 * (2 * hidden + lin(hidden, box))
+        + lin(hidden + 2, box)
+        + lin(box, 4)
+        + lin(2 * hidden, box)
+        + lin(box, 4),
+    }
 
 
 def sam_decoder_trained(c: int = 256, mlp: int = 2048, depth: int = 2) -> int:
     """SAM's mask decoder without the IoU head and hypernetwork MLPs 1-3 (one mask output)."""
-    attn = lambda d: 3 * lin(c, d) + lin(d, c)  # q, k, v to d, out back to c
+
+    def attn(d):  # q, k, v to d, out back to c
+        return 3 * lin(c, d) + lin(d, c)
+
     block = attn(c) + 2 * attn(c // 2) + lin(c, mlp) + lin(mlp, c) + 4 * 2 * c  # 4 LayerNorms
     transformer = depth * block + attn(c // 2) + 2 * c
     # ConvTranspose2d(c, c/4, 2, 2), LayerNorm2d(c/4), ConvTranspose2d(c/4, c/8, 2, 2)
@@ -206,17 +278,24 @@ def sam_decoder_trained(c: int = 256, mlp: int = 2048, depth: int = 2) -> int:
     return transformer + 5 * c + upscaling + hypernetwork_0  # 5 tokens: IoU and 4 mask tokens
 
 
-@pytest.mark.parametrize("name, mllm_total, layers, hidden, kv, vocab", [
-    ("qwen2.5-vl-7b", 8_292_166_656, 28, 3584, 4 * 128, 152064),  # HF: "8.29B params"
-    ("llava-1.5-7b", 7_063_427_072, 32, 4096, 4096, 32064),  # HF: "7.06B params"
-])
+@pytest.mark.parametrize(
+    "name, mllm_total, layers, hidden, kv, vocab",
+    [
+        ("qwen2.5-vl-7b", 8_292_166_656, 28, 3584, 4 * 128, 152064),  # HF: "8.29B params"
+        ("llava-1.5-7b", 7_063_427_072, 32, 4096, 4096, 32064),  # HF: "7.06B params"
+    ],
+)
 def test_real_recipes_count_exactly_on_meta(real, name, mllm_total, layers, hidden, kv, vocab):
     rm = real[name]
     c = rm.counts
     assert sum(sum(c[k]) for k in ("vision_tower", "embeddings", "lm_head", "llm_base")) == mllm_total
     assert sum(sum(v) for k, v in c.items() if k.startswith("sam_")) == 641_090_608  # SAM ViT-H
-    expected = {"lora_semantic": lora(layers, hidden, kv, 8), "lora_spatial": lora(layers, hidden, kv, 8),
-                **heads_and_rows(hidden), "sam_mask_decoder": sam_decoder_trained()}
+    expected = {
+        "lora_semantic": lora(layers, hidden, kv, 8),
+        "lora_spatial": lora(layers, hidden, kv, 8),
+        **heads_and_rows(hidden),
+        "sam_mask_decoder": sam_decoder_trained(),
+    }
     assert {k: c[k][0] for k in expected} == expected
     assert rm.trainable == sum(expected.values())
     assert rm.total == mllm_total + 641_090_608 + sum(v for k, v in expected.items() if k != "sam_mask_decoder")
@@ -236,8 +315,14 @@ def test_stage_tokens_and_shapes_follow_the_processor_and_config(real):
             assert stage["image"] == image_tokens(rm)  # the processor expanded as many as the formula says
             assert stage["length"] - stage["image"] == -(-stage["text"] // 32) * 32 and stage["text"] > 20
     x = activation_shapes(qwen)
-    assert (x.hidden, x.layers, x.heads, x.vocab, x.lora_in_features, x.lora_modules) == (3584, 28, 28, 152064,
-                                                                                         4 * 3584, 4)
+    assert (x.hidden, x.layers, x.heads, x.vocab, x.lora_in_features, x.lora_modules) == (
+        3584,
+        28,
+        28,
+        152064,
+        4 * 3584,
+        4,
+    )
     assert (x.vision_patches, x.sam_tokens, x.sam_dim, x.sam_heads, x.sam_mlp) == (1024, 4096, 1280, 16, 5120)
     assert x.fused_attention and x.gradient_checkpointing and x.micro_batch == 2
     assert activation_shapes(llava).vision_patches == 577

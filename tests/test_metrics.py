@@ -17,10 +17,15 @@ def test_hand_computed_ciou_giou_precision_and_box_accuracy():
     # 4: both empty -> 1 (and adds nothing to cIoU's sums)
     ious = [
         metrics.update(m(4, 4, (0, 2, 0, 4)), m(4, 4, (0, 2, 0, 2), (2, 4, 0, 2))),
-        metrics.update(m(5, 5, (0, 3, 0, 3)), m(5, 5, (0, 3, 0, 3)),
-                       torch.tensor([0.3, 0.3, 0.6, 0.6]), torch.tensor([0.3, 0.3, 0.6, 0.6])),
-        metrics.update(m(4, 4), m(4, 4, (0, 2, 0, 2)),
-                       torch.tensor([0.25, 0.25, 0.5, 0.5]), torch.tensor([0.75, 0.75, 0.5, 0.5])),
+        metrics.update(
+            m(5, 5, (0, 3, 0, 3)),
+            m(5, 5, (0, 3, 0, 3)),
+            torch.tensor([0.3, 0.3, 0.6, 0.6]),
+            torch.tensor([0.3, 0.3, 0.6, 0.6]),
+        ),
+        metrics.update(
+            m(4, 4), m(4, 4, (0, 2, 0, 2)), torch.tensor([0.25, 0.25, 0.5, 0.5]), torch.tensor([0.75, 0.75, 0.5, 0.5])
+        ),
         metrics.update(m(3, 3), m(3, 3)),
     ]
     assert ious == [pytest.approx(1 / 3), 1.0, 0.0, 1.0]

@@ -3,18 +3,18 @@ import traceback
 import numpy as np
 import pytest
 import torch
+from conftest import model_config
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import box_convert, box_iou
 
-from conftest import model_config
-from ppcr.model.predict import predict
 from ppcr.data.shards import decode_sample, iter_tar_samples, load_manifest
 from ppcr.data.stream import build_train_loader
 from ppcr.model.lora import use_branch
 from ppcr.model.losses import TERMS, text_ce, total_loss
 from ppcr.model.model import PPCRModel
 from ppcr.model.params import component, parameter_counts, parameter_table
+from ppcr.model.predict import predict
 from ppcr.model.saving import load_pretrained, save_pretrained
 from ppcr.model.tokens import CE_ROLES, NEW_TOKENS, box_text, digit_roles, parse_box_text, render_prompts
 from ppcr.train.loop import Window
@@ -45,8 +45,9 @@ def grads_by_component(model):
 @pytest.mark.parametrize("rows", ["new_rows", "full"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_forward_backward_reaches_every_trainable_group(tiny_shards, tiny_models, family, rows):
-    model, batch, cfg = build(tiny_shards, tiny_models, family, f"model.trainable.embeddings={rows}",
-                              f"model.trainable.lm_head={rows}")
+    model, batch, cfg = build(
+        tiny_shards, tiny_models, family, f"model.trainable.embeddings={rows}", f"model.trainable.lm_head={rows}"
+    )
     out = model(batch)
     assert set(TERMS) <= set(out) and all(torch.isfinite(out[t]) for t in TERMS)
     assert torch.allclose(out["loss"], total_loss({t: out[t] for t in TERMS}, cfg.train.loss))
@@ -72,8 +73,11 @@ def test_stage_two_loss_reaches_branch_a_only_through_semsp(tiny_shards, tiny_mo
                 p.normal_(0, 0.02)
 
     def semantic_grad():
-        return sum(float(p.grad.abs().sum()) for n, p in model.named_parameters()
-                   if component(n) == "lora_semantic" and p.grad is not None)
+        return sum(
+            float(p.grad.abs().sum())
+            for n, p in model.named_parameters()
+            if component(n) == "lora_semantic" and p.grad is not None
+        )
 
     model(batch)["ce_spa"].backward()
     assert semantic_grad() > 0
@@ -138,8 +142,14 @@ def test_tokens_templates_and_labels(tiny_shards, tiny_models):
 
 
 def test_parameter_table_and_policy(tiny_shards, tiny_models):
-    model, _, _ = build(tiny_shards, tiny_models, "llava", "model.trainable.vision_tower=true",
-                        "model.trainable.embeddings=full", "model.trainable.lm_head=full")
+    model, _, _ = build(
+        tiny_shards,
+        tiny_models,
+        "llava",
+        "model.trainable.vision_tower=true",
+        "model.trainable.embeddings=full",
+        "model.trainable.lm_head=full",
+    )
     counts = parameter_counts(model)
     assert sum(a + b for a, b in counts.values()) == sum(p.numel() for p in model.parameters())
     assert counts["vision_tower"][1] == 0 and counts["vision_tower"][0] > 0
@@ -175,13 +185,19 @@ def test_save_load_round_trip_gives_identical_outputs(tiny_shards, tiny_models, 
 
 
 def test_overfit_one_batch_then_predict_reproduces_it_by_generation(tiny_shards, tiny_models):
-    model, batch, cfg = build(tiny_shards, tiny_models, "qwen2_5_vl", "train.micro_batch_size=4",
-                              "model.trainable.embeddings=full", "model.trainable.lm_head=full")
+    model, batch, cfg = build(
+        tiny_shards,
+        tiny_models,
+        "qwen2_5_vl",
+        "train.micro_batch_size=4",
+        "model.trainable.embeddings=full",
+        "model.trainable.lm_head=full",
+    )
     steps = 300
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     first = None
-    for step in range(steps):
+    for _ in range(steps):
         out = model(batch)
         if first is None:
             first = {t: float(out[t]) for t in TERMS}
@@ -278,14 +294,16 @@ def test_text_loss_at_labelled_positions_only_equals_the_full_logits_loss(tiny_s
         h = model.language_stages(x.semantic, x.spatial, model.vision_features(x.vision))
         for hidden, stage in ((h["h1"], x.semantic), (h["h2"], x.spatial)):
             full = model.token_rows.logits(hidden)  # (B, L, V): what the loss computed before
-            expected = torch.nn.functional.cross_entropy(full[:, :-1].flatten(0, 1).float(),
-                                                         stage.labels[:, 1:].flatten(), ignore_index=-100)
+            expected = torch.nn.functional.cross_entropy(
+                full[:, :-1].flatten(0, 1).float(), stage.labels[:, 1:].flatten(), ignore_index=-100
+            )
             assert float(text_ce(hidden, stage, model.token_rows.logits)) == pytest.approx(float(expected), rel=1e-6)
             assert len(stage.targets) == int((stage.labels != -100).sum()) < 0.5 * stage.labels.numel()
 
 
-def test_attention_kernels_give_the_same_loss_and_flash_attention_is_checked_before_a_run(tiny_shards, tiny_models,
-                                                                                           tmp_path):
+def test_attention_kernels_give_the_same_loss_and_flash_attention_is_checked_before_a_run(
+    tiny_shards, tiny_models, tmp_path
+):
     from ppcr.config import ConfigError
     from ppcr.train.preflight import check_run_inputs
 

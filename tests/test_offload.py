@@ -9,15 +9,16 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import model_config
 from launching import ROOT, deepspeed_cmd, losses, overrides, run
+
 from ppcr.train import offload
 from ppcr.train.offload import CpuAdamUnavailable, load_cpu_adam, offloads_optimizer
 from ppcr.train.optim import build_optimizer
 
-DS = {name: json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
-      for name in ("zero2", "zero3", "zero3_offload")}
+DS = {
+    name: json.loads((ROOT / "ds_configs" / f"{name}.json").read_text()) for name in ("zero2", "zero3", "zero3_offload")
+}
 
 
 def why_cpu_adam_cannot_build() -> str | None:
@@ -33,8 +34,9 @@ def why_cpu_adam_cannot_build() -> str | None:
 
 
 NO_BUILD = why_cpu_adam_cannot_build()
-needs_cpu_adam = pytest.mark.skipif(NO_BUILD is not None,
-                                    reason=f"DeepSpeed's cpu_adam op cannot be built here: {NO_BUILD}")
+needs_cpu_adam = pytest.mark.skipif(
+    NO_BUILD is not None, reason=f"DeepSpeed's cpu_adam op cannot be built here: {NO_BUILD}"
+)
 
 
 def test_only_the_offload_config_moves_the_optimizer_to_cpu():
@@ -48,6 +50,7 @@ def test_only_the_offload_config_moves_the_optimizer_to_cpu():
 @needs_cpu_adam
 def test_cpu_adam_has_the_recipe_groups_and_makes_adamw_updates(tiny_shards, tiny_models):
     from deepspeed.ops.adam import DeepSpeedCPUAdam
+
     from ppcr.model.model import PPCRModel
 
     cfg = model_config(tiny_shards, tiny_models, "llava", "train.weight_decay=0.1", "train.head_lr=3e-3")
@@ -58,8 +61,10 @@ def test_cpu_adam_has_the_recipe_groups_and_makes_adamw_updates(tiny_shards, tin
 
     def described(opt, module):
         name_of = {p: n for n, p in module.named_parameters()}
-        return [(g["name"], g["lr"], g["weight_decay"], g["betas"], g["eps"], [name_of[p] for p in g["params"]])
-                for g in opt.param_groups]
+        return [
+            (g["name"], g["lr"], g["weight_decay"], g["betas"], g["eps"], [name_of[p] for p in g["params"]])
+            for g in opt.param_groups
+        ]
 
     assert described(cpu, twin) == described(plain, model)
     assert {g["name"] for g in cpu.param_groups} >= {"lr", "head_lr", "head_lr_no_decay"}  # decay and not

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import model_config
+
 from ppcr.data.stream import build_train_loader
 from ppcr.model.heads import ImageTokens
 from ppcr.model.model import PPCRModel
-from ppcr.model.pointer import (PointerBoxHead, TokenBoxRegressor, pointer_losses, selected_weights, token_centres,
-                                token_cover)
+from ppcr.model.pointer import (
+    PointerBoxHead,
+    TokenBoxRegressor,
+    pointer_losses,
+    selected_weights,
+    token_centres,
+    token_cover,
+)
 from ppcr.pretrain.vision import DenseHeads
 
 FAMILIES = ("qwen2_5_vl", "llava")
@@ -23,8 +29,10 @@ def test_cover_is_the_targets_share_of_each_token_inside_the_image_region():
     masks[0, 6:, :] = 1  # padding that is set must not count
     cover = token_cover(masks, torch.tensor([[4, 8]]), (2, 2))
     assert cover.tolist() == [[1.0, 0.0, 1.0, 0.0]]
-    assert torch.allclose(token_centres((2, 3)), torch.tensor([[1 / 6, 0.25], [0.5, 0.25], [5 / 6, 0.25],
-                                                               [1 / 6, 0.75], [0.5, 0.75], [5 / 6, 0.75]]))
+    assert torch.allclose(
+        token_centres((2, 3)),
+        torch.tensor([[1 / 6, 0.25], [0.5, 0.25], [5 / 6, 0.25], [1 / 6, 0.75], [0.5, 0.75], [5 / 6, 0.75]]),
+    )
 
 
 def test_selection_keeps_the_best_tokens_object_only():
@@ -114,7 +122,7 @@ def test_query_first_puts_the_text_before_the_image_and_the_tokens_are_gathered(
     assert gathered.centres.shape == (stage.image_tokens, 2)
     # a template that renders images first whatever the order (llava-hf's) is refused, naming the key
     model.processor.chat_template = model.processor.chat_template.replace(
-        "{% for content in message['content'] %}", "{% for content in message['content'] | sort(attribute='type') %}")
+        "{% for content in message['content'] %}", "{% for content in message['content'] | sort(attribute='type') %}"
+    )
     with pytest.raises(ValueError, match="model.query_first"):
         model._check_query_first()
-

@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from launching import deepspeed_cmd, losses, overrides, run
 from PIL import Image
 
-from launching import deepspeed_cmd, losses, overrides, run
 from ppcr.eval.infer import main as infer_main
 from ppcr.model.export import main as export_main
 from ppcr.model.saving import load_checkpoint, load_pretrained
@@ -31,8 +31,18 @@ def loads_and_evaluates_in(dtype: torch.dtype, run_dir, tiny_shards, tag: str) -
 
 
 def test_bf16_run_trains_validates_evaluates_exports_and_infers(tiny_shards, tiny_models, tmp_path):
-    args = overrides(tiny_shards, tiny_models, tmp_path / "runs", *BF16, "train.max_steps=3", "train.run_name=bf16",
-                     "model.max_new_tokens=5", "train.val_every=3", "train.val_samples=4", "eval.batch_size=2")
+    args = overrides(
+        tiny_shards,
+        tiny_models,
+        tmp_path / "runs",
+        *BF16,
+        "train.max_steps=3",
+        "train.run_name=bf16",
+        "model.max_new_tokens=5",
+        "train.val_every=3",
+        "train.val_samples=4",
+        "eval.batch_size=2",
+    )
     done = run(deepspeed_cmd(args))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = tmp_path / "runs/bf16"
@@ -49,8 +59,21 @@ def test_bf16_run_trains_validates_evaluates_exports_and_infers(tiny_shards, tin
     image = np.zeros((70, 90, 3), np.uint8)
     image[10:50, 20:60] = (200, 40, 40)
     Image.fromarray(image).save(tmp_path / "photo.png")
-    assert infer_main(["--checkpoint", str(tmp_path / "export"), "--image", str(tmp_path / "photo.png"),
-                       "--expression", "the red square", "--out", str(tmp_path / "out")]) == 0
+    assert (
+        infer_main(
+            [
+                "--checkpoint",
+                str(tmp_path / "export"),
+                "--image",
+                str(tmp_path / "photo.png"),
+                "--expression",
+                "the red square",
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 0
+    )
     answer = json.loads((tmp_path / "out/photo.json").read_text())
     assert np.isfinite(answer["box_cxcywh"]).all()
     assert np.array(Image.open(tmp_path / "out/photo.mask.png")).shape == (70, 90)
@@ -67,8 +90,15 @@ def test_fp16_run_scales_its_loss_skips_overflowing_updates_and_evaluates(tiny_s
     """fp16, for GPUs without bf16: DeepSpeed's dynamic loss scaling. The default start, 2**16, overflows
     the tiny model's fp16 gradients, so the first updates are skipped and the scale halves until they
     fit; the run then updates every step, and the model evaluates in fp16."""
-    args = overrides(tiny_shards, tiny_models, tmp_path / "runs", *FP16, "train.max_steps=8", "train.run_name=fp16",
-                     "model.max_new_tokens=5")
+    args = overrides(
+        tiny_shards,
+        tiny_models,
+        tmp_path / "runs",
+        *FP16,
+        "train.max_steps=8",
+        "train.run_name=fp16",
+        "model.max_new_tokens=5",
+    )
     done = run(deepspeed_cmd(args))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = tmp_path / "runs/fp16"

@@ -3,8 +3,8 @@ batch (vision, SAM's encoder, generation for every ablation) runs once."""
 
 import pytest
 import torch
-
 from conftest import model_config
+
 from ppcr.common.distributed import DistInfo
 from ppcr.eval.evaluate import split_batches
 from ppcr.model import generation
@@ -68,8 +68,9 @@ def test_ablations_share_one_generation_and_one_encoder_pass_per_image(tiny_shar
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
 def test_bf16_model_predicts_in_bf16_everywhere(tiny_shards, tiny_models, family):
-    cfg = model_config(tiny_shards, tiny_models, family, "model.max_new_tokens=5", "model.dtype=bfloat16",
-                       "train.precision=bf16")
+    cfg = model_config(
+        tiny_shards, tiny_models, family, "model.max_new_tokens=5", "model.dtype=bfloat16", "train.precision=bf16"
+    )
     torch.manual_seed(0)
     model = PPCRModel.from_config(cfg.model, cfg.train.loss).eval()
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}  # SAM and the heads too

@@ -19,12 +19,19 @@ RECIPE = Path(__file__).parent.parent / "launch/configs/default.yaml"
 
 def overrides(out: Path, *extra: str) -> list[str]:
     return [
-        f"model.mllm_path={out / 'mllm'}", f"model.sam_checkpoint={out / 'sam.safetensors'}",
-        "model.tiny_family=llava", "model.mllm_image_size=32", "model.sam_image_size=64",
+        f"model.mllm_path={out / 'mllm'}",
+        f"model.sam_checkpoint={out / 'sam.safetensors'}",
+        "model.tiny_family=llava",
+        "model.mllm_image_size=32",
+        "model.sam_image_size=64",
         "model.tiny_mllm={hidden: 32, layers: 1, heads: 2, kv_heads: 1, vision_hidden: 32, vision_depth: 1, "
         "vision_heads: 2, vision_mlp_ratio: 2, patch_size: 8}",
-        "data.synthetic.min_image_size=160", "data.synthetic.max_image_size=224",
-        "pretrain.num_workers=0", "pretrain.log_every=10", "pretrain.eval_every=1000", "pretrain.eval_scenes=4",
+        "data.synthetic.min_image_size=160",
+        "data.synthetic.max_image_size=224",
+        "pretrain.num_workers=0",
+        "pretrain.log_every=10",
+        "pretrain.eval_every=1000",
+        "pretrain.eval_scenes=4",
         *extra,
     ]
 
@@ -32,13 +39,17 @@ def overrides(out: Path, *extra: str) -> list[str]:
 def curve(out: Path, stage: str, evaluated: bool = False) -> list[dict]:
     """The stage's logged rows (or, with ``evaluated``, its held-out evaluations)."""
     rows = [json.loads(line) for line in (out / "mllm" / "pretrain_curve.jsonl").read_text().splitlines()]
-    return [r for r in rows if r["stage"] == stage and (any(k.startswith("val_") for k in r) if evaluated else "loss" in r)]
+    return [
+        r for r in rows if r["stage"] == stage and (any(k.startswith("val_") for k in r) if evaluated else "loss" in r)
+    ]
 
 
 def test_every_stage_learns_and_writes_loadable_weights(tmp_path):
-    steps = ["pretrain.vision={steps: 60, batch_size: 4, lr: 3.0e-3, warmup_steps: 5}",
-             "pretrain.grounding={steps: 30, batch_size: 2, lr: 3.0e-3, warmup_steps: 5}",
-             "pretrain.sam={steps: 40, batch_size: 2, lr: 3.0e-3, warmup_steps: 5}"]
+    steps = [
+        "pretrain.vision={steps: 60, batch_size: 4, lr: 3.0e-3, warmup_steps: 5}",
+        "pretrain.grounding={steps: 30, batch_size: 2, lr: 3.0e-3, warmup_steps: 5}",
+        "pretrain.sam={steps: 40, batch_size: 2, lr: 3.0e-3, warmup_steps: 5}",
+    ]
     assert main(["--config", str(RECIPE), *overrides(tmp_path, *steps)]) == 0
     vision = curve(tmp_path, "vision")
     # The tower learns colour first (the full run: 0.2 -> 0.8 accuracy in 200 steps).
@@ -56,13 +67,16 @@ def test_every_stage_learns_and_writes_loadable_weights(tmp_path):
 
 
 def test_same_config_gives_the_same_weights(tmp_path):
-    steps = ["pretrain.vision={steps: 4, batch_size: 2, lr: 1.0e-3, warmup_steps: 1}",
-             "pretrain.sam={steps: 3, batch_size: 2, lr: 1.0e-3, warmup_steps: 1}"]
+    steps = [
+        "pretrain.vision={steps: 4, batch_size: 2, lr: 1.0e-3, warmup_steps: 1}",
+        "pretrain.sam={steps: 3, batch_size: 2, lr: 1.0e-3, warmup_steps: 1}",
+    ]
     weights = []
     for run in ("a", "b"):
         assert main(["--config", str(RECIPE), "--stages", "vision,sam", *overrides(tmp_path / run, *steps)]) == 0
-        weights.append((load_file(tmp_path / run / "mllm" / "model.safetensors"),
-                        load_file(tmp_path / run / "sam.safetensors")))
+        weights.append(
+            (load_file(tmp_path / run / "mllm" / "model.safetensors"), load_file(tmp_path / run / "sam.safetensors"))
+        )
     for a, b in zip(*weights):
         assert a.keys() == b.keys()
         assert all(a[k].equal(b[k]) for k in a)

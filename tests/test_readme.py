@@ -49,8 +49,9 @@ def test_every_command_the_readme_names_exists_and_answers_help():
     scripts = sorted(set(re.findall(r"\b(launch/[a-z_]+\.py)\b", README)))
     assert "launch/train.py" in scripts and all((ROOT / s).is_file() for s in scripts), scripts
     targets = {**{n: declared[n] for n in named}, **{s: s for s in scripts}}
-    done = subprocess.run([sys.executable, "-c", HELP, json.dumps(targets)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", HELP, json.dumps(targets)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     helped = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("HELP "))[5:])
     for name, (code, text) in helped.items():

@@ -18,7 +18,12 @@ def test_synthetic_round_trip_gives_back_refs_masks_and_boxes(tiny_refer):
     raw = pickle.load(open(tiny_refer["refer_root"] / "synthetic" / "refs(unc).p", "rb"))
     assert [r.ref_id for r in records] == [r["ref_id"] for r in raw]
     for rec, ref in zip(records, raw):
-        assert (rec.ann_id, rec.image_id, rec.category_id, rec.split) == (ref["ann_id"], ref["image_id"], ref["category_id"], ref["split"])
+        assert (rec.ann_id, rec.image_id, rec.category_id, rec.split) == (
+            ref["ann_id"],
+            ref["image_id"],
+            ref["category_id"],
+            ref["split"],
+        )
         assert rec.sentences == [s["sent"] for s in ref["sentences"]]
     assert {r.split for r in records} == {"train", "val", "testA", "testB"}
     assert sum(c["refs"] for c in tiny_refer["counts"].values()) == len(records)
@@ -68,7 +73,9 @@ def test_every_expression_names_exactly_one_object():
                     # for its head noun and no relation or position word.
                     if level == 0:
                         colour = words[1] if len(words) == 3 else None
-                        same = [o for o in scene.objects if o.shape == obj.shape and (colour is None or o.colour == colour)]
+                        same = [
+                            o for o in scene.objects if o.shape == obj.shape and (colour is None or o.colour == colour)
+                        ]
                         assert same == [obj], e
     assert levels_seen == {0, 1, 2}
 
@@ -86,5 +93,3 @@ def test_overlapping_polygons_merge_to_binary_mask_and_rle_decodes(handmade):
         assert m.sum() == 200 and m[5:15, 30:50].all()
     with pytest.raises(ValueError, match="RLE size"):
         segmentation_to_mask(by_id[1].segmentation, 41, 60)
-
-

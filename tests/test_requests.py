@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import model_config
 from PIL import Image
 
-from conftest import model_config
 from ppcr.data.images import ImageError, load_image
 from ppcr.eval import infer
 from ppcr.eval.demo import DemoInputError, RequestHandler, build_app, examples
@@ -47,14 +47,16 @@ def bad_files(tmp_path):
 def test_infer_answers_each_bad_request_with_its_line_streams_and_goes_on(exported, tmp_path, capsys, monkeypatch):
     image, expression = examples()[0]
     truncated, strip, huge = bad_files(tmp_path)
-    reqs = [{"image": image, "expression": expression, "id": "first"},
-            {"image": str(truncated), "expression": "x"},
-            {"image": str(strip), "expression": "x"},
-            {"image": str(huge), "expression": "x"},
-            {"image": image, "expression": "x", "id": "../outside"},
-            {"image": image, "expression": "x", "id": "first"},
-            {"image": image, "expression": "boom", "id": "fails_in_the_model"},
-            {"image": image, "expression": expression, "id": "last"}]
+    reqs = [
+        {"image": image, "expression": expression, "id": "first"},
+        {"image": str(truncated), "expression": "x"},
+        {"image": str(strip), "expression": "x"},
+        {"image": str(huge), "expression": "x"},
+        {"image": image, "expression": "x", "id": "../outside"},
+        {"image": image, "expression": "x", "id": "first"},
+        {"image": image, "expression": "boom", "id": "fails_in_the_model"},
+        {"image": image, "expression": expression, "id": "last"},
+    ]
     requests = tmp_path / "requests.jsonl"
     requests.write_text("\n".join(json.dumps(r) for r in reqs) + "\n")
     events = []
@@ -73,8 +75,20 @@ def test_infer_answers_each_bad_request_with_its_line_streams_and_goes_on(export
     monkeypatch.setattr(infer, "load_image", spy_load)
     monkeypatch.setattr(Segmenter, "__call__", model_fault)
     out = tmp_path / "out"
-    code = infer.main(["--checkpoint", str(exported / "model"), "--jsonl", str(requests), "--out", str(out),
-                       "--batch-size", "2", "--device", "cpu"])
+    code = infer.main(
+        [
+            "--checkpoint",
+            str(exported / "model"),
+            "--jsonl",
+            str(requests),
+            "--out",
+            str(out),
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert f"{requests}:2: cannot read image {truncated}" in err
@@ -83,8 +97,9 @@ def test_infer_answers_each_bad_request_with_its_line_streams_and_goes_on(export
     assert f"{requests}:5: id '../outside' cannot be a file name" in err
     assert f"{requests}:6: id 'first' is taken by {requests}:1" in err
     assert f"{requests}:7: could not segment it (RuntimeError: CUDA out of memory (simulated))" in err
-    assert sorted(p.name for p in out.iterdir()) == [f"{n}.{k}" for n in ("first", "last")
-                                                     for k in ("json", "mask.png", "overlay.png")]
+    assert sorted(p.name for p in out.iterdir()) == [
+        f"{n}.{k}" for n in ("first", "last") for k in ("json", "mask.png", "overlay.png")
+    ]
     assert not (tmp_path / "outside.json").exists()
     assert events.index("segment") < len(events) - 1 - events[::-1].index("load")  # a batch before the last read
 
@@ -145,6 +160,7 @@ def test_the_end_of_sequence_ends_a_row(tiny_shards, tiny_models, monkeypatch):
     stage, vision = model.encode(["where is it?", "and here?"], None, [image, image])
     with torch.no_grad():
         features = model.vision_features(vision)
-        decoded = greedy_stage(model, stage, features, None, marker=model.ids.sem, stops=(model.ids.sem,),
-                               max_new_tokens=12)
+        decoded = greedy_stage(
+            model, stage, features, None, marker=model.ids.sem, stops=(model.ids.sem,), max_new_tokens=12
+        )
     assert decoded.ids == [[eos], [eos]] and decoded.forwards == 1 and decoded.found == [False, False]

@@ -7,8 +7,16 @@ import shutil
 import numpy as np
 import pytest
 
-from ppcr.eval.rescore import (PREDICTIONS_VERSION, RecordError, compare, main, predictions_files, read_records,
-                                rescore, rescore_files)
+from ppcr.eval.rescore import (
+    PREDICTIONS_VERSION,
+    RecordError,
+    compare,
+    main,
+    predictions_files,
+    read_records,
+    rescore,
+    rescore_files,
+)
 
 ROW_KEYS = ("split", "ablation", "group")
 
@@ -55,9 +63,19 @@ def test_a_changed_figure_is_reported_and_a_bad_record_named(evaluated_run, tmp_
 
 def records(pixels, groups=None, keys=None):
     """Records of one split as make eval writes them (the fields rescoring reads), one per (inter, union)."""
-    return [{"key": (keys or {}).get(i, f"ref_{i // 2}"), "sentence": f"sentence {i % 2}" if not keys else "the one",
-             "group": (groups or ["level 0"] * len(pixels))[i], "pixels": {"ppcr": list(p)}, "box_iou": 0.0,
-             "text_box_iou": None, "agreement": None, "spatial_answer": f"answer {i}"} for i, p in enumerate(pixels)]
+    return [
+        {
+            "key": (keys or {}).get(i, f"ref_{i // 2}"),
+            "sentence": f"sentence {i % 2}" if not keys else "the one",
+            "group": (groups or ["level 0"] * len(pixels))[i],
+            "pixels": {"ppcr": list(p)},
+            "box_iou": 0.0,
+            "text_box_iou": None,
+            "agreement": None,
+            "spatial_answer": f"answer {i}",
+        }
+        for i, p in enumerate(pixels)
+    ]
 
 
 def test_a_predictions_file_of_another_format_is_refused_naming_it(tmp_path):
@@ -70,8 +88,10 @@ def test_a_predictions_file_of_another_format_is_refused_naming_it(tmp_path):
         path.write_text("".join(json.dumps(r) + "\n" for r in lines))
         with pytest.raises(RecordError) as e:
             read_records(path)
-        assert str(e.value) == (f"{path}:2: format_version {version} is not {PREDICTIONS_VERSION}, predictions "
-                                "written by another ppcr: re-run make eval for their checkpoint")
+        assert str(e.value) == (
+            f"{path}:2: format_version {version} is not {PREDICTIONS_VERSION}, predictions "
+            "written by another ppcr: re-run make eval for their checkpoint"
+        )
 
 
 def test_compare_gives_the_paired_cIoU_difference_and_its_interval():

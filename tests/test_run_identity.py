@@ -11,9 +11,9 @@ from collections import Counter
 
 import pytest
 import torch
-
 from conftest import model_config
 from launching import deepspeed_cmd, losses, overrides, run
+
 from ppcr.common.hashing import sha256_uncached
 from ppcr.config import load_config
 from ppcr.data.shards import iter_tar_samples, load_manifest
@@ -34,10 +34,21 @@ def long_run(tiny_shards, tiny_models, tmp_path_factory):
     that an optimizer group given another group's settings shows."""
     root = tmp_path_factory.mktemp("identity")
     sam = shutil.copy(tiny_models["sam"], root / "sam.pth")
-    args = overrides(tiny_shards, tiny_models, root / "runs", f"model.sam_checkpoint={sam}", "train.max_steps=20",
-                     "train.save_every=100", "train.run_name=long", "model.max_new_tokens=6",
-                     "train.global_batch_size=4", "train.record_samples=true", "train.lr=1e-3", "train.head_lr=2e-3",
-                     "train.sam_lr=1e-3")
+    args = overrides(
+        tiny_shards,
+        tiny_models,
+        root / "runs",
+        f"model.sam_checkpoint={sam}",
+        "train.max_steps=20",
+        "train.save_every=100",
+        "train.run_name=long",
+        "model.max_new_tokens=6",
+        "train.global_batch_size=4",
+        "train.record_samples=true",
+        "train.lr=1e-3",
+        "train.head_lr=2e-3",
+        "train.sam_lr=1e-3",
+    )
     one_rank = [sys.executable, "launch/train.py", "--config", "launch/configs/default.yaml"]  # one process
     phases = []
     for ranks, halt in ((2, 8), (1, 14), (2, None)):
@@ -67,15 +78,21 @@ def test_two_then_one_then_two_ranks_resume_with_every_sample_once(long_run, tin
     heads = [load_checkpoint(ckpts / tag)[0].box_head.state_dict() for tag in ("step_00000014", "step_00000020")]
     assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])  # it trains after the change
     # Sample accounting, from what each rank recorded it trained on: 4 samples a step whatever the ranks.
-    lines = [json.loads(line) for f in sorted((run_dir / "samples").glob("rank*.jsonl"))
-             for line in f.read_text().splitlines()]
+    lines = [
+        json.loads(line)
+        for f in sorted((run_dir / "samples").glob("rank*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
     per_step = Counter()
     for line in lines:
         per_step[line["step"]] += len(line["keys"])
     assert per_step == {s: 4 for s in range(1, 21)}
     seen = [(e, k) for line in lines for e, k in zip(line["epochs"], line["keys"])]
-    everything = sorted(raw["__key__"] for s in load_manifest(tiny_shards)["splits"]["train"]["shards"]
-                        for raw in iter_tar_samples(tiny_shards / s["name"]))
+    everything = sorted(
+        raw["__key__"]
+        for s in load_manifest(tiny_shards)["splits"]["train"]["shards"]
+        for raw in iter_tar_samples(tiny_shards / s["name"])
+    )
     assert len(everything) < 80  # the run goes past one epoch: epoch 0 must be complete
     assert sorted(k for e, k in seen if e == 0) == everything  # every sample of epoch 0 once, none twice
     later = [k for e, k in seen if e == 1]
@@ -110,16 +127,32 @@ def test_a_replaced_sam_file_is_refused_by_resume_eval_export_and_infer_unless_o
         assert export_main(["--checkpoint", str(run_dir), "--out", str(out), flag]) == 0
 
     image, expression = examples()[0]
-    infer = ["--checkpoint", str(run_dir), "--image", image, "--expression", expression, "--out",
-             str(long_run["root"] / "infer"), "--device", "cpu"]
+    infer = [
+        "--checkpoint",
+        str(run_dir),
+        "--image",
+        image,
+        "--expression",
+        expression,
+        "--out",
+        str(long_run["root"] / "infer"),
+        "--device",
+        "cpu",
+    ]
     assert infer_main(infer) == 2
     refused(capsys.readouterr().err)
     with pytest.warns(UserWarning, match="loaded anyway as asked"):
         assert infer_main(infer + [flag]) == 0
 
     # one process: the refusal comes before any rank would start; with the flag, an elastic resume (2 -> 1)
-    resume = [sys.executable, "launch/train.py", "--config", "launch/configs/default.yaml", *long_run["args"],
-              "train.max_steps=21"]
+    resume = [
+        sys.executable,
+        "launch/train.py",
+        "--config",
+        "launch/configs/default.yaml",
+        *long_run["args"],
+        "train.max_steps=21",
+    ]
     done = run(resume)
     assert done.returncode == 2
     refused(done.stderr)
@@ -147,13 +180,24 @@ def test_a_checkpoints_trained_weights_start_a_new_model(trained_run, tiny_shard
 
 
 def test_init_from_an_export_starts_a_new_run_with_its_weights_and_fresh_optimizer_and_data(
-        exported, tiny_shards, tiny_models, tmp_path):
+    exported, tiny_shards, tiny_models, tmp_path
+):
     """A new run from an export, one step at a learning rate too small to move anything: its checkpoint holds the
     export's trained weights, its optimizer and data begin at step 1."""
     tiny = "1.0e-12"
-    args = overrides(tiny_shards, tiny_models, tmp_path, f"model.init_from={exported / 'model'}", "train.max_steps=1",
-                     "train.warmup_steps=0", "train.run_name=tuned", f"train.lr={tiny}", f"train.head_lr={tiny}",
-                     f"train.sam_lr={tiny}", "data.num_workers=0")
+    args = overrides(
+        tiny_shards,
+        tiny_models,
+        tmp_path,
+        f"model.init_from={exported / 'model'}",
+        "train.max_steps=1",
+        "train.warmup_steps=0",
+        "train.run_name=tuned",
+        f"train.lr={tiny}",
+        f"train.head_lr={tiny}",
+        f"train.sam_lr={tiny}",
+        "data.num_workers=0",
+    )
     done = run([sys.executable, "launch/train.py", "--config", "launch/configs/default.yaml", *args])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"started from the trained weights of {exported / 'model'}" in done.stdout

@@ -31,8 +31,9 @@ def test_one_builder_makes_segment_anythings_released_sizes(size):
     device: no memory), so Meta's checkpoints load into it."""
     with torch.device("meta"):
         ours, theirs = build_sam(SAM_ARCHS[size], 1024), sam_model_registry[size]()
-    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == \
-        {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in theirs.state_dict().items()
+    }
     assert repr(ours) == repr(theirs)
 
 
@@ -50,7 +51,10 @@ def test_released_sam_layout_loads_through_segment_anything_registry(tmp_path):
 def test_missing_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"model.sam_checkpoint: no SAM checkpoint at .*nope.pth"):
         load_sam(ModelConfig(sam_checkpoint=str(tmp_path / "nope.pth")))
-    with pytest.raises(FileNotFoundError, match=r"get Meta.s SAM vit_h: https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"get Meta.s SAM vit_h: https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+    ):
         load_sam(ModelConfig(sam_checkpoint=str(tmp_path / "nope.pth"), sam_type="vit_h", sam_image_size=1024))
     path = save_tiny_sam(SamArchConfig(encoder_dim=32), 128, tmp_path / "small.pth")
     with pytest.raises(ValueError, match=r"does not fit model.sam_type 'tiny' and model.sam_arch"):
@@ -74,7 +78,7 @@ deepspeed.init_distributed(dist_backend="gloo")
 from ppcr.config import ModelConfig
 from ppcr.model.sam import SamSegmenter, load_sam
 from ppcr.model.tiny import save_tiny_sam
-cfg = ModelConfig(sam_type="tiny", sam_checkpoint="{tmp_path / 'sam.pth'}", sam_image_size=128)
+cfg = ModelConfig(sam_type="tiny", sam_checkpoint="{tmp_path / "sam.pth"}", sam_image_size=128)
 save_tiny_sam(cfg.sam_arch, 128, cfg.sam_checkpoint)
 seg = SamSegmenter(load_sam(cfg))
 torch.manual_seed(0)
@@ -107,12 +111,16 @@ def test_batched_decode_equals_sams_own_decoder_run_per_image(tmp_path, prompts)
     sam = seg.sam
     reference = []
     for i in range(3):  # segment_anything's MaskDecoder.forward: one image at a time
-        sparse, dense = sam.prompt_encoder(points=None, boxes=None if boxes is None else boxes[i:i + 1], masks=None)
+        sparse, dense = sam.prompt_encoder(points=None, boxes=None if boxes is None else boxes[i : i + 1], masks=None)
         if sem is not None:
-            sparse = torch.cat([sparse, sem[i:i + 1, None]], dim=1)
-        low, _ = sam.mask_decoder(image_embeddings=emb[i:i + 1], image_pe=sam.prompt_encoder.get_dense_pe(),
-                                  sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense,
-                                  multimask_output=False)
+            sparse = torch.cat([sparse, sem[i : i + 1, None]], dim=1)
+        low, _ = sam.mask_decoder(
+            image_embeddings=emb[i : i + 1],
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+        )
         reference.append(low[:, 0])
     assert torch.allclose(seg.decode(emb, boxes, sem), torch.cat(reference), atol=1e-5)
 

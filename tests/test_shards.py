@@ -1,10 +1,8 @@
-
 import numpy as np
 
 from ppcr.data.cli import main as shards_cli
 from ppcr.data.refer import read_refer, segmentation_to_mask
-from ppcr.data.shards import (FORMAT_VERSION, build_shards, decode_sample, iter_tar_samples, load_manifest,
-                              verify_shards)
+from ppcr.data.shards import FORMAT_VERSION, build_shards, decode_sample, iter_tar_samples, load_manifest, verify_shards
 
 
 def test_build_writes_manifest_that_verifies(tiny_refer, tiny_shards):
@@ -41,8 +39,9 @@ def test_build_is_deterministic_and_uses_two_processes(tiny_refer, tiny_shards, 
     out = tmp_path / "again"
     build_shards(tiny_refer["refer_root"], "synthetic", "unc", tiny_refer["images"], out, workers=2, max_samples=5)
     a, b = load_manifest(tiny_shards)["splits"], load_manifest(out)["splits"]
-    assert {k: [s["sha256"] for s in v["shards"]] for k, v in a.items()} == \
-           {k: [s["sha256"] for s in v["shards"]] for k, v in b.items()}
+    assert {k: [s["sha256"] for s in v["shards"]] for k, v in a.items()} == {
+        k: [s["sha256"] for s in v["shards"]] for k, v in b.items()
+    }
 
 
 def test_cli_verify_ok_and_show(tiny_shards, capsys):
@@ -51,5 +50,3 @@ def test_cli_verify_ok_and_show(tiny_shards, capsys):
     assert shards_cli(["show", str(tiny_shards), "--split", "val", "-n", "2"]) == 0
     out = capsys.readouterr().out
     assert out.count("synthetic_unc_") == 2 and "  - the " in out and "mask area" in out
-
-

@@ -3,16 +3,18 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_config, train_set
+
 from ppcr.data.shards import iter_tar_samples, load_manifest
-from ppcr.data.stream import (ShardSet, _Errors, build_eval_loader, build_train_loader,
-                              choose_expression, SetReader)
+from ppcr.data.stream import SetReader, ShardSet, _Errors, build_eval_loader, build_train_loader, choose_expression
 
 
 def split_keys(shards_dir, split):
-    return [raw["__key__"] for s in load_manifest(shards_dir)["splits"][split]["shards"]
-            for raw in iter_tar_samples(shards_dir / s["name"])]
+    return [
+        raw["__key__"]
+        for s in load_manifest(shards_dir)["splits"][split]["shards"]
+        for raw in iter_tar_samples(shards_dir / s["name"])
+    ]
 
 
 def take(loader, n):
@@ -26,13 +28,14 @@ def test_slots_are_disjoint_and_cover_every_sample_once_per_epoch(tiny_shards):
     per_epoch = {0: [], 1: []}
     for rank, worker in itertools.product(range(world), range(workers)):
         slot = rank * workers + worker
-        reader = SetReader(ss, set_index=0, seed=5, slot=slot, num_slots=world * workers, shuffle_buffer=8,
-                           errors=_Errors(), epochs=2)
+        reader = SetReader(
+            ss, set_index=0, seed=5, slot=slot, num_slots=world * workers, shuffle_buffer=8, errors=_Errors(), epochs=2
+        )
         keys = [(r["__epoch__"], r["__key__"]) for r in reader]
         assert keys, "every slot gets shards"
         for epoch, key in keys:
             per_epoch[epoch].append((slot, key))
-    for epoch, pairs in per_epoch.items():
+    for pairs in per_epoch.values():
         assert sorted(k for _, k in pairs) == everything  # every sample once, none twice
     # Shards move between slots from one epoch to the next.
     assert {k for s, k in per_epoch[0] if s == 0} != {k for s, k in per_epoch[1] if s == 0}
@@ -98,6 +101,7 @@ def test_resume_at_a_late_step_is_exact_and_reads_no_more_than_at_an_early_one(t
                 if counting_now:
                     reads[current] += 1
                 yield raw
+
         monkeypatch.setattr(stream, "shard_samples", counting)
     for current in (3, late):
         reads[current] = 0
@@ -136,9 +140,11 @@ def test_a_checkpoint_state_of_another_format_is_refused_naming_the_file(tiny_sh
         (ckpt / "ppcr_rank0.json").write_text(json.dumps({**state, "format_version": version}))
         with pytest.raises(ValueError) as e:
             rank_states(ckpt)
-        assert str(e.value) == (f"{ckpt}/ppcr_rank0.json: format_version {version} is not {STATE_VERSION}, a "
-                                "checkpoint from another ppcr, which cannot resume: start a new run "
-                                f"(train.run_name=...), from scratch or from its weights with model.init_from={ckpt}")
+        assert str(e.value) == (
+            f"{ckpt}/ppcr_rank0.json: format_version {version} is not {STATE_VERSION}, a "
+            "checkpoint from another ppcr, which cannot resume: start a new run "
+            f"(train.run_name=...), from scratch or from its weights with model.init_from={ckpt}"
+        )
 
 
 def test_resume_refuses_a_different_layout(tiny_shards):
@@ -149,8 +155,12 @@ def test_resume_refuses_a_different_layout(tiny_shards):
 
 
 def test_mixing_follows_the_ratios(tiny_shards):
-    cfg = make_config(tiny_shards, f"data.train_sets=[{{name: {tiny_shards.name}, split: train, ratio: 3}}, "
-                                   f"{{name: {tiny_shards.name}, split: val, ratio: 1}}]", "train.micro_batch_size=8")
+    cfg = make_config(
+        tiny_shards,
+        f"data.train_sets=[{{name: {tiny_shards.name}, split: train, ratio: 3}}, "
+        f"{{name: {tiny_shards.name}, split: val, ratio: 1}}]",
+        "train.micro_batch_size=8",
+    )
     val = set(split_keys(tiny_shards, "val"))
     keys = [k for b in take(build_train_loader(cfg, 0, 1), 100) for k in b["keys"]]
     share = sum(k in val for k in keys) / len(keys)
@@ -263,10 +273,14 @@ def test_the_shuffle_buffer_gives_webdatasets_own_order(tiny_shards, bufsize):
 
     ss = ShardSet.open(tiny_shards.parent, train_set(tiny_shards))
     for slot, num_slots in ((0, 1), (1, 3)):
-        reader = SetReader(ss, set_index=0, seed=5, slot=slot, num_slots=num_slots, shuffle_buffer=bufsize,
-                           errors=_Errors(), epochs=1)
+        reader = SetReader(
+            ss, set_index=0, seed=5, slot=slot, num_slots=num_slots, shuffle_buffer=bufsize, errors=_Errors(), epochs=1
+        )
         ours = [r["__key__"] for r in reader]
-        raw = (r for s in slot_shards(ss.shards, 5, 0, 0, slot, num_slots, True)
-               for r in shard_samples(s["path"], _Errors()))
+        raw = (
+            r
+            for s in slot_shards(ss.shards, 5, 0, 0, slot, num_slots, True)
+            for r in shard_samples(s["path"], _Errors())
+        )
         theirs = [r["__key__"] for r in wds.shuffle(bufsize, initial=bufsize, rng=random.Random(f"5-0-0-{slot}"))(raw)]
         assert ours == theirs and len(ours) > 1

@@ -7,10 +7,10 @@ import sys
 from dataclasses import replace
 
 import pytest
-
 from conftest import model_config
 from launching import ROOT, deepspeed_cmd, free_port, losses, overrides, run
 from test_checkpoint_size import assert_trainable_only
+
 from ppcr.config import load_config
 from ppcr.model.saving import load_checkpoint
 from ppcr.train.nonfinite import NAMES
@@ -58,7 +58,8 @@ def test_every_logged_step_carries_throughput_mfu_and_peak_memory_per_rank(train
         per_rank = [d["peak_mem_gib/rank0"], d["peak_mem_gib/rank1"]]
         assert d["peak_mem_gib"] == max(per_rank) and min(per_rank) > 0.1
     assert [(d["step"], d["sample"] > 1e8, d["peak_per_device"] > 1e8) for d in records if d["kind"] == "flops"] == [
-        (1, True, True)]
+        (1, True, True)
+    ]
     events = EventAccumulator(str(next((trained_run / "tensorboard").glob("events.*")))).Reload()
     assert {"train/mfu", "train/tokens_per_s", "train/peak_mem_gib", "flops/sample"} <= set(events.Tags()["scalars"])
 
@@ -67,19 +68,44 @@ def test_two_slurm_tasks_on_two_nodes_keep_their_ranks_and_one_writer(tiny_shard
     port = free_port()
     procs = []
     for task in (0, 1):
-        env = dict(os.environ, SLURM_PROCID=str(task), SLURM_NTASKS="2", SLURM_NODEID=str(task), SLURM_LOCALID="0",
-                   SLURM_NTASKS_PER_NODE="1", SLURM_JOB_NODELIST="127.0.0.1", SLURM_JOB_ID="4242",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        env = dict(
+            os.environ,
+            SLURM_PROCID=str(task),
+            SLURM_NTASKS="2",
+            SLURM_NODEID=str(task),
+            SLURM_LOCALID="0",
+            SLURM_NTASKS_PER_NODE="1",
+            SLURM_JOB_NODELIST="127.0.0.1",
+            SLURM_JOB_ID="4242",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
         for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
             env.pop(k, None)
-        args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=3", "train.save_every=2",
-                         "train.run_name=slurm", "data.num_workers=0", "train.val_every=2", "train.val_samples=3",
-                         "model.max_new_tokens=6")
-        procs.append(subprocess.Popen([sys.executable, "launch/train.py", "--config", "launch/configs/default.yaml",
-                                       *args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
+        args = overrides(
+            tiny_shards,
+            tiny_models,
+            tmp_path,
+            "train.max_steps=3",
+            "train.save_every=2",
+            "train.run_name=slurm",
+            "data.num_workers=0",
+            "train.val_every=2",
+            "train.val_samples=3",
+            "model.max_new_tokens=6",
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "launch/train.py", "--config", "launch/configs/default.yaml", *args],
+                cwd=ROOT,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err[-3000:]
     assert "rank 0/2 node 0 local rank 0" in outs[0][0] and "rank 1/2 node 1 local rank 0" in outs[1][0]
     assert "run directory" in outs[0][0] and "run directory" not in outs[1][0]
@@ -90,8 +116,10 @@ def test_two_slurm_tasks_on_two_nodes_keep_their_ranks_and_one_writer(tiny_shard
     assert [d["step"] for d in val] == [2, 3] and all(d["count"] == 3 for d in val)  # 2 + 1: uneven ranks
     assert len(list((run_dir / "tensorboard").glob("events.*"))) == 1
     assert (run_dir / "checkpoints/latest").read_text() == "step_00000003"
-    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")) == \
-        ["step_00000002", "step_00000003"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step_")) == [
+        "step_00000002",
+        "step_00000003",
+    ]
 
 
 def test_zero3_builds_the_mllm_partitioned(tiny_models, tiny_shards, tmp_path):
@@ -102,9 +130,10 @@ deepspeed.init_distributed(dist_backend="gloo")
 from transformers.integrations import HfDeepSpeedConfig
 from ppcr.config import load_config
 from ppcr.model.model import PPCRModel
-ds = {{"train_micro_batch_size_per_gpu": 1, "zero_optimization": {{"stage": 3, "stage3_param_persistence_threshold": 0}}}}
+ds = {{"train_micro_batch_size_per_gpu": 1,
+      "zero_optimization": {{"stage": 3, "stage3_param_persistence_threshold": 0}}}}
 keep = HfDeepSpeedConfig(ds)
-cfg = load_config({str(ROOT / 'launch/configs/default.yaml')!r}, {overrides(tiny_shards, tiny_models, tmp_path)!r})
+cfg = load_config({str(ROOT / "launch/configs/default.yaml")!r}, {overrides(tiny_shards, tiny_models, tmp_path)!r})
 model = PPCRModel.from_config(cfg.model, cfg.train.loss)
 layer = model.mllm.base_model.model.model.language_model.layers[0].mlp.up_proj.weight
 vision = next(model.family.vision_modules[0].parameters())
@@ -112,7 +141,7 @@ print("PARTITIONED", hasattr(layer, "ds_id"), layer.numel(), tuple(layer.ds_shap
 """
     out = run([sys.executable, "-c", script])
     assert out.returncode == 0, out.stderr[-3000:]
-    line = next(l for l in out.stdout.splitlines() if l.startswith("PARTITIONED"))
+    line = next(x for x in out.stdout.splitlines() if x.startswith("PARTITIONED"))
     assert line == "PARTITIONED True 0 (256, 128) True"
 
 
@@ -123,8 +152,9 @@ def test_help_lists_recipes_and_override_syntax():
 
 
 def test_schedule_warms_up_then_decays_and_groups_skip_decay_on_1d(tiny_shards, tiny_models):
-    t = load_config(ROOT / "launch/configs/default.yaml", ["train.max_steps=100", "train.warmup_steps=10",
-                                                           "train.min_lr_ratio=0.1"]).train
+    t = load_config(
+        ROOT / "launch/configs/default.yaml", ["train.max_steps=100", "train.warmup_steps=10", "train.min_lr_ratio=0.1"]
+    ).train
     assert lr_factor(0, t) == pytest.approx(0.1) and lr_factor(9, t) == pytest.approx(1.0)
     assert lr_factor(10, t) == pytest.approx(1.0) and lr_factor(100, t) == pytest.approx(0.1)
     assert lr_factor(55, t) == pytest.approx(0.55)

@@ -2,11 +2,11 @@ import os
 
 import numpy as np
 import pytest
+import torch
+from conftest import make_config, train_set
 from PIL import Image
 from segment_anything.utils.transforms import ResizeLongestSide
-import torch
 
-from conftest import make_config, train_set
 from ppcr.data.shards import decode_sample, iter_tar_samples, load_manifest
 from ppcr.data.stream import EvalStream, ShardSet, prepare
 from ppcr.data.transforms import Preprocessor, hflip, swap_left_right, xywh_to_norm_cxcywh
@@ -14,14 +14,17 @@ from ppcr.data.transforms import Preprocessor, hflip, swap_left_right, xywh_to_n
 PRE = Preprocessor(mllm_image_size=32, sam_image_size=64)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("the square left of the red circle", "the square right of the red circle"),
-    ("the leftmost star", "the rightmost star"),
-    ("the oval on the Right", "the oval on the Left"),
-    ("LEFT", "RIGHT"),
-    ("the leftover cake at the top", "the leftover cake at the top"),
-    ("the man's left-hand glove", "the man's right-hand glove"),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("the square left of the red circle", "the square right of the red circle"),
+        ("the leftmost star", "the rightmost star"),
+        ("the oval on the Right", "the oval on the Left"),
+        ("LEFT", "RIGHT"),
+        ("the leftover cake at the top", "the leftover cake at the top"),
+        ("the man's left-hand glove", "the man's right-hand glove"),
+    ],
+)
 def test_swap_left_right(text, expected):
     assert swap_left_right(text) == expected
 
@@ -129,8 +132,13 @@ def test_decoding_falls_back_to_pil_where_torchcodec_does_not_load(tiny_shards):
         "print(transforms.IMAGE_DECODER); print([str(x.message) for x in w if 'PIL' in str(x.message)])\n"
         "print(tuple(s['image'].shape), s['image'].dtype, int(s['mask'].sum()) > 0)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert out.returncode == 0, out.stderr
     decoder, warned, sample = out.stdout.splitlines()
     assert decoder.startswith("pil: TorchCodec unusable with torch") and "No module named 'torchcodec" in decoder

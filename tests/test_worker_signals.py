@@ -4,9 +4,8 @@ sends them to every process of a job, and still end when their parent stops them
 import subprocess
 import sys
 
-import pytest
-
 from launching import ROOT
+
 from ppcr.data.worker_signals import WORKER_CONTEXT
 
 # A spawned or forkserver worker may already run a second native thread when its init function runs
@@ -32,6 +31,7 @@ def test_a_worker_with_another_thread_keeps_pytorchs_signal_handling(tmp_path):
     script.write_text(OTHER_THREAD)
     done = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "untouched" in done.stdout, done.stderr[-3000:]
+
 
 # A loader with two workers; a stranger (kill, not the parent) sends both signals to each worker; the
 # loader goes on; then an error leaves the loader alive into interpreter exit, where multiprocessing
@@ -78,8 +78,9 @@ def test_workers_ignore_stop_signals_from_others_and_still_end_with_their_parent
     assert WORKER_CONTEXT == "fork"  # Linux
     script = tmp_path / "loader.py"
     script.write_text(SCRIPT)
-    done = subprocess.run([sys.executable, str(script), "fork"], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)  # a hang at exit fails here (it exits in seconds)
+    done = subprocess.run(
+        [sys.executable, str(script), "fork"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )  # a hang at exit fails here (it exits in seconds)
     assert "workers alive after the signals" in done.stdout, done.stderr[-3000:]
     assert "killed by signal" not in done.stderr
     assert done.returncode == 1 and "an error while the loader is alive" in done.stderr, done.stderr[-3000:]

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -37,15 +37,30 @@ def threads(n: int):
 def shard_batches(cfg: Config) -> Iterator[dict]:
     """The training stream of one worker (rank 0 of 1, loader worker 0 of 1), as the trainer reads it."""
     sets = [ShardSet.open(cfg.paths.shards_root, s) for s in cfg.data.train_sets]
-    stream = TrainStream(sets, Preprocessor.from_config(cfg.model), cfg.train.micro_batch_size, cfg.train.seed,
-                         0, 1, cfg.data.shuffle_buffer, cfg.data.flip_prob)
+    stream = TrainStream(
+        sets,
+        Preprocessor.from_config(cfg.model),
+        cfg.train.micro_batch_size,
+        cfg.train.seed,
+        0,
+        1,
+        cfg.data.shuffle_buffer,
+        cfg.data.flip_prob,
+    )
     return iter(stream)
 
 
 def refer_batches(cfg: Config) -> Iterator[dict]:
     """The random-access baseline over the REFER files the shards were built from."""
-    dataset = ReferRandomAccess(cfg.paths.refer_root, synthetic.DATASET, "unc",
-                                Path(cfg.paths.images_root) / synthetic.DATASET, "train", cfg.model, cfg.train.seed)
+    dataset = ReferRandomAccess(
+        cfg.paths.refer_root,
+        synthetic.DATASET,
+        "unc",
+        Path(cfg.paths.images_root) / synthetic.DATASET,
+        "train",
+        cfg.model,
+        cfg.train.seed,
+    )
     return iter(build_refer_loader(dataset, cfg.train.micro_batch_size, num_workers=0, seed=cfg.train.seed))
 
 
@@ -66,8 +81,13 @@ def run(cfg: Config, reps: int = 5, batches: int = 100, warmup: int = 20) -> dic
         for _ in range(reps):
             a.append(_rate(shards, batches))
             b.append(_rate(refer, batches))
-    return {"shard_reader": Figure.of(a, "samples/s"), "refer_loader": Figure.of(b, "samples/s"),
-            "speedup": paired_ratio(a, b), "batch_size": cfg.train.micro_batch_size, "batches_per_rep": batches}
+    return {
+        "shard_reader": Figure.of(a, "samples/s"),
+        "refer_loader": Figure.of(b, "samples/s"),
+        "speedup": paired_ratio(a, b),
+        "batch_size": cfg.train.micro_batch_size,
+        "batches_per_rep": batches,
+    }
 
 
 def _first_batch_seconds(cfg: Config, state: dict, rank: int, world_size: int) -> float:
@@ -95,7 +115,11 @@ def resume_cost(cfg: Config, *, steps: tuple[int, int], reps: int = 3, world_siz
         for _ in range(reps):
             times["early"].append(_first_batch_seconds(cfg, states[early], 0, world_size))
             times["late"].append(_first_batch_seconds(cfg, states[late], 0, world_size))
-    return {"steps": list(steps), "world_size": world_size, "num_workers": cfg.data.num_workers,
-            "epochs_at_late": max(s["epoch"] for p in states[late]["worker_positions"] if p for s in p["sets"]),
-            **{k: Figure.of(v, "s") for k, v in times.items()},
-            "late_vs_early": paired_ratio(times["late"], times["early"])}
+    return {
+        "steps": list(steps),
+        "world_size": world_size,
+        "num_workers": cfg.data.num_workers,
+        "epochs_at_late": max(s["epoch"] for p in states[late]["worker_positions"] if p for s in p["sets"]),
+        **{k: Figure.of(v, "s") for k, v in times.items()},
+        "late_vs_early": paired_ratio(times["late"], times["early"]),
+    }

@@ -30,17 +30,27 @@ def run(cfg: Config, reps: int, expressions: int = 48) -> dict:
     forwards: dict[int, float] = {}
     for _ in range(reps):
         for size in sizes:
-            batches = [items[i: i + size] for i in range(0, len(items), size)]
+            batches = [items[i : i + size] for i in range(0, len(items), size)]
             start = time.perf_counter()
             result = evaluate_batches(model, batches, filler=items[0], dist=ONE, synced=False, groups=groups)
             rates[size].append(len(items) / (time.perf_counter() - start))
             forwards[size] = result.forwards / result.expressions
-    same = all(a.spatial_answer == b.spatial_answer and torch.equal(a.mask, b.mask)
-               for a, b in zip(predict_items(model, items[:8], [x["expression"] for x in items[:8]])[0][0],
-                               [predict_items(model, [x], [x["expression"]])[0][0][0] for x in items[:8]]))
-    return {"expressions": len(items), "split": f"{spec.name}/{spec.split}", "batch_size": cfg.eval.batch_size,
-            "device": str(device()), "batch_1": Figure.of(rates[1], "expr/s"),
-            "batched": Figure.of(rates[cfg.eval.batch_size], "expr/s"),
-            "speedup": paired_ratio(rates[cfg.eval.batch_size], rates[1]),
-            "forwards_batch_1": forwards[1], "forwards_batched": forwards[cfg.eval.batch_size],
-            "same_answers_and_masks": same}
+    same = all(
+        a.spatial_answer == b.spatial_answer and torch.equal(a.mask, b.mask)
+        for a, b in zip(
+            predict_items(model, items[:8], [x["expression"] for x in items[:8]])[0][0],
+            [predict_items(model, [x], [x["expression"]])[0][0][0] for x in items[:8]],
+        )
+    )
+    return {
+        "expressions": len(items),
+        "split": f"{spec.name}/{spec.split}",
+        "batch_size": cfg.eval.batch_size,
+        "device": str(device()),
+        "batch_1": Figure.of(rates[1], "expr/s"),
+        "batched": Figure.of(rates[cfg.eval.batch_size], "expr/s"),
+        "speedup": paired_ratio(rates[cfg.eval.batch_size], rates[1]),
+        "forwards_batch_1": forwards[1],
+        "forwards_batched": forwards[cfg.eval.batch_size],
+        "same_answers_and_masks": same,
+    }

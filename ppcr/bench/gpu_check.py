@@ -84,8 +84,10 @@ class Plan:
             raise ValueError(f"the peak FLOP/s must be > 0, got {self.peak_flops}")
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not gpus and self.layers is None:
-            raise ValueError("no GPU: at the published depth (8.9 B parameters) the check would take hours on a "
-                             "CPU; --layers N (e.g. 1) shrinks the depth to try it there")
+            raise ValueError(
+                "no GPU: at the published depth (8.9 B parameters) the check would take hours on a "
+                "CPU; --layers N (e.g. 1) shrinks the depth to try it there"
+            )
         if gpus and self.nproc > gpus:
             raise ValueError(f"{self.nproc} ranks asked, {gpus} GPU(s) here")
 
@@ -108,6 +110,7 @@ def _device() -> str:
 
 # ---------------------------------------------------------------------------------------------- backbones
 
+
 def write_mllm(family: str, out: Path, *, layers: int | None, image_size: int, seed: int) -> Path:
     """The family's published architecture (depth ``layers`` if given) with random bf16 weights, and its
     processor around the tiny tokenizer, written with ``save_pretrained`` to ``out``. Initialised on
@@ -116,14 +119,20 @@ def write_mllm(family: str, out: Path, *, layers: int | None, image_size: int, s
     if family == "qwen2_5_vl":
         tokenizer = build_tokenizer(QWEN_SPECIAL, family)
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
-        config.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                      pad_token_id=ids["<|endoftext|>"], image_token_id=ids["<|image_pad|>"],
-                      video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                      vision_end_token_id=ids["<|vision_end|>"])
+        config.update(
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
         config.pop("vision_token_id")  # <|vision_pad|>, not in the tiny tokenizer and unused for images
         v = config["vision_config"]
-        processor = build_processor(family, image_size, tokenizer, v["patch_size"], v["spatial_merge_size"],
-                                    v["temporal_patch_size"])
+        processor = build_processor(
+            family, image_size, tokenizer, v["patch_size"], v["spatial_merge_size"], v["temporal_patch_size"]
+        )
         cls = Qwen2_5_VLForConditionalGeneration
     else:
         tokenizer = build_tokenizer(LLAVA_SPECIAL, family)
@@ -151,8 +160,11 @@ def sam_overrides(sam_type: str, layers: int | None) -> list[str]:
     if sam_type not in SAM_ARCHS:
         raise ValueError(f"model.sam_type '{sam_type}': the check builds a released SAM ({', '.join(SAM_ARCHS)})")
     released = SAM_ARCHS[sam_type]
-    arch = dataclasses.replace(released, encoder_depth=layers, global_attn_indexes=[
-        i for i in released.global_attn_indexes if i < layers] or [layers - 1])
+    arch = dataclasses.replace(
+        released,
+        encoder_depth=layers,
+        global_attn_indexes=[i for i in released.global_attn_indexes if i < layers] or [layers - 1],
+    )
     arch_yaml = yaml.safe_dump(vars(arch), default_flow_style=True, width=10**6).strip()
     return ["model.sam_type=tiny", f"model.sam_arch={arch_yaml}"]
 
@@ -170,15 +182,25 @@ def write_sam(cfg, path: Path, *, seed: int) -> Path:
 
 # ---------------------------------------------------------------------------------------------- data
 
+
 def write_shards(root: Path, *, train_images: int, slots: int, seed: int) -> Path:
     """The synthetic set at COCO-like image sizes (480-640 px), sharded with at least two training shards
     per loader slot (rank x worker), as the loader wants; returns the shard set's directory."""
-    cfg = SyntheticConfig(seed=seed, num_images={"train": train_images, "val": 4}, min_image_size=480,
-                          max_image_size=640)
+    cfg = SyntheticConfig(
+        seed=seed, num_images={"train": train_images, "val": 4}, min_image_size=480, max_image_size=640
+    )
     counts = synthetic.generate(cfg, root / "refer", root / "images", workers=1)
     out = root / "shards" / SHARD_SET
-    build_shards(root / "refer", "synthetic", "unc", root / "images" / "synthetic", out, splits=["train", "val"],
-                 workers=1, max_samples=max(1, counts["train"]["refs"] // (2 * slots)))
+    build_shards(
+        root / "refer",
+        "synthetic",
+        "unc",
+        root / "images" / "synthetic",
+        out,
+        splits=["train", "val"],
+        workers=1,
+        max_samples=max(1, counts["train"]["refs"] // (2 * slots)),
+    )
     return out
 
 
@@ -193,17 +215,21 @@ def prepare(plan: Plan, cfg, slots: int) -> dict[str, Path]:
     m = cfg.model
     depth = "published" if plan.layers is None else f"{plan.layers}-layers"
     family = memory.RECIPES[plan.recipe][1]
-    paths = {"mllm": plan.out / "models" / f"{plan.recipe}_{depth}",
-             "sam": plan.out / "models" / f"sam_{m.sam_type}_{depth}.safetensors",
-             "data": plan.out / "data"}
+    paths = {
+        "mllm": plan.out / "models" / f"{plan.recipe}_{depth}",
+        "sam": plan.out / "models" / f"sam_{m.sam_type}_{depth}.safetensors",
+        "data": plan.out / "data",
+    }
     spec = {"family": family, "layers": plan.layers, "image_size": m.mllm_image_size, "seed": plan.seed}
     marker = paths["mllm"] / "spec.json"
     if not marker.is_file() or json.loads(marker.read_text()) != spec:
         t0 = time.perf_counter()
         write_mllm(family, paths["mllm"], layers=plan.layers, image_size=m.mllm_image_size, seed=plan.seed)
         marker.write_text(json.dumps(spec))
-        print(f"wrote {plan.recipe} ({depth}, random weights) to {paths['mllm']} in {time.perf_counter() - t0:.0f} s",
-              flush=True)
+        print(
+            f"wrote {plan.recipe} ({depth}, random weights) to {paths['mllm']} in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
     sam_marker = paths["sam"].with_suffix(".spec.json")
     sam_spec = {"sam_type": m.sam_type, "arch": vars(m.sam_arch), "size": m.sam_image_size, "seed": plan.seed}
     if not paths["sam"].is_file() or not sam_marker.is_file() or json.loads(sam_marker.read_text()) != sam_spec:
@@ -221,6 +247,7 @@ def prepare(plan: Plan, cfg, slots: int) -> dict[str, Path]:
 
 # ---------------------------------------------------------------------------------------------- memory
 
+
 def predicted_memory(rm: memory.RecipeModel, world: int) -> dict[str, float]:
     """The estimator's per-GPU figure for ``rm`` under ZeRO-3 on ``world`` GPUs of one node, in bytes, as
     the memory table computes it (:func:`ppcr.bench.memory.memory_table`): model states (DeepSpeed's
@@ -233,23 +260,42 @@ def predicted_memory(rm: memory.RecipeModel, world: int) -> dict[str, float]:
     acts = memory.activation_memory(rm)["peak"]
     allowance = memory.ALLOWANCE_GIB * GIB
     expected = memory.expected_zero3_bytes_per_rank(rm.trainable, rm.frozen, world, precision="bf16")
-    return {"model_states": states["gpu"], "activations": acts, "allowance": allowance,
-            "allocated": states["gpu"] + acts, "per_gpu": states["gpu"] + acts + allowance,
-            "model_states_bf16": expected["total"]}
+    return {
+        "model_states": states["gpu"],
+        "activations": acts,
+        "allowance": allowance,
+        "allocated": states["gpu"] + acts,
+        "per_gpu": states["gpu"] + acts + allowance,
+        "model_states_bf16": expected["total"],
+    }
 
 
 # ---------------------------------------------------------------------------------------------- the check
+
 
 def run_overrides(plan: Plan, paths: dict[str, Path], shard_dir: Path, *, user: list[str]) -> list[str]:
     """The run's overrides: the written backbones and shards, ``user`` (SAM's and the plan's), then the
     check's own: its steps, logging every step, no validation, ZeRO-3 in bf16."""
     sets = f"[{{name: {SHARD_SET}, split: %s}}]"
-    return [f"model.mllm_path={paths['mllm']}", "model.tiny_family=null", f"model.sam_checkpoint={paths['sam']}",
-            f"paths.shards_root={shard_dir.parent}", "data.train_sets=" + sets % "train", "eval.sets=" + sets % "val",
-            f"paths.runs_root={plan.out / 'runs'}", *user,
-            f"train.run_name={RUN_NAME}", f"train.max_steps={plan.warmup_steps + plan.steps}", "train.log_every=1",
-            f"train.save_every={plan.warmup_steps + plan.steps}", "train.val_samples=0", "train.warmup_steps=1",
-            "train.precision=bf16", "model.dtype=bfloat16", "train.ds_config=ds_configs/zero3.json"]
+    return [
+        f"model.mllm_path={paths['mllm']}",
+        "model.tiny_family=null",
+        f"model.sam_checkpoint={paths['sam']}",
+        f"paths.shards_root={shard_dir.parent}",
+        "data.train_sets=" + sets % "train",
+        "eval.sets=" + sets % "val",
+        f"paths.runs_root={plan.out / 'runs'}",
+        *user,
+        f"train.run_name={RUN_NAME}",
+        f"train.max_steps={plan.warmup_steps + plan.steps}",
+        "train.log_every=1",
+        f"train.save_every={plan.warmup_steps + plan.steps}",
+        "train.val_samples=0",
+        "train.warmup_steps=1",
+        "train.precision=bf16",
+        "model.dtype=bfloat16",
+        "train.ds_config=ds_configs/zero3.json",
+    ]
 
 
 def run(plan: Plan) -> dict:
@@ -270,20 +316,31 @@ def run(plan: Plan) -> dict:
     rm = memory.build_meta_model(plan.recipe, overrides=overrides, layers=plan.layers)
     predicted = predicted_memory(rm, plan.nproc)
 
-    print(f"training {plan.warmup_steps} + {plan.steps} steps: deepspeed --num_gpus {plan.nproc} launch/train.py "
-          f"--config {recipe} {' '.join(overrides)}", flush=True)
+    print(
+        f"training {plan.warmup_steps} + {plan.steps} steps: deepspeed --num_gpus {plan.nproc} launch/train.py "
+        f"--config {recipe} {' '.join(overrides)}",
+        flush=True,
+    )
     t1 = time.perf_counter()
     done = run_launcher(str(recipe), overrides, plan.nproc, plan.out / "runs" / RUN_NAME, capture=False)
     train_wall = time.perf_counter() - t1
     if done.returncode != 0:
         raise RuntimeError(f"the training run failed (exit {done.returncode}); its output is above")
     records = [json.loads(line) for line in (plan.out / "runs" / RUN_NAME / "metrics.jsonl").read_text().splitlines()]
-    return report(plan, cfg, rm, records=records, overrides=overrides, predicted=predicted,
-                  timing={"train_wall_s": train_wall, "total_s": time.perf_counter() - t0})
+    return report(
+        plan,
+        cfg,
+        rm,
+        records=records,
+        overrides=overrides,
+        predicted=predicted,
+        timing={"train_wall_s": train_wall, "total_s": time.perf_counter() - t0},
+    )
 
 
-def report(plan: Plan, cfg, rm: memory.RecipeModel, *, records: list[dict], overrides: list[str], predicted: dict,
-           timing: dict) -> dict:
+def report(
+    plan: Plan, cfg, rm: memory.RecipeModel, *, records: list[dict], overrides: list[str], predicted: dict, timing: dict
+) -> dict:
     """The figures from the run's metrics.jsonl (one ``train`` record a step, the ``memory`` and ``flops``
     records of step 1) beside the estimator's; MFU is training's, against ``plan.peak_flops`` if given."""
     train = sorted((d for d in records if d["kind"] == "train"), key=lambda d: d["step"])
@@ -292,7 +349,6 @@ def report(plan: Plan, cfg, rm: memory.RecipeModel, *, records: list[dict], over
         raise RuntimeError(f"expected {plan.warmup_steps + plan.steps} logged steps, found {len(train)}")
     per_step = plan.nproc * cfg.train.micro_batch_size * cfg.train.grad_accum
     rates = [d["samples_per_s"] for d in timed]
-    rate = statistics.median(rates)
     gpus = machine.describe()["gpus"]
     device = gpus[0]["name"] if gpus else None
     flops = next(d for d in records if d["kind"] == "flops")  # ppcr.model.flops, as training settled them
@@ -301,9 +357,15 @@ def report(plan: Plan, cfg, rm: memory.RecipeModel, *, records: list[dict], over
     states = next((d for d in records if d["kind"] == "memory"), None)
     measured_peak = max(d["peak_mem_gib"] for d in train) * GIB if device else None
     return {
-        "recipe": plan.recipe, "layers": plan.layers, "device": device or "cpu (no accelerator)",
-        "ranks": plan.nproc, "micro_batch": cfg.train.micro_batch_size, "grad_accum": cfg.train.grad_accum,
-        "samples_per_step": per_step, "warmup_steps": plan.warmup_steps, "timed_steps": plan.steps,
+        "recipe": plan.recipe,
+        "layers": plan.layers,
+        "device": device or "cpu (no accelerator)",
+        "ranks": plan.nproc,
+        "micro_batch": cfg.train.micro_batch_size,
+        "grad_accum": cfg.train.grad_accum,
+        "samples_per_step": per_step,
+        "warmup_steps": plan.warmup_steps,
+        "timed_steps": plan.steps,
         "overrides": overrides,
         "params": {"total": rm.total, "trainable": rm.trainable, "frozen": rm.frozen},
         "losses": {d["step"]: d["loss"] for d in train},
@@ -319,11 +381,17 @@ def report(plan: Plan, cfg, rm: memory.RecipeModel, *, records: list[dict], over
             # context, NCCL's buffers or fragmentation, which the estimate's allowance covers
             "peak_vs_predicted": measured_peak / predicted["allocated"] if measured_peak else None,
             "model_states_measured": {k: states[k] for k in ("params", "gradients", "optimizer", "total")}
-            if states else None,
+            if states
+            else None,
         },
-        "flops": {"per_sample": flops, "per_step_model": flops["sample"] * per_step,
-                  "achieved_per_device": mfu * peak, "peak_per_device": peak, "mfu": mfu,
-                  "hfu": mfu * flops["hardware"] / flops["sample"] if "hardware" in flops else None},
+        "flops": {
+            "per_sample": flops,
+            "per_step_model": flops["sample"] * per_step,
+            "achieved_per_device": mfu * peak,
+            "peak_per_device": peak,
+            "mfu": mfu,
+            "hfu": mfu * flops["hardware"] / flops["sample"] if "hardware" in flops else None,
+        },
         "timing": timing,
     }
 
@@ -339,39 +407,70 @@ def render(r: dict) -> str:
     p = m["predicted"]
     depth = "published depth" if r["layers"] is None else f"depth shrunk to {r['layers']} layers"
     states = m["model_states_measured"]
-    cpu_note = "" if m["peak_accelerator_bytes"] else f" (CPU: rank 0's resident size {_gib(m['host_rss_rank0_max_bytes'])})"
+    cpu_note = (
+        "" if m["peak_accelerator_bytes"] else f" (CPU: rank 0's resident size {_gib(m['host_rss_rank0_max_bytes'])})"
+    )
     rows = [
         ["device", f"{r['device']}, {r['ranks']} rank(s)"],
-        ["model", f"{r['recipe']} + SAM, {depth}; {r['params']['total'] / 1e9:.3f} B parameters, "
-                  f"{r['params']['trainable'] / 1e6:.1f} M trained"],
-        ["batch", f"{r['samples_per_step']} samples a step ({r['ranks']} x micro {r['micro_batch']} x accumulation "
-                  f"{r['grad_accum']}); {r['warmup_steps']} warm-up + {r['timed_steps']} timed steps"],
+        [
+            "model",
+            f"{r['recipe']} + SAM, {depth}; {r['params']['total'] / 1e9:.3f} B parameters, "
+            f"{r['params']['trainable'] / 1e6:.1f} M trained",
+        ],
+        [
+            "batch",
+            f"{r['samples_per_step']} samples a step ({r['ranks']} x micro {r['micro_batch']} x accumulation "
+            f"{r['grad_accum']}); {r['warmup_steps']} warm-up + {r['timed_steps']} timed steps",
+        ],
         ["step time", f"{Figure(**r['step_s']).fmt(3)} s (median, min-max)"],
         ["samples/s", f"{Figure(**r['samples_per_s']).fmt(2)}; data wait {100 * r['data_wait_share']:.1f} %"],
         ["peak accelerator memory (largest rank)", _gib(m["peak_accelerator_bytes"]) + cpu_note],
-        ["estimator, per GPU", f"{_gib(p['per_gpu'])} = model states {_gib(p['model_states'])} + activations "
-                               f"{_gib(p['activations'])} + allowance {_gib(p['allowance'])}"
-         + (f"; measured / estimated allocations (model states + activations) {m['peak_vs_predicted']:.2f}"
-            if m["peak_vs_predicted"] else "")],
-        ["model states, measured (step 1)", "n/a" if states is None else
-         f"{_gib(states['total'])} (params {_gib(states['params'])}, gradients {_gib(states['gradients'])}, "
-         f"optimizer {_gib(states['optimizer'])}); expected in bf16 {_gib(p['model_states_bf16'])}"],
-        ["model FLOPs", f"{f['per_sample']['sample'] / 1e12:.3f} TFLOP a sample, {f['per_step_model'] / 1e12:.2f} "
-                        f"TFLOP a step; achieved {f['achieved_per_device'] / 1e12:.3g} TFLOP/s per device"],
-        ["MFU (HFU)", f"{100 * f['mfu']:.1f} %" + ("" if f["hfu"] is None else f" ({100 * f['hfu']:.1f} %)")
-         + f" of {f['peak_per_device'] / 1e12:.3g} TFLOP/s per device"],
+        [
+            "estimator, per GPU",
+            f"{_gib(p['per_gpu'])} = model states {_gib(p['model_states'])} + activations "
+            f"{_gib(p['activations'])} + allowance {_gib(p['allowance'])}"
+            + (
+                f"; measured / estimated allocations (model states + activations) {m['peak_vs_predicted']:.2f}"
+                if m["peak_vs_predicted"]
+                else ""
+            ),
+        ],
+        [
+            "model states, measured (step 1)",
+            "n/a"
+            if states is None
+            else f"{_gib(states['total'])} (params {_gib(states['params'])}, gradients {_gib(states['gradients'])}, "
+            f"optimizer {_gib(states['optimizer'])}); expected in bf16 {_gib(p['model_states_bf16'])}",
+        ],
+        [
+            "model FLOPs",
+            f"{f['per_sample']['sample'] / 1e12:.3f} TFLOP a sample, {f['per_step_model'] / 1e12:.2f} "
+            f"TFLOP a step; achieved {f['achieved_per_device'] / 1e12:.3g} TFLOP/s per device",
+        ],
+        [
+            "MFU (HFU)",
+            f"{100 * f['mfu']:.1f} %"
+            + ("" if f["hfu"] is None else f" ({100 * f['hfu']:.1f} %)")
+            + f" of {f['peak_per_device'] / 1e12:.3g} TFLOP/s per device",
+        ],
         ["losses", ", ".join(f"{k}: {v:.3f}" for k, v in r["losses"].items())],
         ["wall time", f"training run {r['timing']['train_wall_s']:.0f} s, whole check {r['timing']['total_s']:.0f} s"],
     ]
     tok = f["per_sample"]
     parts = ("lm_forward", "lm_backward", "lm_head", "vision_tower", "sam_image_encoder", "recompute")
-    notes = (f"Tokens a sample (mean, training's first step): semantic {tok['tokens_semantic_image']:.0f} image + "
-             f"{tok['tokens_semantic_text']:.1f} text, spatial {tok['tokens_spatial_image']:.0f} + "
-             f"{tok['tokens_spatial_text']:.1f}. "
-             + ("FLOPs a sample by part (TFLOP, ppcr.model.flops.sample_flops): "
-                + ", ".join(f"{k} {tok[k] / 1e12:.3f}" for k in parts) + ". " if "recompute" in tok else
-                "FLOPs counted by torch's FLOP counter (no gradient checkpointing). ")
-             + "Step time = samples a step / samples/s, over the timed steps.")
+    notes = (
+        f"Tokens a sample (mean, training's first step): semantic {tok['tokens_semantic_image']:.0f} image + "
+        f"{tok['tokens_semantic_text']:.1f} text, spatial {tok['tokens_spatial_image']:.0f} + "
+        f"{tok['tokens_spatial_text']:.1f}. "
+        + (
+            "FLOPs a sample by part (TFLOP, ppcr.model.flops.sample_flops): "
+            + ", ".join(f"{k} {tok[k] / 1e12:.3f}" for k in parts)
+            + ". "
+            if "recompute" in tok
+            else "FLOPs counted by torch's FLOP counter (no gradient checkpointing). "
+        )
+        + "Step time = samples a step / samples/s, over the timed steps."
+    )
     return "## GPU check\n\n" + table(["figure", "value"], rows) + "\n\n" + notes
 
 

@@ -43,8 +43,10 @@ def describe() -> dict:
         "os": platform.platform(),
         "python": platform.python_version(),
         "torch_threads": torch.get_num_threads(),
-        "versions": {p: _version(p) for p in ("torch", "torchvision", "deepspeed", "transformers", "peft",
-                                              "webdataset", "segment-anything")},
+        "versions": {
+            p: _version(p)
+            for p in ("torch", "torchvision", "deepspeed", "transformers", "peft", "webdataset", "segment-anything")
+        },
         "gpus": [],
     }
     if torch.cuda.is_available():

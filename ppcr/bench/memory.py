@@ -51,34 +51,88 @@ RECIPES = {  # name -> (recipe, MLLM family)
 # The published config.json files, verbatim (transformers reads the flat legacy layout):
 # https://huggingface.co/Qwen/Qwen2.5-VL-7B-Instruct/blob/main/config.json
 QWEN2_5_VL_7B_INSTRUCT: dict = {
-    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0,
-    "bos_token_id": 151643, "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
-    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
-    "hidden_size": 3584, "initializer_range": 0.02, "intermediate_size": 18944, "max_position_embeddings": 128000,
-    "max_window_layers": 28, "model_type": "qwen2_5_vl", "num_attention_heads": 28, "num_hidden_layers": 28,
-    "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
-    "tie_word_embeddings": False, "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+    "attention_dropout": 0.0,
+    "bos_token_id": 151643,
+    "eos_token_id": 151645,
+    "vision_start_token_id": 151652,
+    "vision_end_token_id": 151653,
+    "vision_token_id": 151654,
+    "image_token_id": 151655,
+    "video_token_id": 151656,
+    "hidden_act": "silu",
+    "hidden_size": 3584,
+    "initializer_range": 0.02,
+    "intermediate_size": 18944,
+    "max_position_embeddings": 128000,
+    "max_window_layers": 28,
+    "model_type": "qwen2_5_vl",
+    "num_attention_heads": 28,
+    "num_hidden_layers": 28,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "rope_theta": 1000000.0,
+    "sliding_window": 32768,
+    "tie_word_embeddings": False,
+    "torch_dtype": "bfloat16",
+    "transformers_version": "4.41.2",
+    "use_cache": True,
     "use_sliding_window": False,
-    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
-                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 3584, "patch_size": 14,
-                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
-                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
-    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 152064,
+    "vision_config": {
+        "depth": 32,
+        "hidden_act": "silu",
+        "hidden_size": 1280,
+        "intermediate_size": 3420,
+        "num_heads": 16,
+        "in_chans": 3,
+        "out_hidden_size": 3584,
+        "patch_size": 14,
+        "spatial_merge_size": 2,
+        "spatial_patch_size": 14,
+        "window_size": 112,
+        "fullatt_block_indexes": [7, 15, 23, 31],
+        "tokens_per_second": 2,
+        "temporal_patch_size": 2,
+    },
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+    "vocab_size": 152064,
 }
 # https://huggingface.co/llava-hf/llava-1.5-7b-hf/blob/main/config.json; the text config is partial, the
 # rest are LlamaConfig's defaults, which are Llama-2-7B's (= lmsys/vicuna-7b-v1.5): hidden 4096,
 # intermediate 11008, 32 layers, 32 heads, 32 KV heads.
 LLAVA_1_5_7B_HF: dict = {
-    "architectures": ["LlavaForConditionalGeneration"], "ignore_index": -100, "image_token_index": 32000,
-    "model_type": "llava", "pad_token_id": 32001, "projector_hidden_act": "gelu",
-    "text_config": {"_name_or_path": "lmsys/vicuna-7b-v1.5", "architectures": ["LlamaForCausalLM"],
-                    "max_position_embeddings": 4096, "model_type": "llama", "rms_norm_eps": 1e-05,
-                    "torch_dtype": "float16", "vocab_size": 32064},
-    "tie_word_embeddings": False, "torch_dtype": "float16", "transformers_version": "4.36.0.dev0",
-    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
-                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
-                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
-    "vision_feature_layer": -2, "vision_feature_select_strategy": "default", "vocab_size": 32064,
+    "architectures": ["LlavaForConditionalGeneration"],
+    "ignore_index": -100,
+    "image_token_index": 32000,
+    "model_type": "llava",
+    "pad_token_id": 32001,
+    "projector_hidden_act": "gelu",
+    "text_config": {
+        "_name_or_path": "lmsys/vicuna-7b-v1.5",
+        "architectures": ["LlamaForCausalLM"],
+        "max_position_embeddings": 4096,
+        "model_type": "llama",
+        "rms_norm_eps": 1e-05,
+        "torch_dtype": "float16",
+        "vocab_size": 32064,
+    },
+    "tie_word_embeddings": False,
+    "torch_dtype": "float16",
+    "transformers_version": "4.36.0.dev0",
+    "vision_config": {
+        "hidden_size": 1024,
+        "image_size": 336,
+        "intermediate_size": 4096,
+        "model_type": "clip_vision_model",
+        "num_attention_heads": 16,
+        "num_hidden_layers": 24,
+        "patch_size": 14,
+        "projection_dim": 768,
+        "vocab_size": 32000,
+    },
+    "vision_feature_layer": -2,
+    "vision_feature_select_strategy": "default",
+    "vocab_size": 32064,
 }
 # len(tokenizer) of the real releases: Qwen2.5's 151643 BPE tokens + 22 special ones; Llama's 32000 +
 # <image> (32000) + <pad> (32001). PPCR's 5 tokens get the next ids, below the embedding rows (152064,
@@ -166,14 +220,22 @@ def _processor(family: str, image_size: int) -> object:
     disk), so that prompts render through a chat template and image tokens expand as in training."""
     if family == "qwen2_5_vl":
         v = QWEN2_5_VL_7B_INSTRUCT["vision_config"]
-        return build_processor(family, image_size, build_tokenizer(QWEN_SPECIAL, family), v["patch_size"],
-                               v["spatial_merge_size"], v["temporal_patch_size"])
-    return build_processor(family, image_size, build_tokenizer(LLAVA_SPECIAL, family),
-                           LLAVA_1_5_7B_HF["vision_config"]["patch_size"])
+        return build_processor(
+            family,
+            image_size,
+            build_tokenizer(QWEN_SPECIAL, family),
+            v["patch_size"],
+            v["spatial_merge_size"],
+            v["temporal_patch_size"],
+        )
+    return build_processor(
+        family, image_size, build_tokenizer(LLAVA_SPECIAL, family), LLAVA_1_5_7B_HF["vision_config"]["patch_size"]
+    )
 
 
-def build_meta_model(name: str, *, overrides: list[str] | tuple[str, ...] = (),
-                     layers: int | None = None) -> RecipeModel:
+def build_meta_model(
+    name: str, *, overrides: list[str] | tuple[str, ...] = (), layers: int | None = None
+) -> RecipeModel:
     """The recipe's PPCRModel exactly as training constructs it (LoRA, token rows, heads, policy), on meta:
     the recipe with ``overrides``, the published MLLM shrunk to ``layers`` when given, and SAM from the
     registry (``model.sam_type`` vit_b/l/h) or, for ``tiny``, built at ``model.sam_arch`` as training does."""
@@ -194,8 +256,9 @@ def build_meta_model(name: str, *, overrides: list[str] | tuple[str, ...] = (),
     # model_to_params also returns a total, deduplicated by data_ptr(): every meta tensor has data_ptr 0,
     # so that total is wrong on meta; the largest layer (a sum of numel per module) is right.
     _, largest = model_to_params(model)
-    return RecipeModel(name, cfg, mllm_type, model, processor, parameter_counts(model), largest,
-                       persistent_buffer_bytes(model))
+    return RecipeModel(
+        name, cfg, mllm_type, model, processor, parameter_counts(model), largest, persistent_buffer_bytes(model)
+    )
 
 
 def persistent_buffer_bytes(model: nn.Module) -> int:
@@ -206,14 +269,23 @@ def persistent_buffer_bytes(model: nn.Module) -> int:
 
 def model_summary(rm: RecipeModel) -> dict[str, object]:
     """Total, trainable, frozen and largest-layer parameters, and the per-component table."""
-    return {"recipe": rm.name, "total": rm.total, "trainable": rm.trainable, "frozen": rm.frozen,
-            "largest_layer": rm.largest_layer, "counts": dict(rm.counts), "table": parameter_table(rm.model)}
+    return {
+        "recipe": rm.name,
+        "total": rm.total,
+        "trainable": rm.trainable,
+        "frozen": rm.frozen,
+        "largest_layer": rm.largest_layer,
+        "counts": dict(rm.counts),
+        "table": parameter_table(rm.model),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- model states
 
-def model_state_memory(trainable: int, frozen: int, largest_layer: int, num_gpus_per_node: int = 8,
-                       num_nodes: int = 1) -> dict[str, dict[str, int]]:
+
+def model_state_memory(
+    trainable: int, frozen: int, largest_layer: int, num_gpus_per_node: int = 8, num_nodes: int = 1
+) -> dict[str, dict[str, int]]:
     """Bytes per GPU and per node CPU of the model states under ZeRO-2, ZeRO-3 and ZeRO-3 + offload.
 
     DeepSpeed's estimators assume every parameter trains (ZeRO-2: 2 bytes of 16-bit weights on every
@@ -230,16 +302,42 @@ def model_state_memory(trainable: int, frozen: int, largest_layer: int, num_gpus
     gpus = num_gpus_per_node * num_nodes
     out: dict[str, dict[str, int]] = {}
     cpu, gpu = estimate_zero2_model_states_mem_needs(trainable, num_gpus_per_node, num_nodes, cpu_offload=False)
-    out["zero2"] = {"estimator_gpu": gpu, "estimator_cpu": cpu, "frozen_gpu": 2 * frozen,
-                    "frozen_cpu": 2 * frozen * num_gpus_per_node}
-    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(trainable, largest_layer, num_gpus_per_node, num_nodes,
-                                                        cpu_offload=False, cpu_offload_params=False, zero_init=True)
-    out["zero3"] = {"estimator_gpu": gpu, "estimator_cpu": cpu, "frozen_gpu": math.ceil(2 * frozen / gpus),
-                    "frozen_cpu": 0}
-    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(trainable, largest_layer, num_gpus_per_node, num_nodes,
-                                                        cpu_offload=True, cpu_offload_params=True, zero_init=True)
-    out["zero3_offload"] = {"estimator_gpu": gpu, "estimator_cpu": cpu, "frozen_gpu": 0,
-                            "frozen_cpu": math.ceil(2 * frozen / num_nodes)}
+    out["zero2"] = {
+        "estimator_gpu": gpu,
+        "estimator_cpu": cpu,
+        "frozen_gpu": 2 * frozen,
+        "frozen_cpu": 2 * frozen * num_gpus_per_node,
+    }
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        trainable,
+        largest_layer,
+        num_gpus_per_node,
+        num_nodes,
+        cpu_offload=False,
+        cpu_offload_params=False,
+        zero_init=True,
+    )
+    out["zero3"] = {
+        "estimator_gpu": gpu,
+        "estimator_cpu": cpu,
+        "frozen_gpu": math.ceil(2 * frozen / gpus),
+        "frozen_cpu": 0,
+    }
+    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+        trainable,
+        largest_layer,
+        num_gpus_per_node,
+        num_nodes,
+        cpu_offload=True,
+        cpu_offload_params=True,
+        zero_init=True,
+    )
+    out["zero3_offload"] = {
+        "estimator_gpu": gpu,
+        "estimator_cpu": cpu,
+        "frozen_gpu": 0,
+        "frozen_cpu": math.ceil(2 * frozen / num_nodes),
+    }
     for v in out.values():
         v["gpu"] = v["estimator_gpu"] + v["frozen_gpu"]
         v["cpu"] = v["estimator_cpu"] + v["frozen_cpu"]
@@ -247,6 +345,7 @@ def model_state_memory(trainable: int, frozen: int, largest_layer: int, num_gpus
 
 
 # ---------------------------------------------------------------------------------------------- activations
+
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
@@ -262,8 +361,9 @@ def image_tokens(rm: RecipeModel) -> int:
     return (size // LLAVA_1_5_7B_HF["vision_config"]["patch_size"]) ** 2
 
 
-def sample_tokens(processor, cfg: Config, *, expression: str, category: str,
-                  box: torch.Tensor) -> dict[str, dict[str, int]]:
+def sample_tokens(
+    processor, cfg: Config, *, expression: str, category: str, box: torch.Tensor
+) -> dict[str, dict[str, int]]:
     """Per stage, the tokens of one training sample as :func:`ppcr.model.inputs.encode_stage` builds
     them: ``image`` tokens (expanded by the processor), ``text`` tokens (chat-templated prompt and
     answer, without the image tokens) and ``answer`` tokens (the labelled ones, where the LM head runs)."""
@@ -289,10 +389,13 @@ def stage_tokens(rm: RecipeModel) -> dict[str, dict[str, int]]:
     real one; ``length`` = image tokens + text tokens rounded up to a multiple of TEXT_ROUND.
     The tiny byte-level BPE splits words outside its synthetic vocabulary into several pieces, which
     over-counts and covers the real chat templates' extras (e.g. Qwen's default system prompt)."""
-    counts = sample_tokens(rm.processor, rm.cfg, expression=TYPICAL_EXPRESSION, category=TYPICAL_CATEGORY,
-                           box=torch.tensor(TYPICAL_BOX))
-    return {stage: {"image": c["image"], "text": c["text"], "length": c["image"] + _round_up(c["text"], TEXT_ROUND)}
-            for stage, c in counts.items()}
+    counts = sample_tokens(
+        rm.processor, rm.cfg, expression=TYPICAL_EXPRESSION, category=TYPICAL_CATEGORY, box=torch.tensor(TYPICAL_BOX)
+    )
+    return {
+        stage: {"image": c["image"], "text": c["text"], "length": c["image"] + _round_up(c["text"], TEXT_ROUND)}
+        for stage, c in counts.items()
+    }
 
 
 @dataclass(frozen=True)
@@ -362,7 +465,8 @@ def activation_bytes(x: ActivationShapes) -> dict[str, object]:
     held["image_features"] = 2 * b * x.image_tokens * h
     n = x.vision_patches
     transient["vision_tower_block"] = 2 * b * n * (4 * x.vision_hidden + 4 * x.vision_intermediate) + (
-        0 if x.fused_attention else 2 * b * x.vision_heads * n * n)
+        0 if x.fused_attention else 2 * b * x.vision_heads * n * n
+    )
     n = x.sam_tokens
     transient["sam_encoder_global_block"] = 2 * b * (3 * x.sam_heads * n * n + n * (5 * x.sam_dim + 2 * x.sam_mlp))
     held["sam_embeddings"] = 2 * b * x.sam_out_chans * n
@@ -382,25 +486,39 @@ def activation_shapes(rm: RecipeModel, tokens: dict[str, dict[str, int]] | None 
     patch = encoder.patch_embed.proj.kernel_size[0]
     cls = 0 if rm.family == "qwen2_5_vl" else 1  # CLIP's class token
     return ActivationShapes(
-        micro_batch=cfg.train.micro_batch_size, lengths=tuple(tokens[st]["length"] for st in ("semantic", "spatial")),
-        image_tokens=tokens["semantic"]["image"], hidden=text.hidden_size, layers=text.num_hidden_layers,
-        heads=text.num_attention_heads, vocab=text.vocab_size,
+        micro_batch=cfg.train.micro_batch_size,
+        lengths=tuple(tokens[st]["length"] for st in ("semantic", "spatial")),
+        image_tokens=tokens["semantic"]["image"],
+        hidden=text.hidden_size,
+        layers=text.num_hidden_layers,
+        heads=text.num_attention_heads,
+        vocab=text.vocab_size,
         fused_attention=base.config._attn_implementation in ("sdpa", "flash_attention_2", "flash_attention_3"),
         gradient_checkpointing=cfg.model.gradient_checkpointing,
-        lora_in_features=sum(m.in_features for m in lora), lora_modules=len(lora), lora_rank=cfg.model.lora.rank,
-        vision_patches=(cfg.model.mllm_image_size // vision.patch_size) ** 2 + cls, vision_hidden=vision.hidden_size,
+        lora_in_features=sum(m.in_features for m in lora),
+        lora_modules=len(lora),
+        lora_rank=cfg.model.lora.rank,
+        vision_patches=(cfg.model.mllm_image_size // vision.patch_size) ** 2 + cls,
+        vision_hidden=vision.hidden_size,
         vision_intermediate=vision.intermediate_size,
         vision_heads=getattr(vision, "num_heads", None) or vision.num_attention_heads,
-        sam_tokens=(encoder.img_size // patch) ** 2, sam_dim=encoder.patch_embed.proj.out_channels,
-        sam_heads=block.attn.num_heads, sam_mlp=block.mlp.lin1.out_features,
-        sam_out_chans=encoder.neck[0].out_channels, sam_image_size=encoder.img_size)
+        sam_tokens=(encoder.img_size // patch) ** 2,
+        sam_dim=encoder.patch_embed.proj.out_channels,
+        sam_heads=block.attn.num_heads,
+        sam_mlp=block.mlp.lin1.out_features,
+        sam_out_chans=encoder.neck[0].out_channels,
+        sam_image_size=encoder.img_size,
+    )
 
 
 def activation_memory(rm: RecipeModel) -> dict[str, object]:
     """:func:`activation_bytes` of the recipe, with its tokens per stage and micro batch."""
     tokens = stage_tokens(rm)
-    return {"tokens": tokens, "micro_batch": rm.cfg.train.micro_batch_size,
-            **activation_bytes(activation_shapes(rm, tokens))}
+    return {
+        "tokens": tokens,
+        "micro_batch": rm.cfg.train.micro_batch_size,
+        **activation_bytes(activation_shapes(rm, tokens)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -411,8 +529,15 @@ DTYPE_BYTES = {"bfloat16": 2, "float32": 4}
 OPTIMIZER_CHECKPOINT_BYTES = 4 + 8
 
 
-def checkpoint_bytes(trainable: int, frozen: int, num_gpus: int, stage: str, param_bytes: int,
-                     buffer_bytes: int = 0, frozen_included: bool = False) -> dict[str, int]:
+def checkpoint_bytes(
+    trainable: int,
+    frozen: int,
+    num_gpus: int,
+    stage: str,
+    param_bytes: int,
+    buffer_bytes: int = 0,
+    frozen_included: bool = False,
+) -> dict[str, int]:
     """Bytes of one checkpoint as :func:`ppcr.train.checkpoint.save` writes it: ``total`` over all
     files and ``rank``, the largest one rank writes, for ``stage`` in STAGES on ``num_gpus`` ranks.
 
@@ -442,6 +567,7 @@ def eval_model_bytes(trainable: int, frozen: int, param_bytes: int, consolidate_
 
 # ---------------------------------------------------------------------------------------------- the table
 
+
 def memory_table(models: list[RecipeModel] | None = None, allowance_gib: float = ALLOWANCE_GIB) -> list[dict]:
     """Rows of recipe x {ZeRO-2, ZeRO-3, ZeRO-3 + offload} x {8x24GB, 8x80GB}: model states + activations
     + ``allowance_gib`` per GPU (GiB, to 0.1), per-node CPU (GiB) and whether it fits the GPU; one
@@ -453,47 +579,94 @@ def memory_table(models: list[RecipeModel] | None = None, allowance_gib: float =
         name = rm.name
         acts = activation_memory(rm)
         pbytes = DTYPE_BYTES[rm.cfg.model.dtype]
-        evals = {k: eval_model_bytes(rm.trainable, rm.frozen, pbytes, consolidate_frozen=k == "before")
-                 for k in ("now", "before")}
+        evals = {
+            k: eval_model_bytes(rm.trainable, rm.frozen, pbytes, consolidate_frozen=k == "before")
+            for k in ("now", "before")
+        }
         for setup, (gpus, capacity) in GPU_SETUPS.items():
             states = model_state_memory(rm.trainable, rm.frozen, rm.largest_layer, num_gpus_per_node=gpus)
             for stage in STAGES:
                 s = states[stage]
-                ckpt, before = (checkpoint_bytes(rm.trainable, rm.frozen, gpus, stage, pbytes, rm.buffer_bytes,
-                                                 frozen_included=f) for f in (False, True))
+                ckpt, before = (
+                    checkpoint_bytes(rm.trainable, rm.frozen, gpus, stage, pbytes, rm.buffer_bytes, frozen_included=f)
+                    for f in (False, True)
+                )
                 per_gpu = (s["gpu"] + acts["peak"]) / GIB + allowance_gib
-                rows.append({
-                    "recipe": name, "zero": STAGE_NAMES[stage], "gpus": setup,
-                    "estimator_gpu_gib": round(s["estimator_gpu"] / GIB, 1),
-                    "frozen_gpu_gib": round(s["frozen_gpu"] / GIB, 1),
-                    "activations_gib": round(acts["peak"] / GIB, 1), "allowance_gib": allowance_gib,
-                    "per_gpu_gib": round(per_gpu, 1), "capacity_gib": capacity,
-                    "estimator_cpu_gib": round(s["estimator_cpu"] / GIB, 1),
-                    "frozen_cpu_gib": round(s["frozen_cpu"] / GIB, 1),
-                    "cpu_per_node_gib": round(s["cpu"] / GIB, 1), "fits": per_gpu <= capacity,
-                    "checkpoint_gib": round(ckpt["total"] / GIB, 2),
-                    "checkpoint_rank_gib": round(ckpt["rank"] / GIB, 2),
-                    "checkpoint_with_frozen_gib": round(before["total"] / GIB, 2),
-                    "checkpoint_with_frozen_rank_gib": round(before["rank"] / GIB, 2),
-                    "eval_model_gib": round(evals["now"] / GIB, 1),
-                    "eval_model_before_gib": round(evals["before"] / GIB, 1),
-                })
+                rows.append(
+                    {
+                        "recipe": name,
+                        "zero": STAGE_NAMES[stage],
+                        "gpus": setup,
+                        "estimator_gpu_gib": round(s["estimator_gpu"] / GIB, 1),
+                        "frozen_gpu_gib": round(s["frozen_gpu"] / GIB, 1),
+                        "activations_gib": round(acts["peak"] / GIB, 1),
+                        "allowance_gib": allowance_gib,
+                        "per_gpu_gib": round(per_gpu, 1),
+                        "capacity_gib": capacity,
+                        "estimator_cpu_gib": round(s["estimator_cpu"] / GIB, 1),
+                        "frozen_cpu_gib": round(s["frozen_cpu"] / GIB, 1),
+                        "cpu_per_node_gib": round(s["cpu"] / GIB, 1),
+                        "fits": per_gpu <= capacity,
+                        "checkpoint_gib": round(ckpt["total"] / GIB, 2),
+                        "checkpoint_rank_gib": round(ckpt["rank"] / GIB, 2),
+                        "checkpoint_with_frozen_gib": round(before["total"] / GIB, 2),
+                        "checkpoint_with_frozen_rank_gib": round(before["rank"] / GIB, 2),
+                        "eval_model_gib": round(evals["now"] / GIB, 1),
+                        "eval_model_before_gib": round(evals["before"] / GIB, 1),
+                    }
+                )
     return rows
 
 
 def render_markdown(rows: list[dict]) -> str:
     """The table as Markdown; GiB throughout. The checkpoint columns read "all files (largest rank)";
     "before" is with the frozen weights saved and consolidated, as ppcr did before."""
-    head = ["recipe", "ZeRO", "GPUs", "estimator GPU", "frozen 16-bit GPU", "activations", "allowance",
-            "per GPU", "estimator CPU", "frozen 16-bit CPU", "CPU per node", "fits",
-            "checkpoint (largest rank)", "checkpoint before", "eval rank model (before)"]
-    keys = ["recipe", "zero", "gpus", "estimator_gpu_gib", "frozen_gpu_gib", "activations_gib", "allowance_gib",
-            "per_gpu_gib", "estimator_cpu_gib", "frozen_cpu_gib", "cpu_per_node_gib", "fits"]
-    return table(head, [[("yes" if r[k] else "no") if k == "fits" else
-                          (f"{r[k]:.1f}" if isinstance(r[k], float) else str(r[k])) for k in keys]
-                         + [f"{r['checkpoint_gib']:.2f} ({r['checkpoint_rank_gib']:.2f})",
-                            f"{r['checkpoint_with_frozen_gib']:.2f} ({r['checkpoint_with_frozen_rank_gib']:.2f})",
-                            f"{r['eval_model_gib']:.1f} ({r['eval_model_before_gib']:.1f})"] for r in rows])
+    head = [
+        "recipe",
+        "ZeRO",
+        "GPUs",
+        "estimator GPU",
+        "frozen 16-bit GPU",
+        "activations",
+        "allowance",
+        "per GPU",
+        "estimator CPU",
+        "frozen 16-bit CPU",
+        "CPU per node",
+        "fits",
+        "checkpoint (largest rank)",
+        "checkpoint before",
+        "eval rank model (before)",
+    ]
+    keys = [
+        "recipe",
+        "zero",
+        "gpus",
+        "estimator_gpu_gib",
+        "frozen_gpu_gib",
+        "activations_gib",
+        "allowance_gib",
+        "per_gpu_gib",
+        "estimator_cpu_gib",
+        "frozen_cpu_gib",
+        "cpu_per_node_gib",
+        "fits",
+    ]
+    return table(
+        head,
+        [
+            [
+                ("yes" if r[k] else "no") if k == "fits" else (f"{r[k]:.1f}" if isinstance(r[k], float) else str(r[k]))
+                for k in keys
+            ]
+            + [
+                f"{r['checkpoint_gib']:.2f} ({r['checkpoint_rank_gib']:.2f})",
+                f"{r['checkpoint_with_frozen_gib']:.2f} ({r['checkpoint_with_frozen_rank_gib']:.2f})",
+                f"{r['eval_model_gib']:.1f} ({r['eval_model_before_gib']:.1f})",
+            ]
+            for r in rows
+        ],
+    )
 
 
 # ---------------------------------------------------------------------------------------------- in small
@@ -504,12 +677,15 @@ def render_markdown(rows: list[dict]) -> str:
 # Adam's two fp32 moments: 20 bytes per trained parameter in fp32, 16 in bf16. The ZeRO-3 estimator
 # charges 18, read here as 2 (16-bit parameter) + 4 (fp32 gradient) + 4 (master) + 8 (Adam).
 ESTIMATOR_BYTES = {"param": 2, "grad": 4, "master": 4, "adam": 8}
-ZERO3_BYTES = {"fp32": {"param": 4, "grad": 4, "master": 4, "adam": 8},
-               "bf16": {"param": 2, "grad": 2, "master": 4, "adam": 8}}
+ZERO3_BYTES = {
+    "fp32": {"param": 4, "grad": 4, "master": 4, "adam": 8},
+    "bf16": {"param": 2, "grad": 2, "master": 4, "adam": 8},
+}
 
 
-def expected_zero3_bytes_per_rank(n_trainable: int, n_frozen: int, world_size: int,
-                                  precision: str = "fp32") -> dict[str, float]:
+def expected_zero3_bytes_per_rank(
+    n_trainable: int, n_frozen: int, world_size: int, precision: str = "fp32"
+) -> dict[str, float]:
     """What DeepSpeed's ZeRO-3 estimator predicts per rank for ``params``, ``gradients``, ``optimizer``
     and ``total``, mapped to ``precision``: the estimator's per-GPU figure for the trainable
     parameters (``estimator``; no largest-layer term: gathered layers are freed after use) plus, per
@@ -519,12 +695,15 @@ def expected_zero3_bytes_per_rank(n_trainable: int, n_frozen: int, world_size: i
     parameter's partition to a whole element (< 1 element per tensor and rank) and keeps one 4-byte
     Adam step per parameter group, both left out here."""
     b = ZERO3_BYTES[precision]
-    _, estimator, _ = estimate_zero3_model_states_mem_needs(n_trainable, 0, world_size, 1, cpu_offload=False,
-                                                            cpu_offload_params=False, zero_init=True)
+    _, estimator, _ = estimate_zero3_model_states_mem_needs(
+        n_trainable, 0, world_size, 1, cpu_offload=False, cpu_offload_params=False, zero_init=True
+    )
     extra = (sum(b.values()) - sum(ESTIMATOR_BYTES.values())) * n_trainable / world_size
-    out = {"params": b["param"] * (n_trainable + n_frozen) / world_size,
-           "gradients": b["grad"] * n_trainable / world_size,
-           "optimizer": (b["master"] + b["adam"]) * n_trainable / world_size}
+    out = {
+        "params": b["param"] * (n_trainable + n_frozen) / world_size,
+        "gradients": b["grad"] * n_trainable / world_size,
+        "optimizer": (b["master"] + b["adam"]) * n_trainable / world_size,
+    }
     out["total"] = estimator + extra + b["param"] * n_frozen / world_size
     out["estimator"] = estimator
     if not math.isclose(out["total"], out["params"] + out["gradients"] + out["optimizer"], abs_tol=1.0):
@@ -532,16 +711,23 @@ def expected_zero3_bytes_per_rank(n_trainable: int, n_frozen: int, world_size: i
     return out
 
 
-def zero3_scaling_rows(measured: dict[int, dict[str, int]], n_trainable: int, n_frozen: int,
-                       precision: str = "fp32") -> list[dict]:
+def zero3_scaling_rows(
+    measured: dict[int, dict[str, int]], n_trainable: int, n_frozen: int, precision: str = "fp32"
+) -> list[dict]:
     """Measured (``model_state_bytes`` after the first step, per world size) beside expected, for
     params, gradients, optimizer and total, with each one's share of its 1-rank value."""
     rows = []
     for world in sorted(measured):
         expected = expected_zero3_bytes_per_rank(n_trainable, n_frozen, world, precision)
         for key in ("params", "gradients", "optimizer", "total"):
-            rows.append({"world_size": world, "state": key, "measured": measured[world][key],
-                         "expected": round(expected[key]),
-                         "measured_vs_1_rank": measured[world][key] / measured[min(measured)][key],
-                         "expected_vs_1_rank": min(measured) / world})
+            rows.append(
+                {
+                    "world_size": world,
+                    "state": key,
+                    "measured": measured[world][key],
+                    "expected": round(expected[key]),
+                    "measured_vs_1_rank": measured[world][key] / measured[min(measured)][key],
+                    "expected_vs_1_rank": min(measured) / world,
+                }
+            )
     return rows

@@ -30,8 +30,16 @@ from ppcr.data.transforms import xywh_to_norm_cxcywh
 class ReferRandomAccess(Dataset):
     """One item per ref of ``split``: image file + pycocotools mask decode + LISA-style preprocessing."""
 
-    def __init__(self, refer_root: str | Path, dataset: str, split_by: str, images_dir: str | Path, split: str,
-                 m: ModelConfig, seed: int = 0) -> None:
+    def __init__(
+        self,
+        refer_root: str | Path,
+        dataset: str,
+        split_by: str,
+        images_dir: str | Path,
+        split: str,
+        m: ModelConfig,
+        seed: int = 0,
+    ) -> None:
         refs_path, instances_path = refer_files(refer_root, dataset, split_by)
         refs = load_refs(refs_path)
         instances = json.loads(Path(instances_path).read_text())
@@ -84,6 +92,5 @@ class ReferRandomAccess(Dataset):
 
 def build_refer_loader(dataset: ReferRandomAccess, batch_size: int, num_workers: int, seed: int) -> DataLoader:
     """Shuffled batches through a map-style DataLoader, as peers train."""
-    sampler = RandomSampler(dataset, replacement=True, num_samples=10**9,
-                            generator=torch.Generator().manual_seed(seed))
+    sampler = RandomSampler(dataset, replacement=True, num_samples=10**9, generator=torch.Generator().manual_seed(seed))
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers, collate_fn=collate)

@@ -18,7 +18,7 @@ class Figure:
     unit: str = ""
 
     @classmethod
-    def of(cls, values: list[float], unit: str = "") -> "Figure":
+    def of(cls, values: list[float], unit: str = "") -> Figure:
         if not values:
             raise ValueError("a figure needs at least one repetition")
         return cls(statistics.median(values), min(values), max(values), len(values), unit)

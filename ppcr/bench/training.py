@@ -20,48 +20,79 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from ppcr.bench.report import Figure
+from ppcr.common.distributed import free_port
 from ppcr.config import Config
 from ppcr.data.stream import build_train_loader
 from ppcr.model.model import PPCRModel
 from ppcr.profiling import mark, stage_split
-from ppcr.common.distributed import free_port
 from ppcr.train.optim import build_optimizer, build_scheduler
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_launcher(recipe: str, args: list[str], nproc: int, run_dir: Path,
-                 capture: bool = True) -> subprocess.CompletedProcess:
+def run_launcher(
+    recipe: str, args: list[str], nproc: int, run_dir: Path, capture: bool = True
+) -> subprocess.CompletedProcess:
     """``deepspeed --num_gpus nproc launch/train.py`` on a free port, from an empty ``run_dir`` (the run
     directory ``args`` name): a left-over run would be resumed, not measured."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(nproc), "--master_port",
-           str(free_port()), str(ROOT / "launch/train.py"), "--config", recipe, *args]
+    cmd = [
+        str(Path(sys.executable).parent / "deepspeed"),
+        "--num_gpus",
+        str(nproc),
+        "--master_port",
+        str(free_port()),
+        str(ROOT / "launch/train.py"),
+        "--config",
+        recipe,
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, capture_output=capture, text=True)
 
 
-def launcher_run(name: str, recipe: str, overrides: list[str], cfg: Config, nproc: int, ds_config: str,
-                 runs_root: Path, reps: int, steps_per_rep: int, profile_steps: int) -> dict:
+def launcher_run(
+    name: str,
+    recipe: str,
+    overrides: list[str],
+    cfg: Config,
+    nproc: int,
+    ds_config: str,
+    runs_root: Path,
+    reps: int,
+    steps_per_rep: int,
+    profile_steps: int,
+) -> dict:
     """One ``deepspeed --num_gpus nproc launch/train.py`` run; its timed windows, data wait and profile."""
     k = steps_per_rep
     timed_end = (reps + 1) * k
     max_steps = timed_end + 1 + profile_steps  # the profiler's warm-up step, then the profiled ones
-    args = [*overrides, f"paths.runs_root={runs_root}", f"train.run_name={name}", f"train.ds_config={ds_config}",
-            f"train.max_steps={max_steps}", f"train.warmup_steps={k}", f"train.log_every={k}",
-            f"train.save_every={max_steps}", "train.val_samples=0", f"train.profile_at_step={timed_end + 2}",
-            f"train.profile_steps={profile_steps}"]
+    args = [
+        *overrides,
+        f"paths.runs_root={runs_root}",
+        f"train.run_name={name}",
+        f"train.ds_config={ds_config}",
+        f"train.max_steps={max_steps}",
+        f"train.warmup_steps={k}",
+        f"train.log_every={k}",
+        f"train.save_every={max_steps}",
+        "train.val_samples=0",
+        f"train.profile_at_step={timed_end + 2}",
+        f"train.profile_steps={profile_steps}",
+    ]
     run_dir = runs_root / name
     t0 = time.perf_counter()
     done = run_launcher(recipe, args, nproc, run_dir)
     wall = time.perf_counter() - t0
     if done.returncode != 0:
-        raise RuntimeError(f"benchmark run '{name}' failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n"
-                           f"{done.stderr[-4000:]}")
+        raise RuntimeError(
+            f"benchmark run '{name}' failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+        )
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     windows = [d for d in lines if d["kind"] == "train" and k < d["step"] <= timed_end]
     if len(windows) != reps:
-        raise RuntimeError(f"benchmark run '{name}': expected {reps} timed windows in {run_dir}/metrics.jsonl, "
-                           f"found {len(windows)}")
+        raise RuntimeError(
+            f"benchmark run '{name}': expected {reps} timed windows in {run_dir}/metrics.jsonl, found {len(windows)}"
+        )
     rates = [d["samples_per_s"] for d in windows]
     samples_per_step = nproc * cfg.train.micro_batch_size * cfg.train.grad_accum
     return {
@@ -120,6 +151,11 @@ def plain_loop(cfg: Config, reps: int, steps_per_rep: int, profile_steps: int) -
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         for _ in range(profile_steps):
             step()
-    return {"ranks": 1, "samples_per_s": Figure.of(rates, "samples/s"), "step_ms": Figure.of(step_ms, "ms"),
-            "profile": stage_split(prof.events()), "trainable_params": sum(p.numel() for p in params),
-            "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
+    return {
+        "ranks": 1,
+        "samples_per_s": Figure.of(rates, "samples/s"),
+        "step_ms": Figure.of(step_ms, "ms"),
+        "profile": stage_split(prof.events()),
+        "trainable_params": sum(p.numel() for p in params),
+        "frozen_params": sum(p.numel() for p in model.parameters() if not p.requires_grad),
+    }

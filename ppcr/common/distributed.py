@@ -39,8 +39,9 @@ def _slurm_env() -> None:
     if "MASTER_ADDR" not in os.environ:
         nodes = os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")
         try:
-            first = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True,
-                                   check=True).stdout.split()[0]
+            first = subprocess.run(
+                ["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, check=True
+            ).stdout.split()[0]
         except (OSError, subprocess.CalledProcessError, IndexError):
             first = nodes.split(",")[0]
         os.environ["MASTER_ADDR"] = first
@@ -65,8 +66,10 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(local_rank)
     rank, world = dist.get_rank(), dist.get_world_size()
     # torchrun / deepspeed / srun each name the number of processes on this node differently.
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE",
-                                     os.environ.get("SLURM_NTASKS_PER_NODE", "0"))) or 0)
+    local_world = int(
+        os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", os.environ.get("SLURM_NTASKS_PER_NODE", "0")))
+        or 0
+    )
     if get_accelerator().device_name() == "cpu":
         # Denormal floats are slow on CPUs: Adam's second moments of parameters whose gradient stays
         # zero (token rows never seen) decay into that range and stay there for thousands of steps
@@ -75,7 +78,9 @@ def init_distributed() -> DistInfo:
         if "OMP_NUM_THREADS" not in os.environ:
             # CPU ranks share the node's cores instead of each starting a thread per core.
             torch.set_num_threads(max(1, usable_cores() // max(local_world, 1)))
-    node_rank = int(os.environ.get("SLURM_NODEID", os.environ.get("GROUP_RANK", rank // local_world if local_world else 0)))
+    node_rank = int(
+        os.environ.get("SLURM_NODEID", os.environ.get("GROUP_RANK", rank // local_world if local_world else 0))
+    )
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank, node_rank=node_rank)
 
 
@@ -88,8 +93,10 @@ def _unlink_shm_buffer() -> None:
     if device().type != "cpu":
         return
     barrier()
-    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
-            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    name = (
+        f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+        f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}"
+    )
     if os.path.exists(name):
         os.unlink(name)
 

@@ -12,8 +12,8 @@ Bad input is answered in the page, never with a stack trace: no image, an empty 
 expression, an image that cannot be read (corrupt or truncated: the upload reaches ppcr's own
 decoding, not Gradio's), is too large or of a degenerate shape, or one that fails in the model.
 Odd images are taken as a viewer shows them (``ppcr.data.images``: EXIF orientation, grey, 16-bit,
-transparency) and the page says what was converted. The server binds to 127.0.0.1 unless ``--host`` says otherwise; a public Gradio link
-only with ``--share``.
+transparency) and the page says what was converted. The server binds to 127.0.0.1 unless ``--host``
+says otherwise; a public Gradio link only with ``--share``.
 """
 
 from __future__ import annotations
@@ -54,10 +54,12 @@ class Answer:
 def check_expression(expression: str | None) -> str:
     text = (expression or "").strip()
     if not text:
-        raise DemoInputError("Type an expression that says which object to segment, e.g. \"the red circle\".")
+        raise DemoInputError('Type an expression that says which object to segment, e.g. "the red circle".')
     if len(text) > MAX_EXPRESSION_CHARS:
-        raise DemoInputError(f"The expression has {len(text)} characters; at most {MAX_EXPRESSION_CHARS} are "
-                             f"taken. Shorten it to the words that pick out the object.")
+        raise DemoInputError(
+            f"The expression has {len(text)} characters; at most {MAX_EXPRESSION_CHARS} are "
+            f"taken. Shorten it to the words that pick out the object."
+        )
     return text
 
 
@@ -79,14 +81,14 @@ class RequestHandler:
             raise DemoInputError(str(e)) from e
         except (ValueError, RuntimeError) as e:  # in the model: an input the checks let through, or the device
             first = (str(e).strip().splitlines() or [""])[0]
-            raise DemoInputError(f"This image could not be segmented ({type(e).__name__}: {first}). Try another "
-                                 "image, or a smaller one.") from e
+            raise DemoInputError(
+                f"This image could not be segmented ({type(e).__name__}: {first}). Try another image, or a smaller one."
+            ) from e
         total = time.perf_counter() - t0
         picture = result.overlay()
         notes = list(result.notes)
         if max(picture.size) > DISPLAY_MAX_SIDE:
-            notes.append(f"shown at most {DISPLAY_MAX_SIDE} px wide (the image is {picture.width} x "
-                         f"{picture.height})")
+            notes.append(f"shown at most {DISPLAY_MAX_SIDE} px wide (the image is {picture.width} x {picture.height})")
             picture.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))
         return Answer(picture, result.semantic_answer, result.spatial_answer, details(result, total=total, notes=notes))
 
@@ -103,15 +105,19 @@ def details(result: Segmentation, *, total: float, notes: list[str]) -> str:
 
     agreement = "-" if result.box_agreement is None else f"{result.box_agreement:.2f}"
     stages = ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in result.timings.items())
-    lines = [f"- **mask**: {int(result.mask.sum())} px of {w} x {h}",
-             f"- **box head** (yellow): {fmt(result.box)}",
-             f"- **box in the answer** (cyan): {fmt(result.text_box)}",
-             f"- **agreement** of the two boxes (IoU): {agreement}",
-             f"- **time**: {1000 * total:.0f} ms ({stages})"]
+    lines = [
+        f"- **mask**: {int(result.mask.sum())} px of {w} x {h}",
+        f"- **box head** (yellow): {fmt(result.box)}",
+        f"- **box in the answer** (cyan): {fmt(result.text_box)}",
+        f"- **agreement** of the two boxes (IoU): {agreement}",
+        f"- **time**: {1000 * total:.0f} ms ({stages})",
+    ]
     if not all(result.stopped.values()):
         missing = [k for k, v in result.stopped.items() if not v]
-        lines.append(f"- ended (end of sequence or token limit) before its [SEM] / [LOC] token: "
-                     f"{' and '.join(missing)} stage{'s' if len(missing) > 1 else ''}")
+        lines.append(
+            f"- ended (end of sequence or token limit) before its [SEM] / [LOC] token: "
+            f"{' and '.join(missing)} stage{'s' if len(missing) > 1 else ''}"
+        )
     lines += [f"- *{n}*" for n in notes]
     return "\n".join(lines)
 
@@ -143,19 +149,32 @@ def build_app(handler: RequestHandler, *, title: str):
         return a.overlay, a.semantic_answer, a.spatial_answer, a.details
 
     with gr.Blocks(title="PPCR referring segmentation") as app:
-        gr.Markdown(f"## PPCR: referring image segmentation\n{title}. Give an image and an expression that "
-                    "picks out one object; the model answers in two stages and SAM draws the mask.")
+        gr.Markdown(
+            f"## PPCR: referring image segmentation\n{title}. Give an image and an expression that "
+            "picks out one object; the model answers in two stages and SAM draws the mask."
+        )
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="ppcr-image",
-                                 sources=["upload", "clipboard"])
+                image = gr.Image(
+                    type="filepath",
+                    image_mode=None,
+                    label="image",
+                    elem_id="ppcr-image",
+                    sources=["upload", "clipboard"],
+                )
                 image_preprocess, image.preprocess = image.preprocess, unopened
-                expression = gr.Textbox(label="expression", placeholder="the red circle on the left",
-                                        max_lines=3, elem_id="ppcr-expression")
+                expression = gr.Textbox(
+                    label="expression", placeholder="the red circle on the left", max_lines=3, elem_id="ppcr-expression"
+                )
                 button = gr.Button("Segment", variant="primary", elem_id="ppcr-segment")
             with gr.Column():
-                result = gr.Image(type="pil", label="mask (red), box head (yellow), box in the answer (cyan)",
-                                  format="png", elem_id="ppcr-overlay", interactive=False)
+                result = gr.Image(
+                    type="pil",
+                    label="mask (red), box head (yellow), box in the answer (cyan)",
+                    format="png",
+                    elem_id="ppcr-overlay",
+                    interactive=False,
+                )
                 semantic = gr.Textbox(label="stage 1: semantic answer", elem_id="ppcr-semantic")
                 spatial = gr.Textbox(label="stage 2: spatial answer", elem_id="ppcr-spatial")
                 facts = gr.Markdown(elem_id="ppcr-details")
@@ -167,21 +186,30 @@ def build_app(handler: RequestHandler, *, title: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ppcr-demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ppcr-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="saved model (ppcr-export), run directory or checkpoint")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public Gradio link (off by default)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--device-map", help="'auto' spreads a large MLLM over the visible GPUs (saved models)")
-    p.add_argument(BASE_FLAG, action="store_true", help="load even when the base weights differ from those the "
-                   "model was trained on")
+    p.add_argument(
+        BASE_FLAG,
+        action="store_true",
+        help="load even when the base weights differ from those the model was trained on",
+    )
     args = p.parse_args(argv)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a local demo
     try:
-        segmenter = Segmenter.from_pretrained(args.checkpoint, device=args.device, device_map=args.device_map,
-                                              batch_size=1, allow_base_mismatch=args.allow_base_mismatch)
+        segmenter = Segmenter.from_pretrained(
+            args.checkpoint,
+            device=args.device,
+            device_map=args.device_map,
+            batch_size=1,
+            allow_base_mismatch=args.allow_base_mismatch,
+        )
     except (ConfigError, FileNotFoundError, RuntimeError, ValueError, OSError) as e:
         print(f"error: cannot load {args.checkpoint}: {e}", file=sys.stderr)
         return 2

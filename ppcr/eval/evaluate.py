@@ -13,9 +13,9 @@ The ablations share one generation per batch and differ only in SAM's prompts
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -31,22 +31,33 @@ from ppcr.eval.metrics import SegmentationMetrics, mask_iou_parts
 from ppcr.eval.rescore import PREDICTIONS_VERSION
 from ppcr.model.predict import PPCR, Ablation, predict_items
 
+
 def batch_items(batch: dict) -> list[dict]:
     """A collated loader batch back into one dict per expression."""
     out = []
     for i in range(len(batch["expressions"])):
-        out.append({
-            "sam_image": batch["sam_images"][i], "mllm_image": batch["mllm_images"][i],
-            "input_size": tuple(batch["input_sizes"][i].tolist()),
-            "original_size": tuple(batch["original_sizes"][i].tolist()), "mask": batch["masks"][i],
-            "box": batch["boxes"][i], "expression": batch["expressions"][i], "group": batch["groups"][i],
-            "category": batch["categories"][i],
-            "key": batch["keys"][i], "ref_id": batch["ref_ids"][i], "dataset": batch["datasets"][i]})
+        out.append(
+            {
+                "sam_image": batch["sam_images"][i],
+                "mllm_image": batch["mllm_images"][i],
+                "input_size": tuple(batch["input_sizes"][i].tolist()),
+                "original_size": tuple(batch["original_sizes"][i].tolist()),
+                "mask": batch["masks"][i],
+                "box": batch["boxes"][i],
+                "expression": batch["expressions"][i],
+                "group": batch["groups"][i],
+                "category": batch["categories"][i],
+                "key": batch["keys"][i],
+                "ref_id": batch["ref_ids"][i],
+                "dataset": batch["datasets"][i],
+            }
+        )
     return out
 
 
-def split_batches(cfg: Config, spec: ShardSetConfig, dist: DistInfo, *, batch_size: int,
-                  limit: int | None = None) -> Iterator[list[dict]]:
+def split_batches(
+    cfg: Config, spec: ShardSetConfig, dist: DistInfo, *, batch_size: int, limit: int | None = None
+) -> Iterator[list[dict]]:
     """This rank's share of a split, streamed, in batches of ``batch_size`` expressions; ``limit`` caps
     the total over ranks."""
     pre = Preprocessor.from_config(cfg.model)
@@ -103,10 +114,20 @@ class SplitResult:
 
 
 @torch.no_grad()
-def evaluate_batches(model, batches: Iterable[list[dict]], *, filler: dict, dist: DistInfo, synced: bool,
-                     groups: list[str], ablations: list[Ablation] | tuple[Ablation, ...] = (PPCR,), keep: int = 0,
-                     records: bool = False, progress: tqdm | None = None,
-                     should_stop: Callable[[], bool] | None = None) -> SplitResult | None:
+def evaluate_batches(
+    model,
+    batches: Iterable[list[dict]],
+    *,
+    filler: dict,
+    dist: DistInfo,
+    synced: bool,
+    groups: list[str],
+    ablations: list[Ablation] | tuple[Ablation, ...] = (PPCR,),
+    keep: int = 0,
+    records: bool = False,
+    progress: tqdm | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> SplitResult | None:
     """Metrics over every rank's ``batches``, whole and per expression group (``groups``: the split's, the
     same on every rank). ``records``: one JSON-ready dict per expression (answers, boxes, the parts of every
     metric, the PPCR mask as COCO RLE). ``should_stop`` (collective, all ranks agree) is asked before each
@@ -133,13 +154,17 @@ def evaluate_batches(model, batches: Iterable[list[dict]], *, filler: dict, dist
             out.forwards += gen.forwards
             out.expressions += len(items)
             boxes = [box_parts(p, x) for p, x in zip(preds[0], items)]  # the boxes do not depend on the ablation
-            pixels = {ab: [mask_iou_parts(p.mask, x["mask"] > 0) for p, x in zip(rows, items)]
-                      for ab, rows in zip(ablations, preds)}
+            pixels = {
+                ab: [mask_iou_parts(p.mask, x["mask"] > 0) for p, x in zip(rows, items)]
+                for ab, rows in zip(ablations, preds)
+            }
             for ab in ablations:
                 for x, (inter, union), b in zip(items, pixels[ab], boxes):
                     if x["group"] not in by_group[ab]:
-                        raise ValueError(f"expression group {x['group']!r} of {x['key']} is not among the split's "
-                                         f"groups {groups} (its manifest): rebuild the shards")
+                        raise ValueError(
+                            f"expression group {x['group']!r} of {x['key']} is not among the split's "
+                            f"groups {groups} (its manifest): rebuild the shards"
+                        )
                     metrics[ab].add(inter, union, **b)
                     by_group[ab][x["group"]].add(inter, union, **b)
             main = preds[list(ablations).index(PPCR)] if PPCR in ablations else preds[0]
@@ -148,15 +173,25 @@ def evaluate_batches(model, batches: Iterable[list[dict]], *, filler: dict, dist
                     out.shown.append((x, p))
             if records:
                 for i, (x, p) in enumerate(zip(items, main)):
-                    out.records.append({
-                        "format_version": PREDICTIONS_VERSION, "dataset": x["dataset"], "ref_id": x["ref_id"],
-                        "key": x["key"], "sentence": x["expression"],
-                        "group": x["group"], "semantic_answer": p.semantic_answer, "spatial_answer": p.spatial_answer,
-                        "box": [round(v, 5) for v in p.box.tolist()],
-                        "text_box": None if p.text_box is None else [round(v, 5) for v in p.text_box.tolist()],
-                        "gt_box": [round(v, 5) for v in x["box"].tolist()], **boxes[i],
-                        "iou": {ab.name: round(_iou(*pixels[ab][i]), 5) for ab in ablations},
-                        "pixels": {ab.name: list(pixels[ab][i]) for ab in ablations}, "mask": mask_rle(p.mask)})
+                    out.records.append(
+                        {
+                            "format_version": PREDICTIONS_VERSION,
+                            "dataset": x["dataset"],
+                            "ref_id": x["ref_id"],
+                            "key": x["key"],
+                            "sentence": x["expression"],
+                            "group": x["group"],
+                            "semantic_answer": p.semantic_answer,
+                            "spatial_answer": p.spatial_answer,
+                            "box": [round(v, 5) for v in p.box.tolist()],
+                            "text_box": None if p.text_box is None else [round(v, 5) for v in p.text_box.tolist()],
+                            "gt_box": [round(v, 5) for v in x["box"].tolist()],
+                            **boxes[i],
+                            "iou": {ab.name: round(_iou(*pixels[ab][i]), 5) for ab in ablations},
+                            "pixels": {ab.name: list(pixels[ab][i]) for ab in ablations},
+                            "mask": mask_rle(p.mask),
+                        }
+                    )
             if progress is not None:
                 progress.update(len(items) * dist.world_size)
     finally:
@@ -175,9 +210,11 @@ def box_parts(pred, item: dict) -> dict[str, float | None]:
     record stores them (full precision, so that rescoring gives the same hits): the head box's IoU with
     the ground truth, and the answer's box's IoU with the ground truth and with the head's box."""
     text = pred.text_box
-    return {"box_iou": box_pair_iou(pred.box, item["box"]),
-            "text_box_iou": None if text is None else box_pair_iou(text, item["box"]),
-            "agreement": None if text is None else box_pair_iou(text, pred.box)}
+    return {
+        "box_iou": box_pair_iou(pred.box, item["box"]),
+        "text_box_iou": None if text is None else box_pair_iou(text, item["box"]),
+        "agreement": None if text is None else box_pair_iou(text, pred.box),
+    }
 
 
 def forwards_per_expression(result: SplitResult) -> float:

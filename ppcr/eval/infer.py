@@ -23,9 +23,9 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from PIL import Image
@@ -85,8 +85,10 @@ def output_name(req: dict, *, index: int, many: bool, used: dict[str, str], wher
     if req.get("id") is not None:
         name = str(req["id"])
         if not SAFE_ID.fullmatch(name):
-            raise RequestError(f"id {name!r} cannot be a file name: up to 100 letters, digits, '.', '_' and '-', "
-                               "not starting with '.' or '-'")
+            raise RequestError(
+                f"id {name!r} cannot be a file name: up to 100 letters, digits, '.', '_' and '-', "
+                "not starting with '.' or '-'"
+            )
     else:
         name = Path(str(req.get("image"))).stem + (f"_{index}" if many else "")
     if name in used:
@@ -99,13 +101,16 @@ def write_outputs(out: Path, name: str, *, req: dict, result: Segmentation) -> N
     Image.fromarray(result.mask).save(out / f"{name}.mask.png")
     result.overlay().save(out / f"{name}.overlay.png")
     (out / f"{name}.json").write_text(json.dumps({"image": str(req["image"]), **result.to_json()}, indent=1))
-    print(f"{name}: {result.expression!r} -> mask of {int(result.mask.sum())} px, box "
-          f"{[round(v, 1) for v in result.box]} px")
+    print(
+        f"{name}: {result.expression!r} -> mask of {int(result.mask.sum())} px, box "
+        f"{[round(v, 1) for v in result.box]} px"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ppcr-infer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ppcr-infer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="saved model, run directory or checkpoint directory")
     p.add_argument("--image")
     p.add_argument("--expression")
@@ -115,8 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--batch-size", type=int, default=8, help="requests decoded together (answers do not depend on it)")
     p.add_argument("--device-map", help="'auto' spreads a large MLLM over the visible GPUs (saved models)")
-    p.add_argument(BASE_FLAG, action="store_true", help="load even when the base weights differ from those the "
-                   "model was trained on")
+    p.add_argument(
+        BASE_FLAG,
+        action="store_true",
+        help="load even when the base weights differ from those the model was trained on",
+    )
     args = p.parse_args(argv)
     if (args.jsonl is None) == (args.image is None):
         p.error("give either --image with --expression, or --jsonl")
@@ -126,8 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: requests file not found: {args.jsonl}", file=sys.stderr)
         return 2
     try:
-        segmenter = Segmenter.from_pretrained(args.checkpoint, device=args.device, device_map=args.device_map,
-                                              batch_size=args.batch_size, allow_base_mismatch=args.allow_base_mismatch)
+        segmenter = Segmenter.from_pretrained(
+            args.checkpoint,
+            device=args.device,
+            device_map=args.device_map,
+            batch_size=args.batch_size,
+            allow_base_mismatch=args.allow_base_mismatch,
+        )
     except (ConfigError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -171,8 +184,11 @@ def segment(segmenter: Segmenter, batch: list[Request], out: Path) -> int:
     except (ValueError, RuntimeError) as e:  # a request the checks let through, or the device (out of memory)
         if len(batch) > 1:
             return sum(segment(segmenter, [r], out) for r in batch)
-        print(f"error: {batch[0].where}: could not segment it ({type(e).__name__}: "
-              f"{(str(e).strip().splitlines() or [''])[0]})", file=sys.stderr)
+        print(
+            f"error: {batch[0].where}: could not segment it ({type(e).__name__}: "
+            f"{(str(e).strip().splitlines() or [''])[0]})",
+            file=sys.stderr,
+        )
         return 1
     for r, result in zip(batch, results):
         write_outputs(out, r.name, req=r.req, result=result)

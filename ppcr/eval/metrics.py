@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from ppcr.data.transforms import box_pair_iou
 from ppcr.common.distributed import all_reduce_sum, device
+from ppcr.data.transforms import box_pair_iou
 
 THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 
@@ -46,8 +46,14 @@ class SegmentationMetrics:
         # text box hits, answers with a text box, sum of head/text IoU (x 1e6), missing expressions
         self.ints = torch.zeros(4 + len(THRESHOLDS) + 5, dtype=torch.int64)
 
-    def update(self, pred_mask: torch.Tensor, target_mask: torch.Tensor, pred_box: torch.Tensor | None = None,
-               target_box: torch.Tensor | None = None, text_box: torch.Tensor | None = None) -> float:
+    def update(
+        self,
+        pred_mask: torch.Tensor,
+        target_mask: torch.Tensor,
+        pred_box: torch.Tensor | None = None,
+        target_box: torch.Tensor | None = None,
+        text_box: torch.Tensor | None = None,
+    ) -> float:
         """Add one expression; boxes are normalised (cx, cy, w, h). Returns its IoU."""
         inter, union = mask_iou_parts(pred_mask, target_mask)
         box_iou = box_pair_iou(pred_box, target_box) if pred_box is not None and target_box is not None else None
@@ -57,8 +63,15 @@ class SegmentationMetrics:
             agreement = box_pair_iou(text_box, pred_box) if pred_box is not None else 0.0
         return self.add(inter, union, box_iou=box_iou, text_box_iou=text_iou, agreement=agreement)
 
-    def add(self, inter: int, union: int, *, box_iou: float | None = None, text_box_iou: float | None = None,
-            agreement: float | None = None) -> float:
+    def add(
+        self,
+        inter: int,
+        union: int,
+        *,
+        box_iou: float | None = None,
+        text_box_iou: float | None = None,
+        agreement: float | None = None,
+    ) -> float:
         """Add one expression from its parts: mask intersection and union in pixels, the head box's IoU with
         the ground truth, and, when the answer wrote a box, that box's IoU with the ground truth and with
         the head's box (``agreement``). What a predictions file records, so rescoring it (ppcr.eval.rescore)
@@ -76,7 +89,7 @@ class SegmentationMetrics:
         self.ints[0] += n
         self.ints[-1] += n
 
-    def reduce(self) -> "SegmentationMetrics":
+    def reduce(self) -> SegmentationMetrics:
         self.ints = all_reduce_sum(self.ints.to(device())).cpu()
         return self
 

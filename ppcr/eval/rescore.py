@@ -62,8 +62,10 @@ def read_records(path: str | Path) -> list[dict]:
         if not isinstance(r, dict):
             raise RecordError(f"{path}:{n}: not a JSON object")
         if r.get("format_version") != PREDICTIONS_VERSION:
-            raise RecordError(f"{path}:{n}: format_version {r.get('format_version')} is not {PREDICTIONS_VERSION}, "
-                              "predictions written by another ppcr: re-run make eval for their checkpoint")
+            raise RecordError(
+                f"{path}:{n}: format_version {r.get('format_version')} is not {PREDICTIONS_VERSION}, "
+                "predictions written by another ppcr: re-run make eval for their checkpoint"
+            )
         missing = [f for f in FIELDS if f not in r]
         if missing:
             raise RecordError(f"{path}:{n}: record has no {', '.join(repr(f) for f in missing)}")
@@ -147,8 +149,11 @@ def rescore_files(files: dict[str, Path], results: list[dict] | None = None) -> 
     for r in results or []:
         if r.get("group", "all") != "all":
             groups.setdefault(r["split"], set()).add(r["group"])
-    return [row for split, f in files.items() for row in rescore(
-        read_records(f), split, missing=missing.get(split, 0), groups=sorted(groups.get(split, ())))]
+    return [
+        row
+        for split, f in files.items()
+        for row in rescore(read_records(f), split, missing=missing.get(split, 0), groups=sorted(groups.get(split, ())))
+    ]
 
 
 def differences(rows: list[dict], results: list[dict]) -> list[str]:
@@ -162,9 +167,12 @@ def differences(rows: list[dict], results: list[dict]) -> list[str]:
         if t is None:
             out.append(f"{r['split']} {r['ablation']} {r['group']}: not in results.json")
             continue
-        out += [f"{r['split']} {r['ablation']} {r['group']} {k}: {r[k]} rescored, {t.get(k)} in results.json"
-                for k, v in r.items() if k not in ("split", "ablation", "group")
-                and not (isinstance(t.get(k), (int, float)) and abs(v - t[k]) <= TOLERANCE)]
+        out += [
+            f"{r['split']} {r['ablation']} {r['group']} {k}: {r[k]} rescored, {t.get(k)} in results.json"
+            for k, v in r.items()
+            if k not in ("split", "ablation", "group")
+            and not (isinstance(t.get(k), (int, float)) and abs(v - t[k]) <= TOLERANCE)
+        ]
     return out
 
 
@@ -216,8 +224,9 @@ def _occurrences(records: list[dict]) -> dict[tuple, dict]:
     return out
 
 
-def compare(a: list[dict], b: list[dict], *, ablation: str, resamples: int = 2000, seed: int = 0,
-            top: int = 10) -> dict:
+def compare(
+    a: list[dict], b: list[dict], *, ablation: str, resamples: int = 2000, seed: int = 0, top: int = 10
+) -> dict:
     """A/B of one split's records: the expressions both hold (by key and sentence), per group ("all" first) the
     cIoU :class:`Difference`, and the ``top`` expressions whose IoU changed most (largest |IoU B - IoU A|, those
     that changed at all)."""
@@ -238,53 +247,92 @@ def compare(a: list[dict], b: list[dict], *, ablation: str, resamples: int = 200
         ca, cb = float(_ciou(pa[sel, 0], pa[sel, 1])), float(_ciou(pb[sel, 0], pb[sel, 1]))
         boot = paired_bootstrap(pa[sel], pb[sel], resamples=resamples, rng=rng)
         low, high = np.percentile(boot, [2.5, 97.5])
-        diffs.append(Difference(group=g, count=int(sel.sum()), ciou_a=ca, ciou_b=cb, diff=cb - ca,
-                                boot_mean=float(boot.mean()), low=float(low), high=float(high)))
+        diffs.append(
+            Difference(
+                group=g,
+                count=int(sel.sum()),
+                ciou_a=ca,
+                ciou_b=cb,
+                diff=cb - ca,
+                boot_mean=float(boot.mean()),
+                low=float(low),
+                high=float(high),
+            )
+        )
 
     def iou(p):
         return 1.0 if p[1] == 0 else p[0] / p[1]
 
-    changed = sorted(((iou(kb[k]["pixels"][ablation]) - iou(ka[k]["pixels"][ablation]), k) for k in both),
-                     key=lambda dk: (-abs(dk[0]), dk[1]))
+    changed = sorted(
+        ((iou(kb[k]["pixels"][ablation]) - iou(ka[k]["pixels"][ablation]), k) for k in both),
+        key=lambda dk: (-abs(dk[0]), dk[1]),
+    )
     changed = [(d, k) for d, k in changed if d != 0]
-    rows = [{"key": k[0], "sentence": k[1], "group": ka[k]["group"], "iou_a": iou(ka[k]["pixels"][ablation]),
-             "iou_b": iou(kb[k]["pixels"][ablation]), "change": d,
-             "answer_a": ka[k].get("spatial_answer"), "answer_b": kb[k].get("spatial_answer")}
-            for d, k in changed[:top]]
-    return {"matched": len(both), "only_a": len(ka) - len(both), "only_b": len(kb) - len(both),
-            "differences": diffs, "changed": rows}
+    rows = [
+        {
+            "key": k[0],
+            "sentence": k[1],
+            "group": ka[k]["group"],
+            "iou_a": iou(ka[k]["pixels"][ablation]),
+            "iou_b": iou(kb[k]["pixels"][ablation]),
+            "change": d,
+            "answer_a": ka[k].get("spatial_answer"),
+            "answer_b": kb[k].get("spatial_answer"),
+        }
+        for d, k in changed[:top]
+    ]
+    return {
+        "matched": len(both),
+        "only_a": len(ka) - len(both),
+        "only_b": len(kb) - len(both),
+        "differences": diffs,
+        "changed": rows,
+    }
 
 
 def compare_text(split: str, result: dict, *, resamples: int, seed: int) -> str:
     """One split's A/B as Markdown."""
-    lines = [f"### {split}: {result['matched']} expressions in both (only in A: {result['only_a']}, only in B: "
-             f"{result['only_b']})", "",
-             f"cIoU in percent; B - A with its paired bootstrap over expressions ({resamples} resamples, seed {seed}): "
-             "mean and 95% interval", "",
-             "| group | count | cIoU A | cIoU B | B - A | bootstrap mean | 95% interval | |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {split}: {result['matched']} expressions in both (only in A: {result['only_a']}, only in B: "
+        f"{result['only_b']})",
+        "",
+        f"cIoU in percent; B - A with its paired bootstrap over expressions ({resamples} resamples, seed {seed}): "
+        "mean and 95% interval",
+        "",
+        "| group | count | cIoU A | cIoU B | B - A | bootstrap mean | 95% interval | |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for d in result["differences"]:
         verdict = "holds 0: not told from noise" if d.low <= 0 <= d.high else ("B better" if d.low > 0 else "A better")
-        lines.append(f"| {d.group} | {d.count} | {100 * d.ciou_a:.2f} | {100 * d.ciou_b:.2f} | {100 * d.diff:+.2f} | "
-                     f"{100 * d.boot_mean:+.2f} | [{100 * d.low:+.2f}, {100 * d.high:+.2f}] | {verdict} |")
+        lines.append(
+            f"| {d.group} | {d.count} | {100 * d.ciou_a:.2f} | {100 * d.ciou_b:.2f} | {100 * d.diff:+.2f} | "
+            f"{100 * d.boot_mean:+.2f} | [{100 * d.low:+.2f}, {100 * d.high:+.2f}] | {verdict} |"
+        )
     if not result["changed"]:
         return "\n".join([*lines, "", "No expression's IoU changed."])
-    lines += ["", "Expressions whose IoU changed most:", "",
-              "| key | sentence | group | IoU A | IoU B | change | answer A | answer B |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Expressions whose IoU changed most:",
+        "",
+        "| key | sentence | group | IoU A | IoU B | change | answer A | answer B |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def cell(text) -> str:
         return str(text or "").replace("|", "\\|").replace("\n", " ")
 
     for r in result["changed"]:
-        lines.append(f"| {cell(r['key'])} | {cell(r['sentence'])} | {cell(r['group'])} | {r['iou_a']:.3f} | "
-                     f"{r['iou_b']:.3f} | {r['change']:+.3f} | {cell(r['answer_a'])} | {cell(r['answer_b'])} |")
+        lines.append(
+            f"| {cell(r['key'])} | {cell(r['sentence'])} | {cell(r['group'])} | {r['iou_a']:.3f} | "
+            f"{r['iou_b']:.3f} | {r['change']:+.3f} | {cell(r['answer_a'])} | {cell(r['answer_b'])} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ppcr-rescore", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ppcr-rescore", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("paths", nargs="*", help="run directories, eval directories or predictions_*.jsonl files")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two evaluations (run, eval directory or file)")
     p.add_argument("--ablation", default=PPCR.name, help=f"the row --compare compares (default {PPCR.name})")
@@ -309,8 +357,14 @@ def main(argv: list[str] | None = None) -> int:
             print(table(rows))
             if results is not None and not Path(path).is_file():
                 diff = differences(rows, results)
-                print(f"against {eval_dir / 'results.json'}: " + (f"every figure equal within {TOLERANCE:g}" if not diff
-                      else f"{len(diff)} differ:\n" + "\n".join(f"  {d}" for d in diff[:20])))
+                print(
+                    f"against {eval_dir / 'results.json'}: "
+                    + (
+                        f"every figure equal within {TOLERANCE:g}"
+                        if not diff
+                        else f"{len(diff)} differ:\n" + "\n".join(f"  {d}" for d in diff[:20])
+                    )
+                )
                 status = status or (1 if diff else 0)
         return status
     except RecordError as e:
@@ -323,12 +377,23 @@ def _compare(a: str, b: str, *, args: argparse.Namespace) -> int:
     common = [s for s in fa if s in fb]
     if not common:
         raise RecordError(f"{a} ({', '.join(fa)}) and {b} ({', '.join(fb)}) share no split")
-    print(f"A: {a}\nB: {b}\nablation {args.ablation}" + "".join(
-        f"\n(only in {n}: {', '.join(s for s in f if s not in common)})" for n, f in (("A", fa), ("B", fb))
-        if any(s not in common for s in f)))
+    print(
+        f"A: {a}\nB: {b}\nablation {args.ablation}"
+        + "".join(
+            f"\n(only in {n}: {', '.join(s for s in f if s not in common)})"
+            for n, f in (("A", fa), ("B", fb))
+            if any(s not in common for s in f)
+        )
+    )
     for split in common:
-        result = compare(read_records(fa[split]), read_records(fb[split]), ablation=args.ablation,
-                         resamples=args.resamples, seed=args.seed, top=args.top)
+        result = compare(
+            read_records(fa[split]),
+            read_records(fb[split]),
+            ablation=args.ablation,
+            resamples=args.resamples,
+            seed=args.seed,
+            top=args.top,
+        )
         print()
         print(compare_text(split, result, resamples=args.resamples, seed=args.seed))
     return 0

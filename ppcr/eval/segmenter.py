@@ -17,9 +17,9 @@ built on this class.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence, Union
 
 import numpy as np
 import torch
@@ -31,7 +31,7 @@ from ppcr.eval.visualize import overlay, pixel_corners
 from ppcr.model.predict import Prediction, predict
 from ppcr.model.saving import load_checkpoint
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray, LoadedImage]
+ImageInput = str | Path | Image.Image | np.ndarray | LoadedImage
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -59,12 +59,21 @@ class Segmentation:
     def to_json(self) -> dict:
         """The answer's facts, JSON-ready (what ``ppcr-infer`` writes beside the mask)."""
         p = self.prediction
-        return {"expression": self.expression, "semantic_answer": self.semantic_answer,
-                "spatial_answer": self.spatial_answer, "box_xyxy": self.box, "text_box_xyxy": self.text_box,
-                "box_cxcywh": p.box.tolist(), "text_box_cxcywh": None if p.text_box is None else p.text_box.tolist(),
-                "box_agreement_iou": self.box_agreement, "mask_area": int(self.mask.sum()),
-                "image_size_hw": list(self.mask.shape), "timings_s": self.timings, "stopped": self.stopped,
-                "notes": self.notes}
+        return {
+            "expression": self.expression,
+            "semantic_answer": self.semantic_answer,
+            "spatial_answer": self.spatial_answer,
+            "box_xyxy": self.box,
+            "text_box_xyxy": self.text_box,
+            "box_cxcywh": p.box.tolist(),
+            "text_box_cxcywh": None if p.text_box is None else p.text_box.tolist(),
+            "box_agreement_iou": self.box_agreement,
+            "mask_area": int(self.mask.sum()),
+            "image_size_hw": list(self.mask.shape),
+            "timings_s": self.timings,
+            "stopped": self.stopped,
+            "notes": self.notes,
+        }
 
 
 class Segmenter:
@@ -76,9 +85,16 @@ class Segmenter:
         self.model, self.config, self.tag, self.batch_size = model, config, tag, batch_size
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, *, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, device_map: str | None = None,
-                        batch_size: int = 8, allow_base_mismatch: bool = False) -> "Segmenter":
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        device_map: str | None = None,
+        batch_size: int = 8,
+        allow_base_mismatch: bool = False,
+    ) -> Segmenter:
         """Load an export (``ppcr-export``), a run directory (its latest checkpoint) or one checkpoint
         directory. ``device`` defaults to the GPU where there is one; ``dtype`` ("bfloat16", torch.bfloat16,
         ...) overrides the dtype the model was trained in; ``device_map="auto"`` spreads a large MLLM over
@@ -92,12 +108,14 @@ class Segmenter:
             raise ValueError(f"dtype {dtype!r}: one of {', '.join(DTYPES)}")
         if device_map is None and device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        model, cfg, _, tag = load_checkpoint(path, device=device, device_map=device_map, dtype=dtype,
-                                             allow_base_mismatch=allow_base_mismatch)
+        model, cfg, _, tag = load_checkpoint(
+            path, device=device, device_map=device_map, dtype=dtype, allow_base_mismatch=allow_base_mismatch
+        )
         return cls(model, config=cfg, tag=tag, batch_size=batch_size)
 
-    def __call__(self, images: ImageInput | Sequence[ImageInput],
-                 expressions: str | Sequence[str]) -> Segmentation | list[Segmentation]:
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput], expressions: str | Sequence[str]
+    ) -> Segmentation | list[Segmentation]:
         """One image and one expression -> one :class:`Segmentation`; lists of both (equal lengths) -> a list.
         Raises :class:`ppcr.data.images.ImageError` for an image that cannot be read (naming it) and
         ValueError for an empty expression (naming its position)."""
@@ -122,8 +140,16 @@ class Segmenter:
     def _result(loaded: LoadedImage, expression: str, pred: Prediction) -> Segmentation:
         h, w = loaded.pixels.shape[:2]
         return Segmentation(
-            expression=expression, mask=pred.mask.numpy(), box=pixel_corners(pred.box, h, w),
+            expression=expression,
+            mask=pred.mask.numpy(),
+            box=pixel_corners(pred.box, h, w),
             text_box=None if pred.text_box is None else pixel_corners(pred.text_box, h, w),
-            box_agreement=pred.box_agreement, semantic_answer=pred.semantic_answer,
-            spatial_answer=pred.spatial_answer, stopped=pred.stopped, timings=pred.timings,
-            notes=list(loaded.notes), image=loaded.pixels, prediction=pred)
+            box_agreement=pred.box_agreement,
+            semantic_answer=pred.semantic_answer,
+            spatial_answer=pred.spatial_answer,
+            stopped=pred.stopped,
+            timings=pred.timings,
+            notes=list(loaded.notes),
+            image=loaded.pixels,
+            prediction=pred,
+        )

@@ -13,9 +13,9 @@ is an outcome with its error while the others are still scored.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from tqdm import tqdm
 
@@ -23,8 +23,15 @@ from ppcr.common.distributed import DistInfo
 from ppcr.config import Config, ShardSetConfig
 from ppcr.data.counts import expected_expressions
 from ppcr.data.shards import split_shards
-from ppcr.eval.evaluate import (SplitResult, evaluate_batches, filler_item, forwards_per_expression, groups_of,
-                                split_batches, split_size)
+from ppcr.eval.evaluate import (
+    SplitResult,
+    evaluate_batches,
+    filler_item,
+    forwards_per_expression,
+    groups_of,
+    split_batches,
+    split_size,
+)
 from ppcr.model.predict import Ablation
 
 
@@ -62,7 +69,8 @@ def expected_count(cfg: Config, spec: ShardSetConfig) -> tuple[int, int]:
         raise MissingExpressions(
             f"{spec.name}/{spec.split}: the shards hold {count.written} of the source's {count.source} expressions "
             f"({count.rejected} in refs rejected at build, see {spec.name}/rejected.jsonl); published numbers count "
-            "every one. Fix the data, or score the missing ones as misses with eval.on_missing=score_zero")
+            "every one. Fix the data, or score the missing ones as misses with eval.on_missing=score_zero"
+        )
     return count.source, count.written
 
 
@@ -84,19 +92,43 @@ def check_splits(cfg: Config) -> dict[str, int | None | Exception]:
     return out
 
 
-def evaluate_split(model, cfg: Config, spec: ShardSetConfig, dist: DistInfo, *, source: int | None, synced: bool,
-                   ablations: list[Ablation], records: bool = True, keep: int = 2) -> SplitOutcome:
+def evaluate_split(
+    model,
+    cfg: Config,
+    spec: ShardSetConfig,
+    dist: DistInfo,
+    *,
+    source: int | None,
+    synced: bool,
+    ablations: list[Ablation],
+    records: bool = True,
+    keep: int = 2,
+) -> SplitOutcome:
     """One split by generation, scored against ``source`` expressions (:func:`check_splits`; None: what the
     shards hold, up to ``eval.max_expressions``). Raises :class:`MissingExpressions` when expressions could not
     be read under ``eval.on_missing: fail`` (every rank alike: the count is reduced)."""
     name, limit = split_name(spec), cfg.eval.max_expressions
     start = time.perf_counter()
     batches = split_batches(cfg, spec, dist, batch_size=cfg.eval.batch_size, limit=limit)
-    with tqdm(total=split_size(cfg, spec, limit), disable=not dist.is_main, desc=f"eval {name}", unit="expr",
-              dynamic_ncols=True) as bar:
-        result: SplitResult = evaluate_batches(model, batches, filler=filler_item(cfg, spec), dist=dist,
-                                               synced=synced, groups=groups_of(cfg, spec), ablations=ablations,
-                                               keep=keep, records=records, progress=bar)
+    with tqdm(
+        total=split_size(cfg, spec, limit),
+        disable=not dist.is_main,
+        desc=f"eval {name}",
+        unit="expr",
+        dynamic_ncols=True,
+    ) as bar:
+        result: SplitResult = evaluate_batches(
+            model,
+            batches,
+            filler=filler_item(cfg, spec),
+            dist=dist,
+            synced=synced,
+            groups=groups_of(cfg, spec),
+            ablations=ablations,
+            keep=keep,
+            records=records,
+            progress=bar,
+        )
     seconds = time.perf_counter() - start
     forwards = forwards_per_expression(result)
     out = SplitOutcome(name, shown=result.shown, records=result.records)
@@ -105,19 +137,39 @@ def evaluate_split(model, cfg: Config, spec: ShardSetConfig, dist: DistInfo, *, 
         scored = metrics.result()["count"]
         if source is not None and scored < source:
             if cfg.eval.on_missing == "fail":
-                raise MissingExpressions(f"{name}: {source - scored} of {source} expressions could not be read "
-                                         "(see the warnings above); eval.on_missing=score_zero scores them as misses")
+                raise MissingExpressions(
+                    f"{name}: {source - scored} of {source} expressions could not be read "
+                    "(see the warnings above); eval.on_missing=score_zero scores them as misses"
+                )
             metrics.add_missing(source - scored)
-        out.rows.append({"split": name, "ablation": ab.name, "group": "all", **metrics.result(), "seconds": seconds,
-                         "expressions_per_s": scored / seconds if seconds else 0.0,
-                         "lm_forwards_per_expression": forwards})
-        out.rows += [{"split": name, "ablation": ab.name, "group": g, **m.result()}
-                     for g, m in result.groups[ab.name].items()]
+        out.rows.append(
+            {
+                "split": name,
+                "ablation": ab.name,
+                "group": "all",
+                **metrics.result(),
+                "seconds": seconds,
+                "expressions_per_s": scored / seconds if seconds else 0.0,
+                "lm_forwards_per_expression": forwards,
+            }
+        )
+        out.rows += [
+            {"split": name, "ablation": ab.name, "group": g, **m.result()} for g, m in result.groups[ab.name].items()
+        ]
     return out
 
 
-def evaluate_splits(model, cfg: Config, dist: DistInfo, *, synced: bool, ablations: list[Ablation],
-                    records: bool = True, keep: int = 2, skip: frozenset[str] = frozenset()) -> Iterator[SplitOutcome]:
+def evaluate_splits(
+    model,
+    cfg: Config,
+    dist: DistInfo,
+    *,
+    synced: bool,
+    ablations: list[Ablation],
+    records: bool = True,
+    keep: int = 2,
+    skip: frozenset[str] = frozenset(),
+) -> Iterator[SplitOutcome]:
     """Every split of ``eval.sets`` not in ``skip``, in order, each as soon as it is done. Every split's counts
     are checked before the first forward (:func:`check_splits`); a split that fails (there, or with unreadable
     expressions) comes as an outcome with its ``error``, and the others are still evaluated."""
@@ -130,7 +182,16 @@ def evaluate_splits(model, cfg: Config, dist: DistInfo, *, synced: bool, ablatio
             yield SplitOutcome(name, error=str(checked[name]))
             continue
         try:
-            yield evaluate_split(model, cfg, spec, dist, source=checked[name], synced=synced, ablations=ablations,
-                                 records=records, keep=keep)
+            yield evaluate_split(
+                model,
+                cfg,
+                spec,
+                dist,
+                source=checked[name],
+                synced=synced,
+                ablations=ablations,
+                records=records,
+                keep=keep,
+            )
         except MissingExpressions as e:
             yield SplitOutcome(name, error=str(e))

@@ -10,18 +10,18 @@ changes (each item given the next different image of the slice). A model that ig
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from ppcr.common.distributed import DistInfo, all_reduce_sum, device
 from ppcr.config import Config
 from ppcr.data.transforms import box_pair_iou
 from ppcr.eval.evaluate import evaluate_batches, filler_item, forwards_per_expression, groups_of, split_batches
 from ppcr.eval.visualize import grid
 from ppcr.model.tokens import CE_ROLES
-from ppcr.common.distributed import DistInfo, all_reduce_sum, device
 
 
 def other_images(images: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -45,9 +45,14 @@ class Validator:
         spec = cfg.eval.sets[0]
         self.name = f"{spec.name}/{spec.split}"
         self.batch_size = cfg.eval.batch_size
-        self.items = [x for b in split_batches(cfg, spec, dist, batch_size=self.batch_size, limit=cfg.train.val_samples)
-                      for x in b]
-        self.total = min(cfg.train.val_samples, sum(all_reduce_sum(torch.tensor([len(self.items)], device=device())).tolist()))
+        self.items = [
+            x
+            for b in split_batches(cfg, spec, dist, batch_size=self.batch_size, limit=cfg.train.val_samples)
+            for x in b
+        ]
+        self.total = min(
+            cfg.train.val_samples, sum(all_reduce_sum(torch.tensor([len(self.items)], device=device())).tolist())
+        )
         self.filler = filler_item(cfg, spec)
         self.groups = groups_of(cfg, spec)
         self.dist, self.synced = dist, synced
@@ -56,14 +61,31 @@ class Validator:
         self.probe_size = cfg.train.val_samples // dist.world_size
         self.probe = self.items[: self.probe_size]
 
-    def run(self, model, should_stop: Callable[[], bool] | None = None) -> tuple[dict[str, float], np.ndarray | None] | None:
+    def run(
+        self, model, should_stop: Callable[[], bool] | None = None
+    ) -> tuple[dict[str, float], np.ndarray | None] | None:
         """Metrics (generation, and the diagnostics below) and a picture; None when ``should_stop`` (asked
         between batches, collectively) says so."""
-        batches = (self.items[i: i + self.batch_size] for i in range(0, len(self.items), self.batch_size))
-        with tqdm(total=self.total, disable=not self.dist.is_main, desc=f"validate {self.name}", unit="expr",
-                  leave=False, dynamic_ncols=True) as bar:
-            done = evaluate_batches(model, batches, filler=self.filler, dist=self.dist, synced=self.synced, keep=4,
-                                    groups=self.groups, progress=bar, should_stop=should_stop)
+        batches = (self.items[i : i + self.batch_size] for i in range(0, len(self.items), self.batch_size))
+        with tqdm(
+            total=self.total,
+            disable=not self.dist.is_main,
+            desc=f"validate {self.name}",
+            unit="expr",
+            leave=False,
+            dynamic_ncols=True,
+        ) as bar:
+            done = evaluate_batches(
+                model,
+                batches,
+                filler=self.filler,
+                dist=self.dist,
+                synced=self.synced,
+                keep=4,
+                groups=self.groups,
+                progress=bar,
+                should_stop=should_stop,
+            )
         if done is None:
             return None
         result = next(iter(done.metrics.values())).result()
@@ -79,8 +101,11 @@ class Validator:
         0.600 (20)')."""
         groups = [k[: -len("/count")] for k in result if k.endswith("/count")]
         return " ".join(f"{k} {result[k]:.3f}" for k in SHOWN if k in result) + "".join(
-            f"; {g}: cIoU {result[f'{g}/cIoU']:.3f} BoxAcc {result[f'{g}/BoxAcc@0.5']:.3f} ({int(result[f'{g}/count'])})"
-            for g in groups if result[f"{g}/count"])
+            f"; {g}: cIoU {result[f'{g}/cIoU']:.3f} BoxAcc {result[f'{g}/BoxAcc@0.5']:.3f} "
+            f"({int(result[f'{g}/count'])})"
+            for g in groups
+            if result[f"{g}/count"]
+        )
 
     @torch.no_grad()
     def spatial_diagnostics(self, model) -> dict[str, float]:
@@ -90,7 +115,11 @@ class Validator:
         model.eval()
         real = len(self.probe)
         items = self.probe + [self.filler] * (self.probe_size - real)
-        args = ([it["expression"] for it in items], [it["category"] for it in items], torch.stack([it["box"] for it in items]))
+        args = (
+            [it["expression"] for it in items],
+            [it["category"] for it in items],
+            torch.stack([it["box"] for it in items]),
+        )
         images = [it["mllm_image"] for it in items]
         seen = model.teacher_forced_spatial(images, *args)
         other = model.teacher_forced_spatial(other_images(images), *args)
@@ -104,7 +133,7 @@ class Validator:
         sums = all_reduce_sum(torch.cat([head, *ce])).cpu().tolist()
         n, roles = max(sums[0], 1.0), len(CE_ROLES)
         out = {"tf_BoxAcc@0.5": sums[1] / n, "image_dependence_spasp": sums[2] / n, "image_dependence_box": sums[3] / n}
-        for role, total, count in zip(CE_ROLES, sums[4: 4 + roles], sums[4 + roles:]):
+        for role, total, count in zip(CE_ROLES, sums[4 : 4 + roles], sums[4 + roles :]):
             if count:
                 out[f"tf_ce_spa_{role}"] = total / count
         return out

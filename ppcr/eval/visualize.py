@@ -19,8 +19,9 @@ def pixel_corners(box: torch.Tensor, height: int, width: int) -> list[float]:
     return [x1 * width, y1 * height, x2 * width, y2 * height]
 
 
-def overlay(image: np.ndarray, mask: np.ndarray, box: torch.Tensor,
-            text_box: torch.Tensor | None = None) -> Image.Image:
+def overlay(
+    image: np.ndarray, mask: np.ndarray, box: torch.Tensor, text_box: torch.Tensor | None = None
+) -> Image.Image:
     """(H, W, 3) uint8 image with the (H, W) bool mask, the head's box and the answer's box (normalised
     cx, cy, w, h) drawn in their colours; line widths grow with the image."""
     out = image.copy()
@@ -83,8 +84,9 @@ def precision_plot(rows: list[dict], path) -> None:
     for r in rows:
         if r["ablation"] != PPCR.name or r.get("group", "all") != "all":
             continue
-        ax.plot(THRESHOLDS, [100 * r[f"Prec@{t}"] for t in THRESHOLDS], marker="o",
-                label=f"{r['split']} ({r['count']})")
+        ax.plot(
+            THRESHOLDS, [100 * r[f"Prec@{t}"] for t in THRESHOLDS], marker="o", label=f"{r['split']} ({r['count']})"
+        )
     ax.set_xlabel("mask IoU threshold X")
     ax.set_ylabel("Prec@X (%)")
     ax.set_xticks(THRESHOLDS)

@@ -24,10 +24,16 @@ from ppcr.model.sam import SAM_RELEASES
 
 # The 7B recipes' MLLMs (README "Real data and weights") by directory name: hub id and licence, for a
 # local copy that carries no card of its own.
-KNOWN_MLLMS = {"Qwen2.5-VL-7B-Instruct": ("Qwen/Qwen2.5-VL-7B-Instruct", "apache-2.0"),
-               "llava-1.5-7b-hf": ("llava-hf/llava-1.5-7b-hf", "llama2")}
-LICENCES = {"apache-2.0": "Apache License 2.0", "llama2": "Llama 2 Community License Agreement",
-            "mit": "MIT License", "other": "see the base model's own card"}
+KNOWN_MLLMS = {
+    "Qwen2.5-VL-7B-Instruct": ("Qwen/Qwen2.5-VL-7B-Instruct", "apache-2.0"),
+    "llava-1.5-7b-hf": ("llava-hf/llava-1.5-7b-hf", "llama2"),
+}
+LICENCES = {
+    "apache-2.0": "Apache License 2.0",
+    "llama2": "Llama 2 Community License Agreement",
+    "mit": "MIT License",
+    "other": "see the base model's own card",
+}
 PPCR_LICENCE = "apache-2.0"  # this repository's (LICENSE): ppcr's own tiny backbones come under it
 
 
@@ -68,24 +74,44 @@ def describe_mllm(cfg: Config) -> BaseModel:
         cached = try_to_load_from_cache(path, "config.json", revision=cfg.model.mllm_revision)
         m = HUB_SNAPSHOT.search(str(cached)) if isinstance(cached, str) else None
         licence = _hub_licence(Path(cached).parent, path) if isinstance(cached, str) else "other"
-        return BaseModel(part="MLLM", name=path, hub_id=path, revision=m["rev"] if m else None, sha256=None,
-                         licence=licence)
+        return BaseModel(
+            part="MLLM", name=path, hub_id=path, revision=m["rev"] if m else None, sha256=None, licence=licence
+        )
     d = Path(path).resolve()
     m = HUB_SNAPSHOT.search(str(d))
     if m:
         hub_id = f"{m['org']}/{m['name']}"
-        return BaseModel(part="MLLM", name=hub_id, hub_id=hub_id, revision=m["rev"], sha256=None,
-                         licence=_hub_licence(d, hub_id))
+        return BaseModel(
+            part="MLLM", name=hub_id, hub_id=hub_id, revision=m["rev"], sha256=None, licence=_hub_licence(d, hub_id)
+        )
     hub_id, licence = KNOWN_MLLMS.get(d.name, (None, None))
     commit = _downloaded_commit(d)
     if commit is not None:
-        return BaseModel(part="MLLM", name=hub_id or d.name, hub_id=hub_id, revision=commit, sha256=None,
-                         licence=_hub_licence(d, hub_id, licence))
+        return BaseModel(
+            part="MLLM",
+            name=hub_id or d.name,
+            hub_id=hub_id,
+            revision=commit,
+            sha256=None,
+            licence=_hub_licence(d, hub_id, licence),
+        )
     if tiny is not None:
-        return BaseModel(part="MLLM", name=f"ppcr's tiny {tiny} ({path}; ppcr-tiny, ppcr-pretrain)", hub_id=None,
-                         revision=None, sha256=sha256_of(_weight_files(d)), licence=PPCR_LICENCE)
-    return BaseModel(part="MLLM", name=hub_id or d.name, hub_id=hub_id, revision=None,
-                     sha256=sha256_of(_weight_files(d)), licence=_hub_licence(d, hub_id, licence))
+        return BaseModel(
+            part="MLLM",
+            name=f"ppcr's tiny {tiny} ({path}; ppcr-tiny, ppcr-pretrain)",
+            hub_id=None,
+            revision=None,
+            sha256=sha256_of(_weight_files(d)),
+            licence=PPCR_LICENCE,
+        )
+    return BaseModel(
+        part="MLLM",
+        name=hub_id or d.name,
+        hub_id=hub_id,
+        revision=None,
+        sha256=sha256_of(_weight_files(d)),
+        licence=_hub_licence(d, hub_id, licence),
+    )
 
 
 def _downloaded_commit(d: Path) -> str | None:
@@ -115,10 +141,12 @@ def describe_sam(cfg: Config) -> BaseModel:
         name = f"ppcr's tiny SAM ({m.sam_checkpoint}; segment_anything's classes, ppcr-pretrain)"
     else:
         release, md5 = SAM_RELEASES[m.sam_type]
-        name = f"Meta's SAM {m.sam_type} ({release}, published md5 {md5})" if path.name == release else \
-            f"SAM {m.sam_type} ({path.name})"
-    return BaseModel(part="SAM", name=name, hub_id=None, revision=None, sha256=sha256_of([path]),
-                     licence="apache-2.0")
+        name = (
+            f"Meta's SAM {m.sam_type} ({release}, published md5 {md5})"
+            if path.name == release
+            else f"SAM {m.sam_type} ({path.name})"
+        )
+    return BaseModel(part="SAM", name=name, hub_id=None, revision=None, sha256=sha256_of([path]), licence="apache-2.0")
 
 
 @dataclass
@@ -139,15 +167,19 @@ def describe_training(cfg: Config, run_dir: Path | None, tag: str | None) -> Tra
         manifest = Path(cfg.paths.shards_root) / s.name / "manifest.json"
         if manifest.is_file():
             data = json.loads(manifest.read_text())
-            entry.update(dataset=data["source"]["dataset"], split_by=data["source"]["split_by"],
-                         expressions=data["splits"].get(s.split, {}).get("expressions"))
+            entry.update(
+                dataset=data["source"]["dataset"],
+                split_by=data["source"]["split_by"],
+                expressions=data["splits"].get(s.split, {}).get("expressions"),
+            )
         sets.append(entry)
     ranks = None
     if run_dir is not None and tag is not None:
         ranks = len(list((run_dir / "checkpoints" / tag).glob("*optim_states.pt"))) or None
     steps = int(tag.split("_")[1]) if tag and tag.startswith("step_") else None
-    return Training(checkpoint=f"{run_dir.name}/{tag}" if run_dir is not None else "", steps=steps, ranks=ranks,
-                    sets=sets)
+    return Training(
+        checkpoint=f"{run_dir.name}/{tag}" if run_dir is not None else "", steps=steps, ranks=ranks, sets=sets
+    )
 
 
 def export_licence(bases: list[BaseModel]) -> str:
@@ -161,47 +193,71 @@ def export_licence(bases: list[BaseModel]) -> str:
     return next(b.licence for b in bases if b.part == "MLLM")
 
 
-def card_text(cfg: Config, *, bases: list[BaseModel], training: Training, results: str | None,
-              results_from: str | None) -> str:
+def card_text(
+    cfg: Config, *, bases: list[BaseModel], training: Training, results: str | None, results_from: str | None
+) -> str:
     """The whole README.md: the hub's metadata header, then the card."""
     datasets = sorted({s.get("dataset", s["name"]) for s in training.sets})
     data = ModelCardData(
-        license=export_licence(bases), base_model=[b.hub_id for b in bases if b.hub_id] or None, datasets=datasets,
+        license=export_licence(bases),
+        base_model=[b.hub_id for b in bases if b.hub_id] or None,
+        datasets=datasets,
         tags=["ppcr", "referring-image-segmentation", "image-segmentation", "segment-anything", "lora", "peft"],
         pipeline_tag="image-segmentation",
-        ppcr={"base_models": [asdict(b) for b in bases], "training": asdict(training)})
+        ppcr={"base_models": [asdict(b) for b in bases], "training": asdict(training)},
+    )
     m, t = cfg.model, cfg.train
     base_rows = "\n".join(
-        f"| {b.part} | {b.name} | " + (f"revision `{b.revision}`" if b.revision else f"sha256 `{b.sha256}`")
-        + f" | {LICENCES.get(b.licence, b.licence)} (`{b.licence}`) |" for b in bases)
+        f"| {b.part} | {b.name} | "
+        + (f"revision `{b.revision}`" if b.revision else f"sha256 `{b.sha256}`")
+        + f" | {LICENCES.get(b.licence, b.licence)} (`{b.licence}`) |"
+        for b in bases
+    )
     set_lines = "\n".join(
         f"- `{s['name']}/{s['split']}` (ratio {s['ratio']}"
-        + (f"; {s['dataset']}, split by {s['split_by']}, {s['expressions']:,} expressions" if "dataset" in s
-           and s.get("expressions") is not None else "") + ")" for s in training.sets)
+        + (
+            f"; {s['dataset']}, split by {s['split_by']}, {s['expressions']:,} expressions"
+            if "dataset" in s and s.get("expressions") is not None
+            else ""
+        )
+        + ")"
+        for s in training.sets
+    )
     ranks = training.ranks
-    batch = (f"{t.micro_batch_size * t.grad_accum * ranks} expressions a step ({t.micro_batch_size} per rank x "
-             f"{t.grad_accum} accumulation x {ranks} ranks)" if ranks else
-             f"{t.micro_batch_size} expressions per rank x {t.grad_accum} accumulation a step")
+    batch = (
+        f"{t.micro_batch_size * t.grad_accum * ranks} expressions a step ({t.micro_batch_size} per rank x "
+        f"{t.grad_accum} accumulation x {ranks} ranks)"
+        if ranks
+        else f"{t.micro_batch_size} expressions per rank x {t.grad_accum} accumulation a step"
+    )
     steps = f"{training.steps:,} optimizer steps" if training.steps is not None else "an unrecorded number of steps"
     trainable = ", ".join(k for k, v in asdict(m.trainable).items() if v is True or v == "full")
     synthetic = all(s.get("dataset", s["name"]).startswith("synthetic") for s in training.sets)
     tiny = m.tiny_family is not None or m.sam_type == "tiny"
-    evaluation = (f"`make eval` of this checkpoint ({results_from}), by generation (never teacher-forced); every "
-                  "figure in percent, one row per split and ablation, the full model's expression groups under "
-                  f"their split:\n\n{results.strip()}\n" if results else
-                  "This checkpoint has no `make eval` results yet: `make eval CKPT=<run directory>`, then export "
-                  "again, puts the table here.\n")
-    limits = ["- One object per expression, English expressions of the RefCOCO kind; the mask comes from one box "
-              "and one semantic prompt, so an expression naming several objects gets one of them."]
+    evaluation = (
+        f"`make eval` of this checkpoint ({results_from}), by generation (never teacher-forced); every "
+        "figure in percent, one row per split and ablation, the full model's expression groups under "
+        f"their split:\n\n{results.strip()}\n"
+        if results
+        else "This checkpoint has no `make eval` results yet: `make eval CKPT=<run directory>`, then export "
+        "again, puts the table here.\n"
+    )
+    limits = [
+        "- One object per expression, English expressions of the RefCOCO kind; the mask comes from one box "
+        "and one semantic prompt, so an expression naming several objects gets one of them."
+    ]
     if synthetic:
-        limits.append("- Trained on ppcr's synthetic RefCOCO-shaped scenes (coloured shapes) only: it does not "
-                      "segment objects in real photos.")
+        limits.append(
+            "- Trained on ppcr's synthetic RefCOCO-shaped scenes (coloured shapes) only: it does not "
+            "segment objects in real photos."
+        )
     if tiny:
-        limits.append("- Tiny backbones, sized for a CPU: far below the published RefCOCO numbers of PPCR-style "
-                      "models (README of ppcr).")
+        limits.append(
+            "- Tiny backbones, sized for a CPU: far below the published RefCOCO numbers of PPCR-style "
+            "models (README of ppcr)."
+        )
     if results:
-        limits.append("- The figures above hold for the splits listed; data unlike the training sets will score "
-                      "lower.")
+        limits.append("- The figures above hold for the splits listed; data unlike the training sets will score lower.")
     if export_licence(bases) != "apache-2.0":
         limits.append("- The weights derive from the base models: their licences (table above) govern use.")
     limits = "\n".join(limits)
@@ -276,13 +332,21 @@ def write_card(out: Path, cfg: Config, *, source: Path, run_dir: Path | None, ta
             bases = [BaseModel(**b) for b in previous["base_models"]]
             training = Training(**previous["training"])
         else:  # an export written before exports had cards: its own files, paths relative to it
-            m = replace(cfg.model, mllm_path=str(source / cfg.model.mllm_path),
-                        sam_checkpoint=str(source / cfg.model.sam_checkpoint))
+            m = replace(
+                cfg.model,
+                mllm_path=str(source / cfg.model.mllm_path),
+                sam_checkpoint=str(source / cfg.model.sam_checkpoint),
+            )
             bases = [describe_mllm(replace(cfg, model=m)), describe_sam(replace(cfg, model=m))]
             training = replace(describe_training(cfg, None, None), checkpoint=f"{source.name} (an earlier export)")
         eval_dir = source / "eval" / "saved"
     results = (eval_dir / "results.md").read_text() if (eval_dir / "results.md").is_file() else None
-    text = card_text(cfg, bases=bases, training=training, results=results,
-                     results_from=f"{eval_dir.parent.parent.name}/eval/{eval_dir.name}/results.md")
+    text = card_text(
+        cfg,
+        bases=bases,
+        training=training,
+        results=results,
+        results_from=f"{eval_dir.parent.parent.name}/eval/{eval_dir.name}/results.md",
+    )
     ModelCard(text).save(out / "README.md")
     return out / "README.md"

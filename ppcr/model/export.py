@@ -49,28 +49,40 @@ def check_push(repo_id: str) -> None:
         raise UploadRefused(
             f"--push-to-hub {repo_id}: ppcr does not reach the network unless you opt in (the hub is offline by "
             "default). Set HF_HUB_OFFLINE=0 for this command, logged in with 'hf auth login' or HF_TOKEN; or upload "
-            "the export yourself with 'hf upload'")
+            "the export yourself with 'hf upload'"
+        )
 
 
 def push_to_hub(folder: Path, repo_id: str, *, private: bool, message: str) -> str:
     """Create the model repo ``repo_id`` (if missing) and upload ``folder`` to it; returns the commit's URL."""
     api = HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", commit_message=message,
-                             ignore_patterns=["eval/*", "eval/**"])  # make eval's outputs of an export stay local
+    info = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        repo_type="model",
+        commit_message=message,
+        ignore_patterns=["eval/*", "eval/**"],
+    )  # make eval's outputs of an export stay local
     return str(info.commit_url)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ppcr-export", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ppcr-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="run directory, checkpoint directory or earlier export")
     p.add_argument("--out", required=True, help="directory to write the export to")
-    p.add_argument("--push-to-hub", metavar="ORG/NAME", help="upload the export to this hub model repo "
-                   "(needs HF_HUB_OFFLINE=0)")
+    p.add_argument(
+        "--push-to-hub", metavar="ORG/NAME", help="upload the export to this hub model repo (needs HF_HUB_OFFLINE=0)"
+    )
     p.add_argument("--private", action="store_true", help="with --push-to-hub: create the repo private")
-    p.add_argument(BASE_FLAG, action="store_true", help="export even when the base weights differ from those the "
-                   "checkpoint was trained on (model.mllm_path, model.sam_checkpoint)")
+    p.add_argument(
+        BASE_FLAG,
+        action="store_true",
+        help="export even when the base weights differ from those the "
+        "checkpoint was trained on (model.mllm_path, model.sam_checkpoint)",
+    )
     args = p.parse_args(argv)
     if args.private and not args.push_to_hub:
         p.error("--private goes with --push-to-hub")
@@ -92,12 +104,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"exported {args.checkpoint} ({tag or 'saved model'}) to {out}; model card {card}")
     if args.push_to_hub:
         try:
-            url = push_to_hub(out, args.push_to_hub, private=args.private,
-                              message=f"ppcr-export of {Path(args.checkpoint).name} ({tag or 'saved model'})")
+            url = push_to_hub(
+                out,
+                args.push_to_hub,
+                private=args.private,
+                message=f"ppcr-export of {Path(args.checkpoint).name} ({tag or 'saved model'})",
+            )
         except Exception as e:  # noqa: BLE001 - the hub client raises its HTTP library's errors, OSError, ValueError
             first = (str(e).strip().splitlines() or [""])[0]
-            print(f"error: could not upload {out} to the hub repo {args.push_to_hub} ({type(e).__name__}: {first}); "
-                  f"the export is kept: retry, or 'hf upload {args.push_to_hub} {out}'", file=sys.stderr)
+            print(
+                f"error: could not upload {out} to the hub repo {args.push_to_hub} ({type(e).__name__}: {first}); "
+                f"the export is kept: retry, or 'hf upload {args.push_to_hub} {out}'",
+                file=sys.stderr,
+            )
             return 1
         print(f"uploaded to https://huggingface.co/{args.push_to_hub} ({url})")
     return 0

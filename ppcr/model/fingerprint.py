@@ -42,8 +42,16 @@ MLLM_SUFFIXES = (".safetensors", ".json", ".jinja", ".model", ".txt", ".tiktoken
 # model.* settings a resume may change: where the base lives (its content is checked by hash), what only
 # ppcr-tiny reads, how the same weights are computed or decoded, and where a run started from (read at its
 # start only).
-RESUME_MAY_CHANGE = ("mllm_path", "sam_checkpoint", "tiny_family", "tiny_mllm", "max_new_tokens",
-                     "attn_implementation", "gradient_checkpointing", "init_from")
+RESUME_MAY_CHANGE = (
+    "mllm_path",
+    "sam_checkpoint",
+    "tiny_family",
+    "tiny_mllm",
+    "max_new_tokens",
+    "attn_implementation",
+    "gradient_checkpointing",
+    "init_from",
+)
 
 
 class BaseMismatch(RuntimeError):
@@ -56,8 +64,9 @@ class UnverifiedBaseWarning(UserWarning):
 
 def mllm_files(directory: Path) -> list[Path]:
     """The files of an MLLM directory that define the model (:data:`MLLM_SUFFIXES`, top level, not hidden)."""
-    return sorted(p for p in directory.iterdir()
-                  if p.is_file() and p.suffix in MLLM_SUFFIXES and not p.name.startswith("."))
+    return sorted(
+        p for p in directory.iterdir() if p.is_file() and p.suffix in MLLM_SUFFIXES and not p.name.startswith(".")
+    )
 
 
 def base_fingerprint(m: ModelConfig) -> dict:
@@ -66,8 +75,12 @@ def base_fingerprint(m: ModelConfig) -> dict:
     where = check_mllm_path(m.mllm_path)
     hub_id = where if isinstance(where, str) else None
     local = download_mllm(hub_id, m.mllm_revision) if hub_id else where
-    mllm = {"path": m.mllm_path, "hub_id": hub_id, "revision": snapshot_revision(local) if hub_id else None,
-            "files": {p.name: file_sha256(p) for p in mllm_files(local)}}
+    mllm = {
+        "path": m.mllm_path,
+        "hub_id": hub_id,
+        "revision": snapshot_revision(local) if hub_id else None,
+        "files": {p.name: file_sha256(p) for p in mllm_files(local)},
+    }
     sam = {"path": m.sam_checkpoint, "sha256": file_sha256(check_sam_checkpoint(m))}
     return {"version": 1, "mllm": mllm, "sam": sam}
 
@@ -98,8 +111,7 @@ def read_fingerprint(directory: Path, name: str = FINGERPRINT_FILE) -> dict | No
         if not isinstance(data.get("mllm", {}).get("files"), dict) or not isinstance(data["sam"]["sha256"], str):
             raise ValueError("fields 'mllm.files' and 'sam.sha256' are required")
     except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise BaseMismatch(f"{path}: not a readable base fingerprint ({e}); it was damaged after it was written") \
-            from e
+        raise BaseMismatch(f"{path}: not a readable base fingerprint ({e}); it was damaged after it was written") from e
     return data
 
 
@@ -108,14 +120,17 @@ def base_differences(saved: dict, now: dict) -> list[str]:
     out = []
     a, b = saved["mllm"], now["mllm"]
     if a.get("hub_id") and a.get("revision") != b.get("revision"):
-        out.append(f"model.mllm_path {a['hub_id']}: hub commit {a.get('revision')} when trained, "
-                   f"{b.get('revision') or 'unknown'} now ({b['path']})")
+        out.append(
+            f"model.mllm_path {a['hub_id']}: hub commit {a.get('revision')} when trained, "
+            f"{b.get('revision') or 'unknown'} now ({b['path']})"
+        )
     root = b["hub_id"] or b["path"]
     for name in sorted(a["files"].keys() | b["files"].keys()):
         was, now_ = a["files"].get(name), b["files"].get(name)
         if was != now_:
-            out.append(f"{Path(root) / name}: sha256 {was or '(no such file)'} when trained, "
-                       f"{now_ or '(no such file)'} now")
+            out.append(
+                f"{Path(root) / name}: sha256 {was or '(no such file)'} when trained, {now_ or '(no such file)'} now"
+            )
     if saved["sam"]["sha256"] != now["sam"]["sha256"]:
         out.append(f"{now['sam']['path']}: sha256 {saved['sam']['sha256']} when trained, {now['sam']['sha256']} now")
     return out
@@ -127,18 +142,23 @@ def check_base(saved: dict | None, m: ModelConfig, *, what: str, allow: bool) ->
     recorded fingerprint warns (:class:`UnverifiedBaseWarning`). Returns the fingerprint of the files now
     (None when nothing was recorded)."""
     if saved is None:
-        warnings.warn(f"{what} records no fingerprint of its base weights (written before ppcr recorded them): "
-                      f"loaded on {m.mllm_path} and {m.sam_checkpoint} as they are now, unchecked",
-                      UnverifiedBaseWarning, stacklevel=2)
+        warnings.warn(
+            f"{what} records no fingerprint of its base weights (written before ppcr recorded them): "
+            f"loaded on {m.mllm_path} and {m.sam_checkpoint} as they are now, unchecked",
+            UnverifiedBaseWarning,
+            stacklevel=2,
+        )
         return None
     now = base_fingerprint(m)
     diffs = base_differences(saved, now)
     if diffs:
-        msg = (f"{what} was trained on other base weights than model.mllm_path / model.sam_checkpoint hold now:\n"
-               + "".join(f"  {d}\n" for d in diffs)
-               + "Its trained parameters fit only the base they were trained with, so its results would be wrong. "
-                 "Restore those files or point model.mllm_path / model.sam_checkpoint at copies of them; or load "
-                 f"it anyway with {BASE_FLAG} ({BASE_FLAG_PY} in Python)")
+        msg = (
+            f"{what} was trained on other base weights than model.mllm_path / model.sam_checkpoint hold now:\n"
+            + "".join(f"  {d}\n" for d in diffs)
+            + "Its trained parameters fit only the base they were trained with, so its results would be wrong. "
+            "Restore those files or point model.mllm_path / model.sam_checkpoint at copies of them; or load "
+            f"it anyway with {BASE_FLAG} ({BASE_FLAG_PY} in Python)"
+        )
         if not allow:
             raise BaseMismatch(msg)
         warnings.warn(msg.replace("; or load it anyway with", "; loaded anyway as asked:"), stacklevel=2)
@@ -160,14 +180,24 @@ def check_model_settings(saved: Config, cfg: Config, *, what: str, allow: bool) 
     :data:`RESUME_MAY_CHANGE`); with ``allow`` warn and go on. The message names each key and both values."""
     keep = {f"model.{k}" for k in RESUME_MAY_CHANGE}
     a, b = _flat(asdict(saved.model), "model."), _flat(asdict(cfg.model), "model.")
-    diffs = [f"  {k}: {a.get(k)!r} when saved, {b.get(k)!r} now\n" for k in sorted(a.keys() | b.keys())
-             if a.get(k) != b.get(k) and not any(k == x or k.startswith(f"{x}.") for x in keep)]
+    diffs = [
+        f"  {k}: {a.get(k)!r} when saved, {b.get(k)!r} now\n"
+        for k in sorted(a.keys() | b.keys())
+        if a.get(k) != b.get(k) and not any(k == x or k.startswith(f"{x}.") for x in keep)
+    ]
     if not diffs:
         return
-    msg = (f"{what} was trained with other model settings than this run's config:\n" + "".join(diffs)
-           + "A resume continues the same model; start a new run (train.run_name=...) for other settings, or "
-             f"resume anyway with {MODEL_FLAG}")
+    msg = (
+        f"{what} was trained with other model settings than this run's config:\n"
+        + "".join(diffs)
+        + "A resume continues the same model; start a new run (train.run_name=...) for other settings, or "
+        f"resume anyway with {MODEL_FLAG}"
+    )
     if not allow:
         raise BaseMismatch(msg)
-    warnings.warn(msg.replace("start a new run (train.run_name=...) for other settings, or resume anyway with",
-                              "resumed anyway as asked:"), stacklevel=2)
+    warnings.warn(
+        msg.replace(
+            "start a new run (train.run_name=...) for other settings, or resume anyway with", "resumed anyway as asked:"
+        ),
+        stacklevel=2,
+    )

@@ -33,8 +33,14 @@ from ppcr.model.mllm import QwenVLFamily
 
 # Dense bf16/fp16 peak FLOP/s from NVIDIA's data sheets (without sparsity), by a substring of the device name,
 # checked in this order.
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H200 NVL", 835e12), ("H100", 989e12),
-             ("H200", 989e12), ("A100", 312e12))
+PEAK_BF16 = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
 _MATMULS = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
 
 
@@ -50,9 +56,13 @@ def counter() -> FlopCounterMode:
     """torch's FLOP counter, taught the CPU's fused attention kernel, which it does not know (it would
     count 0 for every attention a CPU run makes; its formula is the GPU kernels')."""
     aten = torch.ops.aten
-    return FlopCounterMode(display=False, custom_mapping={
-        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
-        aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward})
+    return FlopCounterMode(
+        display=False,
+        custom_mapping={
+            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
+        },
+    )
 
 
 def numel(p: torch.Tensor) -> int:
@@ -64,8 +74,13 @@ def _weights(module: nn.Module, trainable: bool | None = None, skip: str | None 
     """Weights of the matmuls in ``module`` (Linear and Conv: 2 FLOPs per weight and token forward; not norms,
     biases or embeddings); ``trainable`` filters by requires_grad, ``skip`` leaves out modules whose name
     ends with it (the other LoRA branch)."""
-    return sum(numel(m.weight) for name, m in module.named_modules() if isinstance(m, _MATMULS)
-               and (trainable is None or m.weight.requires_grad == trainable) and not (skip and name.endswith(skip)))
+    return sum(
+        numel(m.weight)
+        for name, m in module.named_modules()
+        if isinstance(m, _MATMULS)
+        and (trainable is None or m.weight.requires_grad == trainable)
+        and not (skip and name.endswith(skip))
+    )
 
 
 def _window_pairs(grid: int, window: int) -> int:
@@ -113,16 +128,22 @@ def flop_shapes(model) -> FlopShapes:
         windowed = _window_pairs(grid // merge, window // merge // patch) * merge**4 if window else 0
         width = v.blocks[0].attn.qkv.in_features
         attention = sum(4 * width * (patches**2 if i in full else windowed) for i in range(len(v.blocks)))
-        vision = (2 * patches * (_weights(v.patch_embed) + _weights(v.blocks[0]) * len(v.blocks))
-                  + 2 * (patches // merge**2) * _weights(v.merger) + attention)
+        vision = (
+            2 * patches * (_weights(v.patch_embed) + _weights(v.blocks[0]) * len(v.blocks))
+            + 2 * (patches // merge**2) * _weights(v.merger)
+            + attention
+        )
     else:  # LLaVA: CLIP, every layer run (the features come from the second-last)
         vc = core.vision_tower.config
         tower = getattr(core.vision_tower, "vision_model", core.vision_tower)  # transformers 4 wraps it
         patches = (size // vc.patch_size) ** 2
         tokens = patches + 1  # CLIP's class token
-        vision = (2 * patches * _weights(tower.embeddings) + 2 * tokens * _weights(tower.encoder)
-                  + 4 * vc.hidden_size * tokens**2 * vc.num_hidden_layers
-                  + 2 * patches * _weights(core.multi_modal_projector))
+        vision = (
+            2 * patches * _weights(tower.embeddings)
+            + 2 * tokens * _weights(tower.encoder)
+            + 4 * vc.hidden_size * tokens**2 * vc.num_hidden_layers
+            + 2 * patches * _weights(core.multi_modal_projector)
+        )
     enc = model.sam.sam.image_encoder
     grid = enc.img_size // enc.patch_embed.proj.kernel_size[0]
     sam = 2 * grid**2 * (_weights(enc.patch_embed) + _weights(enc.neck))
@@ -133,11 +154,18 @@ def flop_shapes(model) -> FlopShapes:
         sam += 2 * padded * (numel(blk.attn.qkv.weight) + numel(blk.attn.proj.weight))
         sam += 2 * grid**2 * _weights(blk.mlp) + 4 * dim * pairs
     head = model.token_rows.head[0].weight
-    return FlopShapes(lm_weights=_weights(lm.layers, skip=".spatial"),
-                      lm_trained=_weights(lm.layers, trainable=True, skip=".spatial"), lm_layers=len(lm.layers),
-                      lm_attn_width=text.num_attention_heads * head_dim, head=numel(head),
-                      head_trained=head.requires_grad, vision_forward=vision,
-                      vision_trained=any(_trains(m) for m in towers), sam_forward=sam, sam_trained=_trains(enc))
+    return FlopShapes(
+        lm_weights=_weights(lm.layers, skip=".spatial"),
+        lm_trained=_weights(lm.layers, trainable=True, skip=".spatial"),
+        lm_layers=len(lm.layers),
+        lm_attn_width=text.num_attention_heads * head_dim,
+        head=numel(head),
+        head_trained=head.requires_grad,
+        vision_forward=vision,
+        vision_trained=any(_trains(m) for m in towers),
+        sam_forward=sam,
+        sam_trained=_trains(enc),
+    )
 
 
 def sample_flops(x: FlopShapes, tokens: dict[str, dict[str, float]], gradient_checkpointing: bool) -> dict[str, float]:
@@ -178,8 +206,14 @@ def sample_flops(x: FlopShapes, tokens: dict[str, dict[str, float]], gradient_ch
 def per_sample(counts: dict[str, dict[str, int]]) -> dict[str, dict[str, float]]:
     """Per stage, a sample's mean ``image``, ``text`` and ``answer`` tokens from a batch's counts
     (:meth:`ppcr.model.inputs.StageInputs.counts`: rows, tokens, image, answer)."""
-    return {stage: {"image": c["image"] / c["rows"], "text": (c["tokens"] - c["image"]) / c["rows"],
-                    "answer": c["answer"] / c["rows"]} for stage, c in counts.items()}
+    return {
+        stage: {
+            "image": c["image"] / c["rows"],
+            "text": (c["tokens"] - c["image"]) / c["rows"],
+            "answer": c["answer"] / c["rows"],
+        }
+        for stage, c in counts.items()
+    }
 
 
 def gpu_peak(name: str | None) -> float | None:

@@ -23,8 +23,8 @@ done keeps decoding, and discards what it decodes, until all are.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -41,8 +41,18 @@ class Decoded:
 
 
 @torch.no_grad()
-def decode(family, embeds: torch.Tensor, stage, *, embed: Callable, logits: Callable, stops: tuple[int, ...],
-           max_new_tokens: int, marker: int | None = None, agree: Agree | None = None) -> Decoded:
+def decode(
+    family,
+    embeds: torch.Tensor,
+    stage,
+    *,
+    embed: Callable,
+    logits: Callable,
+    stops: tuple[int, ...],
+    max_new_tokens: int,
+    marker: int | None = None,
+    agree: Agree | None = None,
+) -> Decoded:
     """Greedy decoding of a batch of left-padded prompts, embeddings (B, L, H), until each row has
     generated a token of ``stops`` (and, when that token is ``marker``, fed it back once); ``embed``
     maps ids (B, 1) to input embeddings and ``logits`` hidden states (B, H) to logits (B, V)."""
@@ -70,8 +80,9 @@ def decode(family, embeds: torch.Tensor, stage, *, embed: Callable, logits: Call
         fed = [not f and (not d or p) for f, d, p in zip(found, done, pending)]
         pos = family.next_position(pos)
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        out = lm(inputs_embeds=embed(tokens[:, None]), attention_mask=mask, position_ids=pos, cache=cache,
-                 use_cache=True)
+        out = lm(
+            inputs_embeds=embed(tokens[:, None]), attention_mask=mask, position_ids=pos, cache=cache, use_cache=True
+        )
         cache, hidden = out.cache, out.last_hidden_state[:, -1]
         forwards += 1
         keep = torch.tensor(fed, device=hidden.device)[:, None]
@@ -80,12 +91,29 @@ def decode(family, embeds: torch.Tensor, stage, *, embed: Callable, logits: Call
     return Decoded(ids, last, found, forwards, prompt_hidden)
 
 
-def greedy_stage(model, stage, features: torch.Tensor, semsp_embed: torch.Tensor | None, *, marker: int,
-                 stops: tuple[int, ...], max_new_tokens: int, agree: Agree | None = None) -> Decoded:
+def greedy_stage(
+    model,
+    stage,
+    features: torch.Tensor,
+    semsp_embed: torch.Tensor | None,
+    *,
+    marker: int,
+    stops: tuple[int, ...],
+    max_new_tokens: int,
+    agree: Agree | None = None,
+) -> Decoded:
     """Decode one PPCR stage (``stage`` holds left-padded prompts) of ``model`` (a PPCRModel). The tokenizer's end
     of sequence ends a row too: a model that ends its answer without the stage's token has answered."""
     eos = model.tokenizer.eos_token_id
     stops = tuple(stops) + ((eos,) if eos is not None and eos not in stops else ())
-    return decode(model.family, model.embed(stage, features, semsp_embed), stage, embed=model.token_rows,
-                  logits=model.token_rows.logits, stops=stops, max_new_tokens=max_new_tokens, marker=marker,
-                  agree=agree)
+    return decode(
+        model.family,
+        model.embed(stage, features, semsp_embed),
+        stage,
+        embed=model.token_rows,
+        logits=model.token_rows.logits,
+        stops=stops,
+        max_new_tokens=max_new_tokens,
+        marker=marker,
+        agree=agree,
+    )

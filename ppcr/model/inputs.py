@@ -34,13 +34,26 @@ class StageInputs:
 
     def counts(self) -> dict[str, int]:
         """The batch's rows, attended tokens, image tokens and labelled tokens; no read from the device."""
-        return {"rows": len(self.input_ids), "tokens": self.tokens, "image": self.image_tokens,
-                "answer": 0 if self.target_index is None else len(self.target_index)}
+        return {
+            "rows": len(self.input_ids),
+            "tokens": self.tokens,
+            "image": self.image_tokens,
+            "answer": 0 if self.target_index is None else len(self.target_index),
+        }
 
 
-def encode_stage(processor, family: Family, image_token_id: int, prompts: list[str], answers: list[str] | None,
-                 images: list[torch.Tensor], *, marker: int | None = None, query_first: bool = False,
-                 device: torch.device | str = "cpu") -> tuple[StageInputs, dict]:
+def encode_stage(
+    processor,
+    family: Family,
+    image_token_id: int,
+    prompts: list[str],
+    answers: list[str] | None,
+    images: list[torch.Tensor],
+    *,
+    marker: int | None = None,
+    query_first: bool = False,
+    device: torch.device | str = "cpu",
+) -> tuple[StageInputs, dict]:
     """Chat-template the prompts and expand their image tokens (one call of the MLLM's processor for
     the batch), append the answer tokens with labels and pad right; without answers, pad left. The user
     turn holds the image, then the prompt, or the prompt first with ``query_first`` (model.query_first).
@@ -55,8 +68,9 @@ def encode_stage(processor, family: Family, image_token_id: int, prompts: list[s
     keys = family.text_keys()
     keep = enc["attention_mask"].bool()  # the prompt's tokens, whichever side the processor padded
     prompt_ids = [enc["input_ids"][i][keep[i]] for i in range(len(texts))]
-    answer_ids = (tokenizer(answers, add_special_tokens=False)["input_ids"] if answers is not None
-                  else [[] for _ in texts])
+    answer_ids = (
+        tokenizer(answers, add_special_tokens=False)["input_ids"] if answers is not None else [[] for _ in texts]
+    )
     b, length = len(texts), max(len(p) + len(a) for p, a in zip(prompt_ids, answer_ids))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     input_ids = torch.full((b, length), pad, dtype=torch.long)
@@ -66,12 +80,12 @@ def encode_stage(processor, family: Family, image_token_id: int, prompts: list[s
     for i, (ids, answer) in enumerate(zip(prompt_ids, answer_ids)):
         n, m = len(ids), len(answer)
         at = 0 if answers is not None else length - n  # where the row starts
-        input_ids[i, at: at + n] = ids
-        input_ids[i, at + n: at + n + m] = torch.tensor(answer, dtype=torch.long)
-        attention[i, at: at + n + m] = 1
-        labels[i, at + n: at + n + m] = input_ids[i, at + n: at + n + m]
+        input_ids[i, at : at + n] = ids
+        input_ids[i, at + n : at + n + m] = torch.tensor(answer, dtype=torch.long)
+        attention[i, at : at + n + m] = 1
+        labels[i, at + n : at + n + m] = input_ids[i, at + n : at + n + m]
         for k in keys:
-            text_extra[k][i, at: at + n] = enc[k][i][keep[i]]
+            text_extra[k][i, at : at + n] = enc[k][i][keep[i]]
     vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask") and k not in keys}
     positions = family.positions(input_ids, attention, vision, text_extra)
     where = None
@@ -92,19 +106,25 @@ def encode_stage(processor, family: Family, image_token_id: int, prompts: list[s
     image_positions = None
     if bool((per_row == per_row[0]).all()) and int(per_row[0]) > 0:
         image_positions = is_image.nonzero()[:, 1].view(b, -1)
-    stage = StageInputs(input_ids.to(device), attention.to(device), positions.to(device),
-                        image_tokens=int((input_ids == image_token_id).sum()), tokens=int(attention.sum()),
-                        labels=labels.to(device) if answers is not None else None,
-                        marker=where.to(device) if where is not None else None,
-                        target_index=target_index.to(device) if target_index is not None else None,
-                        targets=targets.to(device) if targets is not None else None,
-                        image_positions=image_positions.to(device) if image_positions is not None else None,
-                        token_grid=family.token_grid(vision) if image_positions is not None else None)
+    stage = StageInputs(
+        input_ids.to(device),
+        attention.to(device),
+        positions.to(device),
+        image_tokens=int((input_ids == image_token_id).sum()),
+        tokens=int(attention.sum()),
+        labels=labels.to(device) if answers is not None else None,
+        marker=where.to(device) if where is not None else None,
+        target_index=target_index.to(device) if target_index is not None else None,
+        targets=targets.to(device) if targets is not None else None,
+        image_positions=image_positions.to(device) if image_positions is not None else None,
+        token_grid=family.token_grid(vision) if image_positions is not None else None,
+    )
     return stage, {k: v.to(device) for k, v in vision.items()}
 
 
-def scatter_image_features(embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int,
-                           features: torch.Tensor) -> torch.Tensor:
+def scatter_image_features(
+    embeds: torch.Tensor, input_ids: torch.Tensor, image_token_id: int, features: torch.Tensor
+) -> torch.Tensor:
     """(B, L, H) input embeddings with the image features (N, H) put at the N image tokens, in order."""
     mask = (input_ids == image_token_id).unsqueeze(-1).expand_as(embeds)
     return embeds.masked_scatter(mask, features.to(embeds.dtype))

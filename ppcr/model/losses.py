@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +27,15 @@ def text_ce(hidden: torch.Tensor, stage, logits: Callable[[torch.Tensor], torch.
 def box_losses(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """L1 on normalised (cx, cy, w, h) and GIoU on the corner form; both (B, 4), means over B."""
     l1 = F.l1_loss(pred, target)
-    giou = generalized_box_iou_loss(box_convert(pred, "cxcywh", "xyxy"), box_convert(target, "cxcywh", "xyxy"),
-                                    reduction="mean")
+    giou = generalized_box_iou_loss(
+        box_convert(pred, "cxcywh", "xyxy"), box_convert(target, "cxcywh", "xyxy"), reduction="mean"
+    )
     return l1, giou
 
 
-def mask_losses(low: torch.Tensor, targets: torch.Tensor, input_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_losses(
+    low: torch.Tensor, targets: torch.Tensor, input_sizes: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pixel BCE and Dice of low-resolution logits (B, S/4, S/4) against masks (B, S, S) in SAM's
     input frame, over each image's own region (its padding excluded); each averaged per mask, then
     over the masks. ``input_sizes`` (B, 2) holds each image's h, w inside the frame."""
@@ -50,7 +53,13 @@ def mask_losses(low: torch.Tensor, targets: torch.Tensor, input_sizes: torch.Ten
 def total_loss(terms: dict[str, torch.Tensor], w: LossWeights) -> torch.Tensor:
     """The weighted sum (:class:`ppcr.config.LossWeights`); the per-token box terms take the box weights,
     scaled by ``w_token_box``."""
-    return (w.w_ce_sem * terms["ce_sem"] + w.w_ce_spa * terms["ce_spa"] + w.w_l1 * terms["l1"]
-            + w.w_giou * terms["giou"] + w.w_point * terms["point"]
-            + w.w_token_box * (w.w_l1 * terms["token_l1"] + w.w_giou * terms["token_giou"])
-            + w.w_bce * terms["bce"] + w.w_dice * terms["dice"])
+    return (
+        w.w_ce_sem * terms["ce_sem"]
+        + w.w_ce_spa * terms["ce_spa"]
+        + w.w_l1 * terms["l1"]
+        + w.w_giou * terms["giou"]
+        + w.w_point * terms["point"]
+        + w.w_token_box * (w.w_l1 * terms["token_l1"] + w.w_giou * terms["token_giou"])
+        + w.w_bce * terms["bce"]
+        + w.w_dice * terms["dice"]
+    )

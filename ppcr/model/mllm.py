@@ -61,12 +61,14 @@ def check_mllm_path(path: str | Path) -> Path | str:
         raise FileNotFoundError(
             f"model.mllm_path: no local directory {path}, and it reads as a hub id, but the hub is offline "
             f"(ppcr's default). Download it once, 'hf download {path} --local-dir {local}', and set "
-            f"model.mllm_path={local}; or let the run download it into the hub cache: HF_HUB_OFFLINE=0")
+            f"model.mllm_path={local}; or let the run download it into the hub cache: HF_HUB_OFFLINE=0"
+        )
     raise FileNotFoundError(
         f"model.mllm_path: no MLLM checkpoint at {path} (config.json missing). A real model: "
         f"'hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir {path}' (or llava-hf/llava-1.5-7b-hf; README, "
         "'Real data and weights'), or a hub id with HF_HUB_OFFLINE=0; the tiny default: 'make models' or "
-        "'ppcr-tiny --config <recipe>'")
+        "'ppcr-tiny --config <recipe>'"
+    )
 
 
 def snapshot_revision(path: str | Path) -> str | None:
@@ -94,24 +96,41 @@ def download_mllm(repo_id: str, revision: str | None = None) -> Path:
             f"model.mllm_path: could not download hub model {repo_id}{at} ({type(e).__name__}: "
             f"{(str(e).strip().splitlines() or [''])[0]}). Check the id, the network (HF_ENDPOINT) and, for a "
             "gated model, 'hf auth login'; or download it yourself with 'hf download' (README, 'Real data "
-            "and weights')") from e
+            "and weights')"
+        ) from e
 
 
 def check_attn_implementation(name: str, dtype: str) -> None:
     """FlashAttention-2 needs its package, a CUDA GPU and a 16-bit dtype; say which is missing."""
     if name != "flash_attention_2":
         return
-    missing = [what for what, ok in (("the flash-attn package (pip install flash-attn --no-build-isolation)",
-                                      importlib.util.find_spec("flash_attn") is not None),
-                                     ("a CUDA GPU", torch.cuda.is_available()),
-                                     ("a 16-bit model.dtype", dtype in ("bfloat16", "float16"))) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            (
+                "the flash-attn package (pip install flash-attn --no-build-isolation)",
+                importlib.util.find_spec("flash_attn") is not None,
+            ),
+            ("a CUDA GPU", torch.cuda.is_available()),
+            ("a 16-bit model.dtype", dtype in ("bfloat16", "float16")),
+        )
+        if not ok
+    ]
     if missing:
-        raise ValueError(f"model.attn_implementation 'flash_attention_2' needs {', '.join(missing)}; "
-                         "'sdpa' (the default) runs everywhere")
+        raise ValueError(
+            f"model.attn_implementation 'flash_attention_2' needs {', '.join(missing)}; "
+            "'sdpa' (the default) runs everywhere"
+        )
 
 
-def load_mllm(path: str | Path, dtype: str = "float32", *, device_map: str | None = None,
-              attn_implementation: str = "sdpa", revision: str | None = None) -> tuple[nn.Module, object]:
+def load_mllm(
+    path: str | Path,
+    dtype: str = "float32",
+    *,
+    device_map: str | None = None,
+    attn_implementation: str = "sdpa",
+    revision: str | None = None,
+) -> tuple[nn.Module, object]:
     """Model and processor from a local save_pretrained directory (safetensors weights), or from a hub
     id's snapshot at ``revision`` when the user opted in to the network (:func:`check_mllm_path`)."""
     path = check_mllm_path(path)
@@ -119,12 +138,19 @@ def load_mllm(path: str | Path, dtype: str = "float32", *, device_map: str | Non
         path = download_mllm(path, revision)
     check_attn_implementation(attn_implementation, dtype)
     # safetensors only: a pickled pytorch_model.bin in a downloaded directory is refused, not unpickled.
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype], local_files_only=True,
-                                                        use_safetensors=True, device_map=device_map,
-                                                        attn_implementation=attn_implementation)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path,
+        dtype=DTYPES[dtype],
+        local_files_only=True,
+        use_safetensors=True,
+        device_map=device_map,
+        attn_implementation=attn_implementation,
+    )
     if model.config.model_type not in QWEN_TYPES + LLAVA_TYPES:
-        raise ValueError(f"model.mllm_path {path}: model_type '{model.config.model_type}' is not supported "
-                         f"(supported: {', '.join(QWEN_TYPES + LLAVA_TYPES)})")
+        raise ValueError(
+            f"model.mllm_path {path}: model_type '{model.config.model_type}' is not supported "
+            f"(supported: {', '.join(QWEN_TYPES + LLAVA_TYPES)})"
+        )
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     return model, processor
 
@@ -160,8 +186,9 @@ class Family:
         """:meth:`image_features` of several images -> one (tokens, H) tensor per image."""
         return list(features.chunk(len(vision["pixel_values"])))
 
-    def positions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: dict,
-                  text: dict) -> torch.Tensor:
+    def positions(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, vision: dict, text: dict
+    ) -> torch.Tensor:
         """Position ids of a right-padded prompt batch: (B, L), or (3, B, L) for M-RoPE."""
         raise NotImplementedError
 
@@ -190,7 +217,10 @@ class QwenVLFamily(Family):
 
     def select_images(self, vision, index):
         patches = vision["pixel_values"].split(self._patches(vision))
-        return {"pixel_values": torch.cat([patches[i] for i in index]), "image_grid_thw": vision["image_grid_thw"][index]}
+        return {
+            "pixel_values": torch.cat([patches[i] for i in index]),
+            "image_grid_thw": vision["image_grid_thw"][index],
+        }
 
     def token_grid(self, vision):
         merge = self.config.vision_config.spatial_merge_size
@@ -200,12 +230,13 @@ class QwenVLFamily(Family):
         return grids.pop()
 
     def split_features(self, features, vision):
-        merge = self.core.visual.spatial_merge_size ** 2
+        merge = self.core.visual.spatial_merge_size**2
         return list(features.split([n // merge for n in self._patches(vision)]))
 
     def positions(self, input_ids, attention_mask, vision, text):
-        pos, _ = self.core.get_rope_index(input_ids, text["mm_token_type_ids"], image_grid_thw=vision["image_grid_thw"],
-                                          attention_mask=attention_mask)
+        pos, _ = self.core.get_rope_index(
+            input_ids, text["mm_token_type_ids"], image_grid_thw=vision["image_grid_thw"], attention_mask=attention_mask
+        )
         return pos  # (3, B, L)
 
     @staticmethod
@@ -219,9 +250,11 @@ class LlavaFamily(Family):
         return [self.core.vision_tower, self.core.multi_modal_projector]
 
     def image_features(self, vision: dict) -> torch.Tensor:
-        out = self.core.get_image_features(vision["pixel_values"],
-                                           vision_feature_layer=self.config.vision_feature_layer,
-                                           vision_feature_select_strategy=self.config.vision_feature_select_strategy)
+        out = self.core.get_image_features(
+            vision["pixel_values"],
+            vision_feature_layer=self.config.vision_feature_layer,
+            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+        )
         return torch.cat([f.reshape(-1, f.shape[-1]) for f in out.pooler_output], dim=0)
 
     def token_grid(self, vision):

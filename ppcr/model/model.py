@@ -58,8 +58,9 @@ class TrainInputs:
     use_gt_box: torch.Tensor | None = None  # (B, 1) bool: the jittered ground truth instead of the head's box
 
 
-def sam_box_choice(boxes: torch.Tensor, keys: list[str], step: int, share: float,
-                   jitter: float) -> tuple[torch.Tensor, torch.Tensor]:
+def sam_box_choice(
+    boxes: torch.Tensor, keys: list[str], step: int, share: float, jitter: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample, whether SAM gets a jittered ground-truth box instead of the head's (with probability
     ``share``) and that box: centre moved by N(0, jitter) box sides, sides scaled by exp(N(0, jitter)).
     Drawn from (key, step), so a resumed run draws the same. Early in training the head's boxes are
@@ -88,9 +89,13 @@ class PPCRModel(nn.Module):
         base = self.mllm.base_model.model
         self.family = family_of(base)
         hidden = base.config.get_text_config().hidden_size
-        self.token_rows = TokenRows(base.get_input_embeddings(), base.get_output_embeddings(), self.ids.new,
-                                    own_in=cfg.trainable.embeddings == "new_rows",
-                                    own_out=cfg.trainable.lm_head == "new_rows")
+        self.token_rows = TokenRows(
+            base.get_input_embeddings(),
+            base.get_output_embeddings(),
+            self.ids.new,
+            own_in=cfg.trainable.embeddings == "new_rows",
+            own_out=cfg.trainable.lm_head == "new_rows",
+        )
         self.sem_to_llm = MLP([hidden, hidden, hidden])
         self.sem_to_sam = MLP([hidden, hidden, sam.prompt_dim])
         self.box_head = (PointerBoxHead if cfg.box_head == "pointer" else BoxHead)(hidden, cfg.box_head_hidden)
@@ -103,7 +108,9 @@ class PPCRModel(nn.Module):
             part.to(getattr(torch, cfg.dtype))
         self.preprocess = Preprocessor.from_config(cfg)
         # Stage 2 ends at [LOC], or at the end of a box text written after it ("[LOC] {box}").
-        self.spatial_stops = (self.ids.loc,) if cfg.templates.spatial_answer.rstrip().endswith(LOC) else (self.ids.box_close,)
+        self.spatial_stops = (
+            (self.ids.loc,) if cfg.templates.spatial_answer.rstrip().endswith(LOC) else (self.ids.box_close,)
+        )
         apply_policy(self, cfg.trainable)
         if cfg.query_first:
             self._check_query_first()
@@ -115,13 +122,20 @@ class PPCRModel(nn.Module):
         first_image = ids.index(self.image_token_id)
         text = self.tokenizer.decode(ids[:first_image])
         if "QUERYPROBE" not in text.replace(" ", ""):
-            raise ValueError(f"model.query_first: the chat template of {self.cfg.mllm_path} renders the image before "
-                             "the text whatever the content order (llava-hf's does); set model.query_first=false")
+            raise ValueError(
+                f"model.query_first: the chat template of {self.cfg.mllm_path} renders the image before "
+                "the text whatever the content order (llava-hf's does); set model.query_first=false"
+            )
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, loss: LossWeights, *, device_map: str | None = None) -> "PPCRModel":
-        mllm, processor = load_mllm(cfg.mllm_path, cfg.dtype, attn_implementation=cfg.attn_implementation,
-                                    revision=cfg.mllm_revision, device_map=device_map)
+    def from_config(cls, cfg: ModelConfig, loss: LossWeights, *, device_map: str | None = None) -> PPCRModel:
+        mllm, processor = load_mllm(
+            cfg.mllm_path,
+            cfg.dtype,
+            attn_implementation=cfg.attn_implementation,
+            revision=cfg.mllm_revision,
+            device_map=device_map,
+        )
         return cls(mllm, processor, SamSegmenter(load_sam(cfg)), cfg, loss)
 
     @property
@@ -130,23 +144,38 @@ class PPCRModel(nn.Module):
 
     # ------------------------------------------------------------------ inputs
 
-    def encode(self, prompts: list[str], answers: list[str] | None, images: list[torch.Tensor],
-               marker: int | None = None) -> tuple[StageInputs, dict]:
+    def encode(
+        self, prompts: list[str], answers: list[str] | None, images: list[torch.Tensor], marker: int | None = None
+    ) -> tuple[StageInputs, dict]:
         """One stage's batch on the model's device (:func:`ppcr.model.inputs.encode_stage`)."""
-        return encode_stage(self.processor, self.family, self.image_token_id, prompts, answers, images,
-                            marker=marker, query_first=self.cfg.query_first, device=self.device)
+        return encode_stage(
+            self.processor,
+            self.family,
+            self.image_token_id,
+            prompts,
+            answers,
+            images,
+            marker=marker,
+            query_first=self.cfg.query_first,
+            device=self.device,
+        )
 
-    def encode_answers(self, mllm_images, expressions: list[str], categories: list[str],
-                       boxes: torch.Tensor) -> tuple[StageInputs, StageInputs, dict]:
+    def encode_answers(
+        self, mllm_images, expressions: list[str], categories: list[str], boxes: torch.Tensor
+    ) -> tuple[StageInputs, StageInputs, dict]:
         """Both stages with their ground-truth answers (training's view): the semantic and spatial stage
         inputs and the processor's image inputs, on the model's device."""
-        texts = [render_prompts(self.cfg.templates, e, c, b, self.cfg.box_bins)
-                 for e, c, b in zip(expressions, categories, boxes)]
+        texts = [
+            render_prompts(self.cfg.templates, e, c, b, self.cfg.box_bins)
+            for e, c, b in zip(expressions, categories, boxes)
+        ]
         images = list(mllm_images)
-        s1, vision = self.encode([t["semantic_prompt"] for t in texts], [t["semantic_answer"] for t in texts], images,
-                                 marker=self.ids.sem)
-        s2, _ = self.encode([t["spatial_prompt"] for t in texts], [t["spatial_answer"] for t in texts], images,
-                            marker=self.ids.loc)
+        s1, vision = self.encode(
+            [t["semantic_prompt"] for t in texts], [t["semantic_answer"] for t in texts], images, marker=self.ids.sem
+        )
+        s2, _ = self.encode(
+            [t["spatial_prompt"] for t in texts], [t["spatial_answer"] for t in texts], images, marker=self.ids.loc
+        )
         return s1, s2, vision
 
     def vision_features(self, vision: dict) -> torch.Tensor:
@@ -169,10 +198,15 @@ class PPCRModel(nn.Module):
         at the image tokens, the vision ``features`` (B * T, H) put there, and the tokens' cell centres."""
         b, t = stage.image_positions.shape
         picked = states.gather(1, stage.image_positions.unsqueeze(-1).expand(b, t, states.shape[-1]))
-        return ImageTokens(states=picked, features=features.view(b, t, -1).to(states.dtype),
-                           centres=token_centres(stage.token_grid, device=states.device))
+        return ImageTokens(
+            states=picked,
+            features=features.view(b, t, -1).to(states.dtype),
+            centres=token_centres(stage.token_grid, device=states.device),
+        )
 
-    def locate(self, spasp: torch.Tensor, states: torch.Tensor, stage: StageInputs, features: torch.Tensor) -> BoxOutput:
+    def locate(
+        self, spasp: torch.Tensor, states: torch.Tensor, stage: StageInputs, features: torch.Tensor
+    ) -> BoxOutput:
         """The box head on SpaSP (B, H); the pointer also reads the image tokens of the spatial stage
         (``states`` (B, L, H), its last-layer states; ``features`` (B * T, H), the vision features)."""
         if self.cfg.box_head == "mlp":
@@ -196,18 +230,30 @@ class PPCRModel(nn.Module):
         """Host side of a training step: render and tokenise both stages, then move everything to the
         device once."""
         with mark("encode"):
-            s1, s2, vision = self.encode_answers(batch["mllm_images"], batch["expressions"], batch["categories"],
-                                                 batch["boxes"])
+            s1, s2, vision = self.encode_answers(
+                batch["mllm_images"], batch["expressions"], batch["categories"], batch["boxes"]
+            )
             dev = self.device
             gt_boxes = use_gt = cover = None
             if self.cfg.box_head == "pointer":  # the pointer's target, from the mask on the host
                 cover = token_cover(batch["sam_masks"], batch["input_sizes"], s2.token_grid).to(dev)
             if batch.get("gt_box_share", 0.0) > 0:
-                gt_boxes, use_gt = sam_box_choice(batch["boxes"], batch["keys"], batch["step"], batch["gt_box_share"],
-                                                  batch["gt_box_jitter"])
+                gt_boxes, use_gt = sam_box_choice(
+                    batch["boxes"], batch["keys"], batch["step"], batch["gt_box_share"], batch["gt_box_jitter"]
+                )
                 gt_boxes, use_gt = gt_boxes.to(dev), use_gt.to(dev)
-            return TrainInputs(s1, s2, vision, batch["sam_images"].to(dev), batch["sam_masks"].to(dev),
-                               batch["input_sizes"].to(dev), batch["boxes"].to(dev), cover, gt_boxes, use_gt)
+            return TrainInputs(
+                s1,
+                s2,
+                vision,
+                batch["sam_images"].to(dev),
+                batch["sam_masks"].to(dev),
+                batch["input_sizes"].to(dev),
+                batch["boxes"].to(dev),
+                cover,
+                gt_boxes,
+                use_gt,
+            )
 
     def compute(self, x: TrainInputs) -> dict:
         """Device side of a training step. ppcr's code in it never reads a value back from the device (no
@@ -234,8 +280,13 @@ class PPCRModel(nn.Module):
         with mark("mask_losses"):
             bce, dice = mask_losses(low, x.sam_masks, x.input_sizes)
         terms = {"ce_sem": ce_sem, "ce_spa": ce_spa, "l1": l1, "giou": giou, **tokens, "bce": bce, "dice": dice}
-        return {"loss": total_loss(terms, self.loss_weights), **terms, "boxes": boxes, "mask_logits": low,
-                "tokens": {"semantic": x.semantic.counts(), "spatial": x.spatial.counts()}}
+        return {
+            "loss": total_loss(terms, self.loss_weights),
+            **terms,
+            "boxes": boxes,
+            "mask_logits": low,
+            "tokens": {"semantic": x.semantic.counts(), "spatial": x.spatial.counts()},
+        }
 
     def language_stages(self, semantic: StageInputs, spatial: StageInputs, features: torch.Tensor) -> dict:
         """Both stages teacher-forced: last-layer hidden states h1 (B, L1, H) and h2 (B, L2, H), SemSP and
@@ -250,19 +301,24 @@ class PPCRModel(nn.Module):
         return {"h1": h1, "semsp": semsp, "h2": h2, "spasp": self.at_marker(h2, spatial)}
 
     @torch.no_grad()
-    def teacher_forced_spatial(self, mllm_images: list[torch.Tensor], expressions: list[str], categories: list[str],
-                               boxes: torch.Tensor) -> dict[str, torch.Tensor]:
+    def teacher_forced_spatial(
+        self, mllm_images: list[torch.Tensor], expressions: list[str], categories: list[str], boxes: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """The training view of the spatial stage, for diagnostics, with the ground-truth answers
         teacher-forced: SpaSP (B, H), the head's boxes (B, 4), and per sample the summed cross-entropy and
         count of the answer tokens by role (``ce_sums``, ``ce_counts``: (B, R) in
-        :data:`ppcr.model.tokens.CE_ROLES` order: the fixed tokens, then the 1st, 2nd, 3rd... digit of each coordinate). The averaged CE
-        hides whether the leading digits, the ones that matter, are learned."""
+        :data:`ppcr.model.tokens.CE_ROLES` order: the fixed tokens, then the 1st, 2nd, 3rd... digit of each
+        coordinate). The averaged CE hides whether the leading digits, the ones that matter, are learned."""
         s1, s2, vision = self.encode_answers(mllm_images, expressions, categories, boxes)
         features = self.vision_features(vision)
         h = self.language_stages(s1, s2, features)
         labels = s2.labels[:, 1:]
-        ce = F.cross_entropy(self.token_rows.logits(h["h2"])[:, :-1].flatten(0, 1).float(), labels.flatten(),
-                             ignore_index=-100, reduction="none").view_as(labels)
+        ce = F.cross_entropy(
+            self.token_rows.logits(h["h2"])[:, :-1].flatten(0, 1).float(),
+            labels.flatten(),
+            ignore_index=-100,
+            reduction="none",
+        ).view_as(labels)
         roles = digit_roles(labels, self.digit_ids)
         n, answer = len(CE_ROLES), (roles >= 0).float()
         slot = (torch.arange(len(labels), device=ce.device)[:, None] * n + roles.clamp(min=0)).flatten()
@@ -272,20 +328,31 @@ class PPCRModel(nn.Module):
         return {"spasp": h["spasp"], "boxes": boxes, "ce_sums": sums, "ce_counts": counts}
 
     def run_language_model(self, embeds: torch.Tensor, stage: StageInputs) -> torch.Tensor:
-        out = self.family.language_model(inputs_embeds=embeds, attention_mask=stage.attention_mask,
-                                         position_ids=stage.positions, use_cache=False)
+        out = self.family.language_model(
+            inputs_embeds=embeds, attention_mask=stage.attention_mask, position_ids=stage.positions, use_cache=False
+        )
         return out.last_hidden_state
 
-    def segment(self, sam_images: torch.Tensor, boxes: torch.Tensor | None, semsp: torch.Tensor | None,
-                input_sizes: torch.Tensor) -> torch.Tensor:
+    def segment(
+        self,
+        sam_images: torch.Tensor,
+        boxes: torch.Tensor | None,
+        semsp: torch.Tensor | None,
+        input_sizes: torch.Tensor,
+    ) -> torch.Tensor:
         """SAM on (B, 3, S, S) uint8 images with boxes (B, 4 normalised cx, cy, w, h) and SemSP (B, H);
         returns (B, S/4, S/4) mask logits."""
         with mark("sam_encoder"):
             embeddings = self.sam.encode(sam_images, input_sizes.to(sam_images.device))
         return self.decode_masks(embeddings, boxes, semsp, input_sizes)
 
-    def decode_masks(self, embeddings: torch.Tensor, boxes: torch.Tensor | None, semsp: torch.Tensor | None,
-                     input_sizes: torch.Tensor) -> torch.Tensor:
+    def decode_masks(
+        self,
+        embeddings: torch.Tensor,
+        boxes: torch.Tensor | None,
+        semsp: torch.Tensor | None,
+        input_sizes: torch.Tensor,
+    ) -> torch.Tensor:
         """SAM's mask decoder on image embeddings (B, C, h, w) (:meth:`segment`)."""
         with mark("sam_decoder"):
             sam_boxes = None

@@ -16,9 +16,15 @@ _RULES: list[tuple[str, callable]] = [
     ("projectors", lambda n: n.startswith(("sem_to_llm.", "sem_to_sam."))),
     ("box_head", lambda n: n.startswith("box_head.")),
     # With one output mask, SAM's decoder never uses its other hypernetwork MLPs or its IoU head.
-    ("sam_decoder_unused", lambda n: n.startswith(("sam.sam.mask_decoder.iou_prediction_head.",
-                                                    "sam.sam.mask_decoder.output_hypernetworks_mlps."))
-     and not n.startswith("sam.sam.mask_decoder.output_hypernetworks_mlps.0.")),
+    (
+        "sam_decoder_unused",
+        lambda n: (
+            n.startswith(
+                ("sam.sam.mask_decoder.iou_prediction_head.", "sam.sam.mask_decoder.output_hypernetworks_mlps.")
+            )
+            and not n.startswith("sam.sam.mask_decoder.output_hypernetworks_mlps.0.")
+        ),
+    ),
     ("sam_mask_decoder", lambda n: n.startswith("sam.sam.mask_decoder.")),
     ("sam_prompt_encoder", lambda n: n.startswith("sam.sam.prompt_encoder.")),
     ("sam_image_encoder", lambda n: n.startswith("sam.sam.image_encoder.")),
@@ -39,10 +45,19 @@ def component(name: str) -> str:
 def apply_policy(model: nn.Module, t: TrainableConfig) -> None:
     """Set requires_grad for every parameter from the policy; called once, before any optimizer."""
     train = {
-        "lora_semantic": True, "lora_spatial": True, "new_token_rows": True, "projectors": True, "box_head": True,
-        "sam_mask_decoder": t.sam_mask_decoder, "sam_decoder_unused": False, "sam_prompt_encoder": t.sam_prompt_encoder,
-        "sam_image_encoder": t.sam_image_encoder, "vision_tower": t.vision_tower,
-        "embeddings": t.embeddings == "full", "lm_head": t.lm_head == "full", "llm_base": t.llm_base,
+        "lora_semantic": True,
+        "lora_spatial": True,
+        "new_token_rows": True,
+        "projectors": True,
+        "box_head": True,
+        "sam_mask_decoder": t.sam_mask_decoder,
+        "sam_decoder_unused": False,
+        "sam_prompt_encoder": t.sam_prompt_encoder,
+        "sam_image_encoder": t.sam_image_encoder,
+        "vision_tower": t.vision_tower,
+        "embeddings": t.embeddings == "full",
+        "lm_head": t.lm_head == "full",
+        "llm_base": t.llm_base,
     }
     for name, p in model.named_parameters():
         comp = component(name)
@@ -51,7 +66,7 @@ def apply_policy(model: nn.Module, t: TrainableConfig) -> None:
         p.requires_grad_(train[comp])
 
 
-def parameter_counts(model: nn.Module) -> "OrderedDict[str, tuple[int, int]]":
+def parameter_counts(model: nn.Module) -> OrderedDict[str, tuple[int, int]]:
     """component -> (trainable, frozen) parameter counts."""
     counts: OrderedDict[str, list[int]] = OrderedDict((c, [0, 0]) for c, _ in _RULES)
     for name, p in model.named_parameters():

@@ -80,12 +80,18 @@ class TokenBoxRegressor(nn.Module):
         feature alone); the centre's input weights are zeroed."""
         first, last = self.net[0], self.net[2]
         hidden = first.in_features - 2
-        want = {"0.weight": (first.out_features, hidden), "0.bias": (first.out_features,),
-                "2.weight": tuple(last.weight.shape), "2.bias": tuple(last.bias.shape)}
+        want = {
+            "0.weight": (first.out_features, hidden),
+            "0.bias": (first.out_features,),
+            "2.weight": tuple(last.weight.shape),
+            "2.bias": tuple(last.bias.shape),
+        }
         got = {k: tuple(v.shape) for k, v in state.items()}
         if got != want:
-            raise ValueError(f"{where}: the per-token box head has shapes {got}, the pointer needs {want} "
-                             f"(model.box_head_hidden must be the pretrained head's width, {got.get('0.bias', '?')})")
+            raise ValueError(
+                f"{where}: the per-token box head has shapes {got}, the pointer needs {want} "
+                f"(model.box_head_hidden must be the pretrained head's width, {got.get('0.bias', '?')})"
+            )
         first.weight.zero_()
         first.weight[:, :hidden] = state["0.weight"]
         first.bias.copy_(state["0.bias"])
@@ -124,8 +130,11 @@ class PointerBoxHead(nn.Module):
         pooled = (weights.unsqueeze(-1).to(tokens.states.dtype) * tokens.states).sum(1)  # (B, H)
         delta = self.refine(torch.cat([spasp, pooled.to(spasp.dtype)], -1)).float()
         box = box_convert(box, "xyxy", "cxcywh").clamp(1e-4, 1 - 1e-4)
-        return BoxOutput(box=torch.sigmoid(torch.logit(box) + delta), token_logits=logits,
-                         token_boxes=box_convert(corners, "xyxy", "cxcywh"))
+        return BoxOutput(
+            box=torch.sigmoid(torch.logit(box) + delta),
+            token_logits=logits,
+            token_boxes=box_convert(corners, "xyxy", "cxcywh"),
+        )
 
 
 def selected_weights(logits: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
@@ -157,6 +166,9 @@ def pointer_losses(out: BoxOutput, cover: torch.Tensor, target: torch.Tensor) ->
     boxes = out.token_boxes.float()  # (B, T, 4)
     goal = target.float().unsqueeze(1).expand_as(boxes)
     l1 = (boxes - goal).abs().mean(-1)
-    giou = generalized_box_iou_loss(box_convert(boxes, "cxcywh", "xyxy").reshape(-1, 4),
-                                    box_convert(goal, "cxcywh", "xyxy").reshape(-1, 4), reduction="none").view_as(l1)
+    giou = generalized_box_iou_loss(
+        box_convert(boxes, "cxcywh", "xyxy").reshape(-1, 4),
+        box_convert(goal, "cxcywh", "xyxy").reshape(-1, 4),
+        reduction="none",
+    ).view_as(l1)
     return {"point": point, "token_l1": (share * l1).sum(-1).mean(), "token_giou": (share * giou).sum(-1).mean()}

@@ -43,8 +43,13 @@ class Ablation:
 
 
 PPCR = Ablation()
-ABLATIONS = [PPCR, Ablation("text", "box+semsp"), Ablation("gt", "box+semsp"), Ablation("head", "box"),
-             Ablation("head", "semsp")]
+ABLATIONS = [
+    PPCR,
+    Ablation("text", "box+semsp"),
+    Ablation("gt", "box+semsp"),
+    Ablation("head", "box"),
+    Ablation("head", "semsp"),
+]
 
 
 @dataclass
@@ -121,23 +126,45 @@ def generate(model, items: list[dict], expressions: list[str], *, agree: Agree |
 
     cfg = model.cfg
     use_branch(model.mllm, "semantic")
-    d1 = greedy_stage(model, s1, features, None, marker=model.ids.sem, stops=(model.ids.sem,),
-                      max_new_tokens=cfg.max_new_tokens, agree=agree)
+    d1 = greedy_stage(
+        model,
+        s1,
+        features,
+        None,
+        marker=model.ids.sem,
+        stops=(model.ids.sem,),
+        max_new_tokens=cfg.max_new_tokens,
+        agree=agree,
+    )
     semsp = d1.marker_hidden
     clock.lap("semantic")
     s2, _ = model.encode([t["spatial_prompt"] for t in texts], None, mllm_images)
     use_branch(model.mllm, "spatial")
-    d2 = greedy_stage(model, s2, features, model.sem_to_llm(semsp), marker=model.ids.loc,
-                      stops=model.spatial_stops, max_new_tokens=cfg.max_new_tokens, agree=agree)
+    d2 = greedy_stage(
+        model,
+        s2,
+        features,
+        model.sem_to_llm(semsp),
+        marker=model.ids.loc,
+        stops=model.spatial_stops,
+        max_new_tokens=cfg.max_new_tokens,
+        agree=agree,
+    )
     boxes = model.locate(d2.marker_hidden, d2.prompt_hidden, s2, features).box
     clock.lap("spatial")
     decode = model.tokenizer.decode
     answers2 = [decode(ids, skip_special_tokens=False) for ids in d2.ids]
     return Generated(
-        semantic_answers=[decode(ids, skip_special_tokens=False) for ids in d1.ids], spatial_answers=answers2,
-        semsp=semsp, boxes=boxes, text_boxes=[parse_box_text(a, cfg.box_bins) for a in answers2],
-        found=[{"semantic": a, "spatial": b} for a, b in zip(d1.found, d2.found)], sam_embeddings=sam_embeddings,
-        forwards=d1.forwards + d2.forwards, timings=clock.timings)
+        semantic_answers=[decode(ids, skip_special_tokens=False) for ids in d1.ids],
+        spatial_answers=answers2,
+        semsp=semsp,
+        boxes=boxes,
+        text_boxes=[parse_box_text(a, cfg.box_bins) for a in answers2],
+        found=[{"semantic": a, "spatial": b} for a, b in zip(d1.found, d2.found)],
+        sam_embeddings=sam_embeddings,
+        forwards=d1.forwards + d2.forwards,
+        timings=clock.timings,
+    )
 
 
 @torch.no_grad()
@@ -147,19 +174,31 @@ def masks_for(model, items: list[dict], gen: Generated, ablation: Ablation = PPC
     same on every rank, keeps ZeRO-3's gathers in step."""
     boxes = gen.boxes
     if ablation.box_source == "text":
-        boxes = torch.stack([t.to(boxes.device, boxes.dtype) if t is not None else b
-                             for t, b in zip(gen.text_boxes, gen.boxes)])
+        boxes = torch.stack(
+            [t.to(boxes.device, boxes.dtype) if t is not None else b for t, b in zip(gen.text_boxes, gen.boxes)]
+        )
     elif ablation.box_source == "gt":
         boxes = torch.stack([it["box"] for it in items]).to(boxes.device, boxes.dtype)
     sizes = torch.tensor([tuple(it["input_size"]) for it in items])
-    low = model.decode_masks(gen.sam_embeddings, None if ablation.prompts == "semsp" else boxes,
-                             None if ablation.prompts == "box" else gen.semsp, sizes)
-    return [model.sam.to_original(low[i], tuple(it["input_size"]), tuple(it["original_size"]))
-            for i, it in enumerate(items)]
+    low = model.decode_masks(
+        gen.sam_embeddings,
+        None if ablation.prompts == "semsp" else boxes,
+        None if ablation.prompts == "box" else gen.semsp,
+        sizes,
+    )
+    return [
+        model.sam.to_original(low[i], tuple(it["input_size"]), tuple(it["original_size"])) for i, it in enumerate(items)
+    ]
 
 
-def predict_items(model, items: list[dict], expressions: list[str], *, agree: Agree | None = None,
-                  ablations: tuple[Ablation, ...] | list[Ablation] = (PPCR,)) -> tuple[list[list[Prediction]], Generated]:
+def predict_items(
+    model,
+    items: list[dict],
+    expressions: list[str],
+    *,
+    agree: Agree | None = None,
+    ablations: tuple[Ablation, ...] | list[Ablation] = (PPCR,),
+) -> tuple[list[list[Prediction]], Generated]:
     """Predictions per ablation (in ``ablations`` order), each a list over the batch, and the shared
     generation. ``agree`` keeps ZeRO-3 ranks decoding in step."""
     gen = generate(model, items, expressions, agree=agree)
@@ -172,10 +211,18 @@ def predict_items(model, items: list[dict], expressions: list[str], *, agree: Ag
         rows = []
         for i, logits in enumerate(masks):
             box, text_box = gen.boxes[i].float().cpu(), gen.text_boxes[i]
-            rows.append(Prediction(
-                semantic_answer=gen.semantic_answers[i], spatial_answer=gen.spatial_answers[i], box=box,
-                text_box=text_box, box_agreement=box_pair_iou(box, text_box) if text_box is not None else None,
-                mask_logits=logits.float().cpu(), stopped=gen.found[i], timings=timings))
+            rows.append(
+                Prediction(
+                    semantic_answer=gen.semantic_answers[i],
+                    spatial_answer=gen.spatial_answers[i],
+                    box=box,
+                    text_box=text_box,
+                    box_agreement=box_pair_iou(box, text_box) if text_box is not None else None,
+                    mask_logits=logits.float().cpu(),
+                    stopped=gen.found[i],
+                    timings=timings,
+                )
+            )
         out.append(rows)
     return out, gen
 
@@ -187,7 +234,7 @@ def predict(model, images: list[np.ndarray], expressions: list[str], *, batch_si
         raise ValueError(f"{len(images)} images but {len(expressions)} expressions")
     out: list[Prediction] = []
     for start in range(0, len(images), max(batch_size, 1)):
-        chunk = images[start: start + batch_size]
+        chunk = images[start : start + batch_size]
         items = [model.preprocess(torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1)) for im in chunk]
-        out += predict_items(model, items, expressions[start: start + batch_size])[0][0]
+        out += predict_items(model, items, expressions[start : start + batch_size])[0][0]
     return out

@@ -15,29 +15,33 @@ from functools import partial
 from pathlib import Path
 
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from safetensors.torch import load_file, save_file
+from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 from torch import nn
 
 from ppcr.config import ModelConfig, SamArchConfig
 from ppcr.data.transforms import frame_region
 
-
 # The released SAM checkpoints: file name and published md5 (segment_anything's README links them).
-SAM_RELEASES = {"vit_h": ("sam_vit_h_4b8939.pth", "4b8939a88964f0f4ff5f5b2642c598a6"),
-                "vit_l": ("sam_vit_l_0b3195.pth", "0b3195507c641ddb6910d2bb5adee89c"),
-                "vit_b": ("sam_vit_b_01ec64.pth", "01ec64d29a2fca3f0661936605ae66f8")}
+SAM_RELEASES = {
+    "vit_h": ("sam_vit_h_4b8939.pth", "4b8939a88964f0f4ff5f5b2642c598a6"),
+    "vit_l": ("sam_vit_l_0b3195.pth", "0b3195507c641ddb6910d2bb5adee89c"),
+    "vit_b": ("sam_vit_b_01ec64.pth", "01ec64d29a2fca3f0661936605ae66f8"),
+}
 
 
 # segment_anything's build_sam_vit_b / _l / _h, as specs (image size 1024 for all three).
 _RELEASED = dict(patch_size=16, window_size=14, prompt_dim=256, decoder_heads=8, decoder_mlp_dim=2048)
 SAM_ARCHS = {
-    "vit_b": SamArchConfig(encoder_dim=768, encoder_depth=12, encoder_heads=12, global_attn_indexes=[2, 5, 8, 11],
-                           **_RELEASED),
-    "vit_l": SamArchConfig(encoder_dim=1024, encoder_depth=24, encoder_heads=16, global_attn_indexes=[5, 11, 17, 23],
-                           **_RELEASED),
-    "vit_h": SamArchConfig(encoder_dim=1280, encoder_depth=32, encoder_heads=16, global_attn_indexes=[7, 15, 23, 31],
-                           **_RELEASED),
+    "vit_b": SamArchConfig(
+        encoder_dim=768, encoder_depth=12, encoder_heads=12, global_attn_indexes=[2, 5, 8, 11], **_RELEASED
+    ),
+    "vit_l": SamArchConfig(
+        encoder_dim=1024, encoder_depth=24, encoder_heads=16, global_attn_indexes=[5, 11, 17, 23], **_RELEASED
+    ),
+    "vit_h": SamArchConfig(
+        encoder_dim=1280, encoder_depth=32, encoder_heads=16, global_attn_indexes=[7, 15, 23, 31], **_RELEASED
+    ),
 }
 
 
@@ -52,20 +56,36 @@ def build_sam(arch: SamArchConfig, image_size: int) -> Sam:
     grid = image_size // arch.patch_size
     return Sam(
         image_encoder=ImageEncoderViT(
-            depth=arch.encoder_depth, embed_dim=arch.encoder_dim, img_size=image_size, mlp_ratio=4,
-            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=arch.encoder_heads,
-            patch_size=arch.patch_size, qkv_bias=True, use_rel_pos=True,
-            global_attn_indexes=tuple(arch.global_attn_indexes), window_size=arch.window_size,
+            depth=arch.encoder_depth,
+            embed_dim=arch.encoder_dim,
+            img_size=image_size,
+            mlp_ratio=4,
+            norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
+            num_heads=arch.encoder_heads,
+            patch_size=arch.patch_size,
+            qkv_bias=True,
+            use_rel_pos=True,
+            global_attn_indexes=tuple(arch.global_attn_indexes),
+            window_size=arch.window_size,
             out_chans=arch.prompt_dim,
         ),
-        prompt_encoder=PromptEncoder(embed_dim=arch.prompt_dim, image_embedding_size=(grid, grid),
-                                     input_image_size=(image_size, image_size), mask_in_chans=16),
+        prompt_encoder=PromptEncoder(
+            embed_dim=arch.prompt_dim,
+            image_embedding_size=(grid, grid),
+            input_image_size=(image_size, image_size),
+            mask_in_chans=16,
+        ),
         mask_decoder=MaskDecoder(
             num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=arch.prompt_dim,
-                                          mlp_dim=arch.decoder_mlp_dim or 2 * arch.prompt_dim,
-                                          num_heads=arch.decoder_heads),
-            transformer_dim=arch.prompt_dim, iou_head_depth=3, iou_head_hidden_dim=arch.prompt_dim,
+            transformer=TwoWayTransformer(
+                depth=2,
+                embedding_dim=arch.prompt_dim,
+                mlp_dim=arch.decoder_mlp_dim or 2 * arch.prompt_dim,
+                num_heads=arch.decoder_heads,
+            ),
+            transformer_dim=arch.prompt_dim,
+            iou_head_depth=3,
+            iou_head_hidden_dim=arch.prompt_dim,
         ),
         pixel_mean=[123.675, 116.28, 103.53],
         pixel_std=[58.395, 57.12, 57.375],
@@ -79,8 +99,10 @@ def check_sam_checkpoint(cfg: ModelConfig) -> Path:
             hint = "'make models' or 'ppcr-tiny --config <recipe>'"
         else:
             name, md5 = SAM_RELEASES[cfg.sam_type]
-            hint = (f"Meta's SAM {cfg.sam_type}: https://dl.fbaipublicfiles.com/segment_anything/{name} (md5 {md5}; "
-                    "README, 'Real data and weights')")
+            hint = (
+                f"Meta's SAM {cfg.sam_type}: https://dl.fbaipublicfiles.com/segment_anything/{name} (md5 {md5}; "
+                "README, 'Real data and weights')"
+            )
         raise FileNotFoundError(f"model.sam_checkpoint: no SAM checkpoint at {path}; get {hint}")
     return path
 
@@ -96,20 +118,29 @@ def load_sam(cfg: ModelConfig) -> Sam:
                 state = torch.load(f, map_location="cpu", weights_only=True)
         sam.load_state_dict(state)
     except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and plain containers
-        raise ValueError(f"SAM checkpoint {path} holds more than weights, so it is not loaded (it could run "
-                         f"code): {str(e).strip().splitlines()[-1]}") from e
+        raise ValueError(
+            f"SAM checkpoint {path} holds more than weights, so it is not loaded (it could run "
+            f"code): {str(e).strip().splitlines()[-1]}"
+        ) from e
     except RuntimeError as e:  # load_state_dict: missing / unexpected keys, shape mismatches
         first = str(e).strip().splitlines()[:4]
-        raise ValueError(f"SAM checkpoint {path} does not fit model.sam_type '{cfg.sam_type}'"
-                         f"{' and model.sam_arch' if cfg.sam_type == 'tiny' else ''}: {' '.join(first)}") from e
+        raise ValueError(
+            f"SAM checkpoint {path} does not fit model.sam_type '{cfg.sam_type}'"
+            f"{' and model.sam_arch' if cfg.sam_type == 'tiny' else ''}: {' '.join(first)}"
+        ) from e
     mean, std = sam.pixel_mean.flatten().tolist(), sam.pixel_std.flatten().tolist()
-    if not (torch.allclose(torch.tensor(mean), torch.tensor(cfg.sam_pixel_mean))
-            and torch.allclose(torch.tensor(std), torch.tensor(cfg.sam_pixel_std))):
-        raise ValueError(f"model.sam_pixel_mean/std {cfg.sam_pixel_mean}/{cfg.sam_pixel_std} differ from the SAM "
-                         f"checkpoint's {mean}/{std}")
+    if not (
+        torch.allclose(torch.tensor(mean), torch.tensor(cfg.sam_pixel_mean))
+        and torch.allclose(torch.tensor(std), torch.tensor(cfg.sam_pixel_std))
+    ):
+        raise ValueError(
+            f"model.sam_pixel_mean/std {cfg.sam_pixel_mean}/{cfg.sam_pixel_std} differ from the SAM "
+            f"checkpoint's {mean}/{std}"
+        )
     if sam.image_encoder.img_size != cfg.sam_image_size:
-        raise ValueError(f"model.sam_image_size {cfg.sam_image_size} differs from the SAM encoder's "
-                         f"{sam.image_encoder.img_size}")
+        raise ValueError(
+            f"model.sam_image_size {cfg.sam_image_size} differs from the SAM encoder's {sam.image_encoder.img_size}"
+        )
     return sam
 
 
@@ -196,6 +227,8 @@ class SamSegmenter(nn.Module):
         _, c8, h4, w4 = upscaled.shape
         return (hyper.unsqueeze(1) @ upscaled.reshape(b, c8, h4 * w4)).reshape(b, h4, w4)
 
-    def to_original(self, low: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]) -> torch.Tensor:
+    def to_original(
+        self, low: torch.Tensor, input_size: tuple[int, int], original_size: tuple[int, int]
+    ) -> torch.Tensor:
         """(S/4, S/4) logits -> (H, W) logits at the image's original resolution (SAM's postprocessing)."""
         return self.sam.postprocess_masks(low[None, None], tuple(input_size), tuple(original_size))[0, 0]

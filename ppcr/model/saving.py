@@ -24,14 +24,21 @@ import torch
 from peft import set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from ppcr.config import Config, ConfigError, ModelConfig, dump_config, load_config, parse_overrides, with_dtype
 from ppcr.common.checkpoint_paths import latest_tag
-from ppcr.model.fingerprint import (CONFIG_FILE, TRAINED_ON_FILE, base_fingerprint, check_base, pin_revision,
-                                    read_fingerprint, write_fingerprint)
+from ppcr.config import Config, ConfigError, ModelConfig, dump_config, load_config, parse_overrides, with_dtype
+from ppcr.model.fingerprint import (
+    CONFIG_FILE,
+    TRAINED_ON_FILE,
+    base_fingerprint,
+    check_base,
+    pin_revision,
+    read_fingerprint,
+    write_fingerprint,
+)
 from ppcr.model.lora import BRANCHES
+from ppcr.model.mllm import load_mllm
 from ppcr.model.model import PPCRModel
 from ppcr.model.sam import SamSegmenter, load_sam, save_sam_state
-from ppcr.model.mllm import load_mllm
 
 HEADS = ("sem_to_llm", "sem_to_sam", "box_head")
 
@@ -40,7 +47,10 @@ def token_rows_into(state: dict[str, torch.Tensor], model: PPCRModel) -> dict[st
     """``state`` (an MLLM state dict) with the trained rows of PPCR's new tokens written into its
     embedding and LM head."""
     ids = model.token_rows.new_ids
-    for suffix, rows in (("embed_tokens.weight", model.token_rows.new_in), ("lm_head.weight", model.token_rows.new_out)):
+    for suffix, rows in (
+        ("embed_tokens.weight", model.token_rows.new_in),
+        ("lm_head.weight", model.token_rows.new_out),
+    ):
         if rows is not None:
             key = next(k for k in state if k.endswith(suffix))
             state[key] = state[key].clone()
@@ -65,15 +75,21 @@ def save_pretrained(model: PPCRModel, cfg: Config, out: str | Path) -> Path:
     model.processor.save_pretrained(out / "mllm")
     model.mllm.save_pretrained(out / "adapters")  # one sub-directory per branch
     (out / "adapters" / "README.md").unlink(missing_ok=True)  # peft's blank template; the export's card says it all
-    heads = {f"{name}.{k}": v.detach().contiguous() for name in HEADS
-             for k, v in getattr(model, name).state_dict().items()}
+    heads = {
+        f"{name}.{k}": v.detach().contiguous() for name in HEADS for k, v in getattr(model, name).state_dict().items()
+    }
     save_file(heads, out / "heads.safetensors")
     save_sam_state(model.sam.sam.state_dict(), out / "sam.safetensors")
-    saved = replace(cfg, model=replace(cfg.model, mllm_path="mllm", sam_checkpoint="sam.safetensors",
-                                       mllm_revision=None, tiny_family=None))
+    saved = replace(
+        cfg,
+        model=replace(
+            cfg.model, mllm_path="mllm", sam_checkpoint="sam.safetensors", mllm_revision=None, tiny_family=None
+        ),
+    )
     (out / "config.yaml").write_text(dump_config(saved))
-    fingerprint = base_fingerprint(replace(saved.model, mllm_path=str(out / "mllm"),
-                                           sam_checkpoint=str(out / "sam.safetensors")))
+    fingerprint = base_fingerprint(
+        replace(saved.model, mllm_path=str(out / "mllm"), sam_checkpoint=str(out / "sam.safetensors"))
+    )
     fingerprint["mllm"]["path"], fingerprint["sam"]["path"] = "mllm", "sam.safetensors"  # inside the export
     write_fingerprint(out, fingerprint)
     return out
@@ -90,29 +106,40 @@ def export_settings(overrides: list[str] | None) -> dict[str, object]:
     tree = parse_overrides(overrides or []).get("model", {})
     refused = [k for k in tree if k not in EXPORT_SETTINGS]
     if refused:
-        raise ConfigError(f"config key 'model.{refused[0]}' cannot apply to an export: its weights fix the model "
-                          f"(an export takes {', '.join('model.' + k for k in EXPORT_SETTINGS)}; dtype with --dtype)")
+        raise ConfigError(
+            f"config key 'model.{refused[0]}' cannot apply to an export: its weights fix the model "
+            f"(an export takes {', '.join('model.' + k for k in EXPORT_SETTINGS)}; dtype with --dtype)"
+        )
     return tree
 
 
-def load_pretrained(path: str | Path, dtype: str | None = None, device_map: str | None = None, *,
-                    allow_base_mismatch: bool = False,
-                    settings: dict[str, object] | None = None) -> tuple[PPCRModel, Config]:
-    """A saved directory -> (model in eval mode, in model.dtype throughout, its config with paths resolved). ``device_map``
-    ("auto") lets transformers/accelerate place a large MLLM over the visible GPUs. Its MLLM and SAM files must be
-    those it was written with (its ``ppcr_base.json``), else :class:`ppcr.model.fingerprint.BaseMismatch` unless
-    ``allow_base_mismatch``. ``settings``: :data:`EXPORT_SETTINGS` to apply (:func:`export_settings`)."""
+def load_pretrained(
+    path: str | Path,
+    dtype: str | None = None,
+    device_map: str | None = None,
+    *,
+    allow_base_mismatch: bool = False,
+    settings: dict[str, object] | None = None,
+) -> tuple[PPCRModel, Config]:
+    """A saved directory -> (model in eval mode, in model.dtype throughout, its config with paths resolved).
+    ``device_map`` ("auto") lets transformers/accelerate place a large MLLM over the visible GPUs. Its MLLM and
+    SAM files must be those it was written with (its ``ppcr_base.json``), else
+    :class:`ppcr.model.fingerprint.BaseMismatch` unless ``allow_base_mismatch``. ``settings``:
+    :data:`EXPORT_SETTINGS` to apply (:func:`export_settings`)."""
     path = Path(path)
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a saved PPCR model (config.yaml missing)")
     cfg = load_config(path / "config.yaml")
     cfg = with_dtype(cfg, dtype or cfg.model.dtype)
-    m = replace(cfg.model, mllm_path=str(path / cfg.model.mllm_path), sam_checkpoint=str(path / cfg.model.sam_checkpoint),
-                **(settings or {}))
+    m = replace(
+        cfg.model,
+        mllm_path=str(path / cfg.model.mllm_path),
+        sam_checkpoint=str(path / cfg.model.sam_checkpoint),
+        **(settings or {}),
+    )
     cfg = replace(cfg, model=m)
     check_base(read_fingerprint(path), m, what=f"export {path}", allow=allow_base_mismatch)
-    mllm, processor = load_mllm(m.mllm_path, m.dtype, device_map=device_map,
-                                attn_implementation=m.attn_implementation)
+    mllm, processor = load_mllm(m.mllm_path, m.dtype, device_map=device_map, attn_implementation=m.attn_implementation)
     model = PPCRModel(mllm, processor, SamSegmenter(load_sam(m)), m, cfg.train.loss)
     for branch in BRANCHES:
         weights = load_file(path / "adapters" / branch / "adapter_model.safetensors")
@@ -122,7 +149,7 @@ def load_pretrained(path: str | Path, dtype: str | None = None, device_map: str 
     heads = load_file(path / "heads.safetensors")
     for name in HEADS:
         prefix = f"{name}."
-        getattr(model, name).load_state_dict({k[len(prefix):]: v for k, v in heads.items() if k.startswith(prefix)})
+        getattr(model, name).load_state_dict({k[len(prefix) :]: v for k, v in heads.items() if k.startswith(prefix)})
     return model.eval(), cfg
 
 
@@ -149,8 +176,9 @@ def _config_of(ckpt: Path) -> Path:
     return own if own.is_file() else ckpt.parent.parent / "config.yaml"
 
 
-def check_trainable_state(model: torch.nn.Module, loaded: Iterable[str], unexpected: Iterable[str],
-                          where: str | Path) -> None:
+def check_trainable_state(
+    model: torch.nn.Module, loaded: Iterable[str], unexpected: Iterable[str], where: str | Path
+) -> None:
     """After ``model.load_state_dict(state, strict=False)`` of a checkpoint without frozen weights: raise
     RuntimeError unless every key of the checkpoint is in the model (``unexpected`` empty) and every
     trainable parameter of the model (requires_grad, from model.trainable) came from the checkpoint
@@ -160,16 +188,30 @@ def check_trainable_state(model: torch.nn.Module, loaded: Iterable[str], unexpec
     missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in loaded]
     unexpected = list(unexpected)
     if missing or unexpected:
-        parts = [f"{len(keys)} {what}, first {keys[:3]}" for keys, what in (
-            (missing, "trainable parameter(s) missing from the checkpoint"), (unexpected, "key(s) not in the model"))
-            if keys]
-        raise RuntimeError(f"checkpoint {where} does not fit the model built from its config: " + "; ".join(parts)
-                           + " (are model.trainable and model.lora those the run was trained with?)")
+        parts = [
+            f"{len(keys)} {what}, first {keys[:3]}"
+            for keys, what in (
+                (missing, "trainable parameter(s) missing from the checkpoint"),
+                (unexpected, "key(s) not in the model"),
+            )
+            if keys
+        ]
+        raise RuntimeError(
+            f"checkpoint {where} does not fit the model built from its config: "
+            + "; ".join(parts)
+            + " (are model.trainable and model.lora those the run was trained with?)"
+        )
 
 
-def load_checkpoint(path: str | Path, overrides: list[str] | None = None, *, device: str | torch.device | None = None,
-                    device_map: str | None = None, dtype: str | None = None,
-                    allow_base_mismatch: bool = False) -> tuple[PPCRModel, Config, Path | None, str | None]:
+def load_checkpoint(
+    path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    device: str | torch.device | None = None,
+    device_map: str | None = None,
+    dtype: str | None = None,
+    allow_base_mismatch: bool = False,
+) -> tuple[PPCRModel, Config, Path | None, str | None]:
     """A model in eval mode from a saved model or a DeepSpeed checkpoint, its config (the checkpoint's own copy,
     with ``overrides``; for a saved model only :data:`EXPORT_SETTINGS` of ``model.*``, any other is refused), and
     the run directory and checkpoint tag (None for a saved model). ``dtype`` (a ``model.dtype`` value) loads the
@@ -195,8 +237,9 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None, *, dev
     if kind == "saved":
         settings = export_settings(overrides)
         cfg = replace(cfg, model=replace(cfg.model, **settings))
-        model, _ = load_pretrained(path, dtype=dtype, device_map=device_map, allow_base_mismatch=allow_base_mismatch,
-                                   settings=settings)
+        model, _ = load_pretrained(
+            path, dtype=dtype, device_map=device_map, allow_base_mismatch=allow_base_mismatch, settings=settings
+        )
         return place(model, device=device, device_map=device_map), cfg, None, None
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -205,8 +248,9 @@ def load_checkpoint(path: str | Path, overrides: list[str] | None = None, *, dev
     cfg = replace(cfg, model=pin_revision(cfg.model, saved))
     check_base(saved, cfg.model, what=f"checkpoint {ckpt}", allow=allow_base_mismatch)
     model = PPCRModel.from_config(cfg.model, cfg.train.loss, device_map=device_map)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag,
-                                                     exclude_frozen_parameters=True)
+    state = get_fp32_state_dict_from_zero_checkpoint(
+        str(run_dir / "checkpoints"), tag=tag, exclude_frozen_parameters=True
+    )
     result = model.load_state_dict(state, strict=False)
     check_trainable_state(model, state.keys(), result.unexpected_keys, run_dir / "checkpoints" / tag)
     return place(model.eval(), device=device, device_map=device_map), cfg, run_dir, tag
@@ -239,13 +283,15 @@ def trained_state(path: str | Path, m: ModelConfig, *, allow_base_mismatch: bool
     ``BaseMismatch`` unless ``allow_base_mismatch``."""
     kind, _, run_dir, tag = resolve_checkpoint(path)
     if kind == "saved":
-        check_base(read_fingerprint(Path(path), TRAINED_ON_FILE), m, what=f"model.init_from {path}",
-                   allow=allow_base_mismatch)
+        check_base(
+            read_fingerprint(Path(path), TRAINED_ON_FILE), m, what=f"model.init_from {path}", allow=allow_base_mismatch
+        )
         model, _ = load_pretrained(path)
         return model.state_dict(), True
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ckpt = run_dir / "checkpoints" / tag
     check_base(read_fingerprint(ckpt), m, what=f"model.init_from {ckpt}", allow=allow_base_mismatch)
-    return get_fp32_state_dict_from_zero_checkpoint(str(run_dir / "checkpoints"), tag=tag,
-                                                    exclude_frozen_parameters=True), False
+    return get_fp32_state_dict_from_zero_checkpoint(
+        str(run_dir / "checkpoints"), tag=tag, exclude_frozen_parameters=True
+    ), False

@@ -46,7 +46,9 @@ def add_ppcr_tokens(tokenizer, model: nn.Module) -> TokenIds:
     rows = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions hold size-0 tensors
     if max(ids.values()) >= rows:
         model.resize_token_embeddings(max(len(tokenizer), max(ids.values()) + 1), mean_resizing=True)
-    return TokenIds(sem=ids[SEM], loc=ids[LOC], semp=ids[SEMP], box_close=ids[BOX_CLOSE], new=tuple(ids[t] for t in NEW_TOKENS))
+    return TokenIds(
+        sem=ids[SEM], loc=ids[LOC], semp=ids[SEMP], box_close=ids[BOX_CLOSE], new=tuple(ids[t] for t in NEW_TOKENS)
+    )
 
 
 def box_text(box_cxcywh: torch.Tensor | list[float], bins: int = BOX_BINS) -> str:
@@ -54,8 +56,9 @@ def box_text(box_cxcywh: torch.Tensor | list[float], bins: int = BOX_BINS) -> st
     1000 by default)."""
     cx, cy, w, h = (float(v) for v in box_cxcywh)
     # Rounding first keeps float32 noise (0.5 - 0.1 = 0.39999998) out of the bin choice.
-    q = [min(max(math.floor(round(v * bins, 3)), 0), bins - 1)
-         for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)]
+    q = [
+        min(max(math.floor(round(v * bins, 3)), 0), bins - 1) for v in (cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
+    ]
     return f"{BOX_OPEN}({q[0]},{q[1]}),({q[2]},{q[3]}){BOX_CLOSE}"
 
 
@@ -88,11 +91,18 @@ def digit_roles(labels: torch.Tensor, digit_ids: torch.Tensor) -> torch.Tensor:
     return torch.where(labels == -100, torch.full_like(roles, -1), roles)
 
 
-def render_prompts(t: TemplateConfig, expression: str, category: str | None = None,
-                   box: torch.Tensor | None = None, bins: int = BOX_BINS) -> dict[str, str]:
+def render_prompts(
+    t: TemplateConfig,
+    expression: str,
+    category: str | None = None,
+    box: torch.Tensor | None = None,
+    bins: int = BOX_BINS,
+) -> dict[str, str]:
     """The user text of both stages, and their answers when the ground truth is given (training)."""
-    out = {"semantic_prompt": t.semantic_prompt.format(expression=expression),
-           "spatial_prompt": t.spatial_prompt.format(expression=expression, semantic=SEMP)}
+    out = {
+        "semantic_prompt": t.semantic_prompt.format(expression=expression),
+        "spatial_prompt": t.spatial_prompt.format(expression=expression, semantic=SEMP),
+    }
     if category is not None:
         out["semantic_answer"] = t.semantic_answer.format(category=category)
     if box is not None:
@@ -113,8 +123,9 @@ class TokenRows(nn.Module):
     """Input embeddings and LM head of the MLLM, where the rows of PPCR's new tokens can be separate
     trainable parameters while the rest stays frozen (ZeRO-3 cannot freeze part of one tensor)."""
 
-    def __init__(self, embed: nn.Embedding, head: nn.Linear, new_ids: tuple[int, ...], own_in: bool,
-                 own_out: bool) -> None:
+    def __init__(
+        self, embed: nn.Embedding, head: nn.Linear, new_ids: tuple[int, ...], own_in: bool, own_out: bool
+    ) -> None:
         super().__init__()
         self.embed, self.head = [embed], [head]  # held, not registered: they belong to the MLLM
         self.register_buffer("new_ids", torch.tensor(new_ids, dtype=torch.long), persistent=False)

@@ -51,13 +51,21 @@ HELD_OUT = 10_000_000  # held-out scenes are indices from here on; training scen
 
 
 def _loader(stream: SceneStream, batch_size: int, collate, workers: int) -> DataLoader:
-    return DataLoader(stream, batch_size=batch_size, collate_fn=collate, num_workers=workers,
-                      prefetch_factor=4 if workers else None, generator=torch.Generator().manual_seed(0))
+    return DataLoader(
+        stream,
+        batch_size=batch_size,
+        collate_fn=collate,
+        num_workers=workers,
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(0),
+    )
 
 
 def _stack(items: list[dict]) -> dict:
-    return {k: (torch.stack([it[k] for it in items]) if isinstance(items[0][k], torch.Tensor) else [it[k] for it in items])
-            for k in items[0]}
+    return {
+        k: (torch.stack([it[k] for it in items]) if isinstance(items[0][k], torch.Tensor) else [it[k] for it in items])
+        for k in items[0]
+    }
 
 
 class MllmPretraining:
@@ -92,8 +100,12 @@ class MllmPretraining:
         params = [p for m in self.family.vision_modules for p in m.parameters()] + list(heads.parameters())
         for p in params:
             p.requires_grad_(True)
-        held = [_stack([self._vision_item(draw(self.scenes, HELD_OUT + i)) for i in range(j, min(j + 32, self.pt.eval_scenes))])
-                for j in range(0, self.pt.eval_scenes, 32)]
+        held = [
+            _stack(
+                [self._vision_item(draw(self.scenes, HELD_OUT + i)) for i in range(j, min(j + 32, self.pt.eval_scenes))]
+            )
+            for j in range(0, self.pt.eval_scenes, 32)
+        ]
 
         def step_loss(batch: dict):
             return heads(self._features(batch["image"]), batch)
@@ -108,8 +120,17 @@ class MllmPretraining:
             return sums
 
         loader = _loader(SceneStream(self.scenes, self._vision_item), st.batch_size, _stack, self.pt.num_workers)
-        rows = fit("vision", params, step_loss, iter(loader), st, evaluate=evaluate, log_every=self.pt.log_every,
-                   eval_every=self.pt.eval_every, curve=curve)
+        rows = fit(
+            "vision",
+            params,
+            step_loss,
+            iter(loader),
+            st,
+            evaluate=evaluate,
+            log_every=self.pt.log_every,
+            eval_every=self.pt.eval_every,
+            curve=curve,
+        )
         self.token_box_head = {k: v.detach().clone().contiguous() for k, v in heads.box.state_dict().items()}
         return rows
 
@@ -135,7 +156,9 @@ class MllmPretraining:
 
         @torch.no_grad()
         def evaluate() -> dict:
-            ce = sum(float(step_loss(held[j: j + 16])[0]) for j in range(0, len(held), 16)) / len(range(0, len(held), 16))
+            ce = sum(float(step_loss(held[j : j + 16])[0]) for j in range(0, len(held), 16)) / len(
+                range(0, len(held), 16)
+            )
             hits = 0
             for image, prompt, _, box in questions:
                 pred = grounding_box(self.mllm, self.processor, self.family, self.image_token, image, prompt, self.bins)
@@ -143,11 +166,24 @@ class MllmPretraining:
                     hits += box_pair_iou(pred, torch.tensor(box)) >= 0.5
             return {"ce": ce, "box_acc50": hits / max(len(questions), 1)}
 
-        loader = _loader(SceneStream(self.scenes, self._grounding_items), st.batch_size,
-                         lambda scenes: [x for s in scenes for x in s], self.pt.num_workers)
+        loader = _loader(
+            SceneStream(self.scenes, self._grounding_items),
+            st.batch_size,
+            lambda scenes: [x for s in scenes for x in s],
+            self.pt.num_workers,
+        )
         self.mllm.train()
-        rows = fit("grounding", params, step_loss, iter(loader), st, evaluate=evaluate, log_every=self.pt.log_every,
-                   eval_every=self.pt.eval_every, curve=curve)
+        rows = fit(
+            "grounding",
+            params,
+            step_loss,
+            iter(loader),
+            st,
+            evaluate=evaluate,
+            log_every=self.pt.log_every,
+            eval_every=self.pt.eval_every,
+            curve=curve,
+        )
         self.mllm.eval()
         return rows
 
@@ -167,8 +203,10 @@ def pretrain_sam(cfg: Config, curve: Path) -> tuple[torch.nn.Module, list[dict]]
     seg = SamSegmenter(sam)
     pre = Preprocessor.from_config(m)
     scenes = scene_config(cfg.data.synthetic, pt.seed + 1)  # other scenes than the MLLM's
-    held = [collate_scenes([sam_items(draw(scenes, HELD_OUT + i), pre) for i in range(j, min(j + 8, pt.eval_scenes))])
-            for j in range(0, pt.eval_scenes, 8)]
+    held = [
+        collate_scenes([sam_items(draw(scenes, HELD_OUT + i), pre) for i in range(j, min(j + 8, pt.eval_scenes))])
+        for j in range(0, pt.eval_scenes, 8)
+    ]
     generator = torch.Generator().manual_seed(pt.seed)
     params = list(sam.parameters())
 
@@ -178,14 +216,27 @@ def pretrain_sam(cfg: Config, curve: Path) -> tuple[torch.nn.Module, list[dict]]
     def evaluate() -> dict:
         return sam_scores(seg, held, pt.sam_jitter)
 
-    loader = _loader(SceneStream(scenes, lambda s: sam_items(s, pre)), pt.sam.batch_size, collate_scenes, pt.num_workers)
-    rows = fit("sam", params, step_loss, iter(loader), pt.sam, evaluate=evaluate, log_every=pt.log_every,
-               eval_every=pt.eval_every, curve=curve)
+    loader = _loader(
+        SceneStream(scenes, lambda s: sam_items(s, pre)), pt.sam.batch_size, collate_scenes, pt.num_workers
+    )
+    rows = fit(
+        "sam",
+        params,
+        step_loss,
+        iter(loader),
+        pt.sam,
+        evaluate=evaluate,
+        log_every=pt.log_every,
+        eval_every=pt.eval_every,
+        curve=curve,
+    )
     return sam, rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ppcr-pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="ppcr-pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--config", required=True, help="recipe YAML (model.tiny_family must be set)")
     p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, from {', '.join(STAGES)}")
     p.add_argument("overrides", nargs="*", help="key.sub=value")
@@ -197,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
         if unknown or not stages:
             raise ConfigError(f"--stages: unknown stage(s) {unknown} (stages: {', '.join(STAGES)})")
         if cfg.model.tiny_family is None:
-            raise ConfigError("model.tiny_family is not set: this recipe loads a real checkpoint, which comes pretrained")
+            raise ConfigError(
+                "model.tiny_family is not set: this recipe loads a real checkpoint, which comes pretrained"
+            )
         if cfg.model.sam_type != "tiny" and "sam" in stages:
             raise ConfigError(f"model.sam_type is '{cfg.model.sam_type}': only the tiny SAM is pretrained here")
     except ConfigError as e:
@@ -212,13 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         curve = work / "pretrain_curve.jsonl"
         if out.joinpath("pretrain_curve.jsonl").is_file():
             shutil.copy(out / "pretrain_curve.jsonl", curve)
-            keep = [json.loads(l) for l in curve.read_text().splitlines()]
+            keep = [json.loads(line) for line in curve.read_text().splitlines()]
             curve.write_text("".join(json.dumps(r) + "\n" for r in keep if r["stage"] not in stages))
         if {"vision", "grounding"} & set(stages):
             start = out
             if "vision" in stages:  # from random weights
-                start = build_tiny_mllm(m.tiny_family, work / "init", image_size=m.mllm_image_size, arch=m.tiny_mllm,
-                                        seed=cfg.pretrain.seed)
+                start = build_tiny_mllm(
+                    m.tiny_family, work / "init", image_size=m.mllm_image_size, arch=m.tiny_mllm, seed=cfg.pretrain.seed
+                )
             job = MllmPretraining(cfg, start)
             for stage in ("vision", "grounding"):
                 if stage in stages:

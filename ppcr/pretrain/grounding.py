@@ -19,10 +19,10 @@ import random
 import torch
 from torch import nn
 
+from ppcr.model.generation import decode
 from ppcr.model.inputs import StageInputs, encode_stage, scatter_image_features
 from ppcr.model.losses import text_ce
 from ppcr.model.mllm import Family
-from ppcr.model.generation import decode
 from ppcr.model.tokens import BOX_CLOSE, box_text, parse_box_text
 from ppcr.pretrain.scenes import PretrainScene
 
@@ -52,16 +52,19 @@ def grounding_examples(scene: PretrainScene, bins: int) -> list[tuple[str, str, 
     return out
 
 
-def language_model_hidden(mllm: nn.Module, family: Family, image_token_id: int, stage: StageInputs,
-                          features: torch.Tensor) -> torch.Tensor:
+def language_model_hidden(
+    mllm: nn.Module, family: Family, image_token_id: int, stage: StageInputs, features: torch.Tensor
+) -> torch.Tensor:
     """(B, L, H) last-layer states of the bare MLLM on a stage batch, image features at the image tokens."""
     e = scatter_image_features(mllm.get_input_embeddings()(stage.input_ids), stage.input_ids, image_token_id, features)
-    return family.language_model(inputs_embeds=e, attention_mask=stage.attention_mask, position_ids=stage.positions,
-                                 use_cache=False).last_hidden_state
+    return family.language_model(
+        inputs_embeds=e, attention_mask=stage.attention_mask, position_ids=stage.positions, use_cache=False
+    ).last_hidden_state
 
 
-def grounding_loss(mllm: nn.Module, processor, family: Family, image_token_id: int,
-                   examples: list[tuple[torch.Tensor, str, str]]) -> tuple[torch.Tensor, dict]:
+def grounding_loss(
+    mllm: nn.Module, processor, family: Family, image_token_id: int, examples: list[tuple[torch.Tensor, str, str]]
+) -> tuple[torch.Tensor, dict]:
     """Cross-entropy on the answers of (image, prompt, answer) examples."""
     images, prompts, answers = zip(*examples)
     stage, vision = encode_stage(processor, family, image_token_id, list(prompts), list(answers), list(images))
@@ -71,13 +74,29 @@ def grounding_loss(mllm: nn.Module, processor, family: Family, image_token_id: i
 
 
 @torch.no_grad()
-def grounding_box(mllm: nn.Module, processor, family: Family, image_token_id: int, image: torch.Tensor,
-                  prompt: str, bins: int, max_new_tokens: int = 24) -> torch.Tensor | None:
+def grounding_box(
+    mllm: nn.Module,
+    processor,
+    family: Family,
+    image_token_id: int,
+    image: torch.Tensor,
+    prompt: str,
+    bins: int,
+    max_new_tokens: int = 24,
+) -> torch.Tensor | None:
     """Greedy answer to one grounding question, parsed as a normalised (cx, cy, w, h) box."""
     stage, vision = encode_stage(processor, family, image_token_id, [prompt], None, [image])
-    e = scatter_image_features(mllm.get_input_embeddings()(stage.input_ids), stage.input_ids, image_token_id,
-                               family.image_features(vision))
+    e = scatter_image_features(
+        mllm.get_input_embeddings()(stage.input_ids), stage.input_ids, image_token_id, family.image_features(vision)
+    )
     stop = processor.tokenizer.convert_tokens_to_ids(BOX_CLOSE)
-    out = decode(family, e, stage, embed=mllm.get_input_embeddings(), logits=mllm.get_output_embeddings(),
-                 stops=(stop,), max_new_tokens=max_new_tokens)
+    out = decode(
+        family,
+        e,
+        stage,
+        embed=mllm.get_input_embeddings(),
+        logits=mllm.get_output_embeddings(),
+        stops=(stop,),
+        max_new_tokens=max_new_tokens,
+    )
     return parse_box_text(processor.tokenizer.decode(out.ids[0]), bins)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -20,14 +20,24 @@ from ppcr.config import PretrainStageConfig, TrainConfig
 from ppcr.train.optim import lr_factor
 
 
-def fit(name: str, params: list[nn.Parameter], step_loss: Callable[[dict], tuple[torch.Tensor, dict]],
-        batches: Iterator[dict], stage: PretrainStageConfig, *, evaluate: Callable[[], dict],
-        log_every: int, eval_every: int, curve: Path) -> list[dict]:
+def fit(
+    name: str,
+    params: list[nn.Parameter],
+    step_loss: Callable[[dict], tuple[torch.Tensor, dict]],
+    batches: Iterator[dict],
+    stage: PretrainStageConfig,
+    *,
+    evaluate: Callable[[], dict],
+    log_every: int,
+    eval_every: int,
+    curve: Path,
+) -> list[dict]:
     """Train ``params`` for ``stage.steps`` steps of ``step_loss`` over ``batches``; every ``log_every``
     steps the mean of the step figures, every ``eval_every`` steps (and at the end) ``evaluate()``,
     both appended to ``curve`` (JSON lines) and returned."""
-    schedule = TrainConfig(max_steps=max(stage.steps, 1), warmup_steps=min(stage.warmup_steps, max(stage.steps - 1, 0)),
-                           min_lr_ratio=0.1)
+    schedule = TrainConfig(
+        max_steps=max(stage.steps, 1), warmup_steps=min(stage.warmup_steps, max(stage.steps - 1, 0)), min_lr_ratio=0.1
+    )
     optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=0.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, schedule))
     rows: list[dict] = []
@@ -47,8 +57,12 @@ def fit(name: str, params: list[nn.Parameter], step_loss: Callable[[dict], tuple
         count += 1
         row = None
         if step % log_every == 0 or step == stage.steps:
-            row = {"stage": name, "step": step, "seconds": round(time.perf_counter() - start, 1),
-                   **{k: round(v / count, 4) for k, v in sums.items()}}
+            row = {
+                "stage": name,
+                "step": step,
+                "seconds": round(time.perf_counter() - start, 1),
+                **{k: round(v / count, 4) for k, v in sums.items()},
+            }
             bar.set_postfix(loss=f"{row['loss']:.3f}")
             sums, count = {}, 0
         if step % eval_every == 0 or step == stage.steps:

@@ -31,18 +31,25 @@ def sam_items(scene: PretrainScene, pre: Preprocessor) -> dict:
         masks.append(item["sam_mask"])
         full.append(item["mask"])
         boxes.append(item["box"])
-    return {"sam_image": first["sam_image"], "input_size": torch.tensor(first["input_size"]),
-            "sam_masks": torch.stack(masks), "masks": full, "boxes": torch.stack(boxes)}
+    return {
+        "sam_image": first["sam_image"],
+        "input_size": torch.tensor(first["input_size"]),
+        "sam_masks": torch.stack(masks),
+        "masks": full,
+        "boxes": torch.stack(boxes),
+    }
 
 
 def collate_scenes(items: list[dict]) -> dict:
     """Images stacked once; objects flattened with ``owner`` (their image's row)."""
-    return {"sam_images": torch.stack([it["sam_image"] for it in items]),
-            "input_sizes": torch.stack([it["input_size"] for it in items]),
-            "owner": torch.cat([torch.full((len(it["boxes"]),), i) for i, it in enumerate(items)]),
-            "sam_masks": torch.cat([it["sam_masks"] for it in items]),
-            "boxes": torch.cat([it["boxes"] for it in items]),
-            "masks": [m for it in items for m in it["masks"]]}
+    return {
+        "sam_images": torch.stack([it["sam_image"] for it in items]),
+        "input_sizes": torch.stack([it["input_size"] for it in items]),
+        "owner": torch.cat([torch.full((len(it["boxes"]),), i) for i, it in enumerate(items)]),
+        "sam_masks": torch.cat([it["sam_masks"] for it in items]),
+        "boxes": torch.cat([it["boxes"] for it in items]),
+        "masks": [m for it in items for m in it["masks"]],
+    }
 
 
 def jitter_boxes(boxes: torch.Tensor, scale: float, generator: torch.Generator) -> torch.Tensor:
@@ -65,8 +72,9 @@ def segment(seg: SamSegmenter, batch: dict, boxes: torch.Tensor) -> torch.Tensor
     return seg.decode(embeddings, box_convert(boxes, "cxcywh", "xyxy") * scale, None)
 
 
-def sam_loss(seg: SamSegmenter, batch: dict, jitter: float, generator: torch.Generator,
-             w_bce: float = 2.0, w_dice: float = 0.5) -> tuple[torch.Tensor, dict]:
+def sam_loss(
+    seg: SamSegmenter, batch: dict, jitter: float, generator: torch.Generator, w_bce: float = 2.0, w_dice: float = 0.5
+) -> tuple[torch.Tensor, dict]:
     low = segment(seg, batch, jitter_boxes(batch["boxes"], jitter, generator))
     bce, dice = mask_losses(low, batch["sam_masks"], batch["input_sizes"][batch["owner"]])
     return w_bce * bce + w_dice * dice, {"bce": bce.detach(), "dice": dice.detach()}

@@ -10,8 +10,8 @@ them (the mask from the visible polygon, rasterised by pycocotools).
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -63,8 +63,11 @@ def draw(cfg: SyntheticConfig, index: int) -> PretrainScene:
         if mask.sum() < synthetic.MIN_VISIBLE_PIXELS:
             continue
         expressions[len(objects)] = synthetic.expressions(scene, k)
-        objects.append(SceneObjectInfo(COLOURS.index(obj.colour), SHAPES.index(obj.shape), SIZES.index(obj.size),
-                                       (x0, y0, x1, y1), mask))
+        objects.append(
+            SceneObjectInfo(
+                COLOURS.index(obj.colour), SHAPES.index(obj.shape), SIZES.index(obj.size), (x0, y0, x1, y1), mask
+            )
+        )
     return PretrainScene(index, decode_image(buf.getvalue()), objects, expressions)
 
 
@@ -88,6 +91,7 @@ class SceneStream(IterableDataset):
 def scene_config(base: SyntheticConfig, seed: int) -> SyntheticConfig:
     """The dataset's scene settings with the pretraining seed; refuses the dataset's own seed."""
     if seed == base.seed:
-        raise ValueError(f"pretraining seed {seed} equals data.synthetic.seed: pretraining would draw the "
-                         f"dataset's own images")
+        raise ValueError(
+            f"pretraining seed {seed} equals data.synthetic.seed: pretraining would draw the dataset's own images"
+        )
     return SyntheticConfig(**{**base.__dict__, "seed": seed})

@@ -55,8 +55,14 @@ def dense_targets(scene: PretrainScene, mllm_image: torch.Tensor, cell: int) -> 
     none = torch.tensor([len(COLOURS), len(SHAPES), len(SIZES)])
     classes = torch.where((owner > 0)[:, None], table[(owner - 1).clamp(min=0)], none)
     boxes = torch.tensor([o.box for o in scene.objects], dtype=torch.float32) / torch.tensor([w, h, w, h])
-    return {"owner": owner, "colour": classes[:, 0], "shape": classes[:, 1], "size": classes[:, 2],
-            "box": boxes[(owner - 1).clamp(min=0)] * (owner > 0)[:, None], "cells": torch.tensor(g * g)}
+    return {
+        "owner": owner,
+        "colour": classes[:, 0],
+        "shape": classes[:, 1],
+        "size": classes[:, 2],
+        "box": boxes[(owner - 1).clamp(min=0)] * (owner > 0)[:, None],
+        "cells": torch.tensor(g * g),
+    }
 
 
 class DenseHeads(nn.Module):

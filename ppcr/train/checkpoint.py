@@ -43,17 +43,24 @@ UNIVERSAL = "universal"  # inside a checkpoint: its DeepSpeed state as a univers
 STATE_VERSION = 1  # of ppcr_rank<R>.json: step, loader (ppcr.data.stream.ResumableLoader), RNG, optimizer groups
 
 
-def save(engine, ckpt_dir: Path, step: int, *, loader, dist: DistInfo, keep_last: int,
-         identity: dict[str, str]) -> Path:
+def save(
+    engine, ckpt_dir: Path, step: int, *, loader, dist: DistInfo, keep_last: int, identity: dict[str, str]
+) -> Path:
     """Write checkpoint ``step`` (every rank its shard; rank 0 also ``identity``: file name -> text, the base
     fingerprint and resolved config of :class:`ppcr.train.preflight.RunIdentity`) and make it ``latest``."""
     tag = tag_of(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False,
-                           exclude_frozen_parameters=True)
+    engine.save_checkpoint(
+        str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False, exclude_frozen_parameters=True
+    )
     out = ckpt_dir / tag
     groups = [{"name": g.get("name"), "lr": g["lr"]} for g in engine.optimizer.param_groups]
-    state = {"format_version": STATE_VERSION, "step": step, "loader": loader.state_dict(),
-             "python_random": dump_random(), "param_groups": groups}
+    state = {
+        "format_version": STATE_VERSION,
+        "step": step,
+        "loader": loader.state_dict(),
+        "python_random": dump_random(),
+        "param_groups": groups,
+    }
     (out / f"ppcr_rank{dist.rank}.json").write_text(json.dumps(state))
     torch.save(rng_state(), out / f"ppcr_rank{dist.rank}_rng.pt")
     if dist.is_main:
@@ -77,16 +84,19 @@ def save(engine, ckpt_dir: Path, step: int, *, loader, dist: DistInfo, keep_last
 def rank_states(ckpt: Path) -> list[dict]:
     """The ppcr state every rank of a checkpoint wrote (``ppcr_rank<R>.json``), in rank order; ValueError naming
     the file for a state of another :data:`STATE_VERSION`."""
-    files = {int(f.name[len("ppcr_rank"):-len(".json")]): f for f in ckpt.glob("ppcr_rank*.json")}
+    files = {int(f.name[len("ppcr_rank") : -len(".json")]): f for f in ckpt.glob("ppcr_rank*.json")}
     if sorted(files) != list(range(len(files))) or not files:
-        raise FileNotFoundError(f"checkpoint {ckpt}: the ranks' ppcr_rank<R>.json files are incomplete "
-                                f"(ranks {sorted(files)})")
+        raise FileNotFoundError(
+            f"checkpoint {ckpt}: the ranks' ppcr_rank<R>.json files are incomplete (ranks {sorted(files)})"
+        )
     states = [json.loads(files[r].read_text()) for r in range(len(files))]
     for r, state in enumerate(states):
         if state.get("format_version") != STATE_VERSION:
-            raise ValueError(f"{files[r]}: format_version {state.get('format_version')} is not {STATE_VERSION}, a "
-                             f"checkpoint from another ppcr, which cannot resume: start a new run "
-                             f"(train.run_name=...), from scratch or from its weights with model.init_from={ckpt}")
+            raise ValueError(
+                f"{files[r]}: format_version {state.get('format_version')} is not {STATE_VERSION}, a "
+                f"checkpoint from another ppcr, which cannot resume: start a new run "
+                f"(train.run_name=...), from scratch or from its weights with model.init_from={ckpt}"
+            )
     return states
 
 
@@ -106,13 +116,24 @@ def prepare_elastic(ckpt_dir: Path, dist: DistInfo) -> bool:
     if dist.is_main and not target.is_dir():
         from deepspeed.checkpoint.ds_to_universal import main as to_universal
 
-        print(f"resuming checkpoint {tag} of {saved} ranks on {dist.world_size}: converting it to DeepSpeed's "
-              f"universal checkpoint in {target}", flush=True)
+        print(
+            f"resuming checkpoint {tag} of {saved} ranks on {dist.world_size}: converting it to DeepSpeed's "
+            f"universal checkpoint in {target}",
+            flush=True,
+        )
         partial_dir = target.with_name(UNIVERSAL + ".partial")
         shutil.rmtree(partial_dir, ignore_errors=True)
-        to_universal(argparse.Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(partial_dir),
-                                        num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False,
-                                        strict=True, inject_missing_state=False))
+        to_universal(
+            argparse.Namespace(
+                input_folder=str(ckpt_dir / tag),
+                output_folder=str(partial_dir),
+                num_extract_workers=1,
+                num_merge_workers=1,
+                keep_temp_folder=False,
+                strict=True,
+                inject_missing_state=False,
+            )
+        )
         os.replace(partial_dir, target)  # complete, or not there
     barrier()
     return True
@@ -138,14 +159,22 @@ def resume(engine, ckpt_dir: Path, loader, dist: DistInfo, *, seed: int) -> int:
     elastic = len(states) != dist.world_size
     if elastic:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.param_groups]
-        path, client = engine.load_checkpoint(str(ckpt), tag=UNIVERSAL, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True,
-                                              custom_load_fn=partial(load_module, where=ckpt / UNIVERSAL))
+        path, client = engine.load_checkpoint(
+            str(ckpt),
+            tag=UNIVERSAL,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            custom_load_fn=partial(load_module, where=ckpt / UNIVERSAL),
+        )
         restore_group_settings(engine, groups, states[0]["param_groups"], where=ckpt)
     else:
-        path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True,
-                                              custom_load_fn=partial(load_module, where=ckpt))
+        path, client = engine.load_checkpoint(
+            str(ckpt_dir),
+            tag=tag,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            custom_load_fn=partial(load_module, where=ckpt),
+        )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt}")
     step = int(states[0]["step"])
@@ -193,10 +222,12 @@ def remove_incomplete(ckpt_dir: Path, tag: str | None) -> list[str]:
     a crash interrupted before they became ``latest``. Returns their names."""
     if not ckpt_dir.is_dir():
         return []
-    gone = sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and p.name.startswith("step_")
-                  and (tag is None or p.name > tag))
+    gone = sorted(
+        p.name
+        for p in ckpt_dir.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and (tag is None or p.name > tag)
+    )
     for name in gone:
         print(f"removing {ckpt_dir / name}: a save that did not complete (latest is {tag})", flush=True)
         shutil.rmtree(ckpt_dir / name)
     return gone
-

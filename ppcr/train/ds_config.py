@@ -18,8 +18,11 @@ def _owned(cfg: Config, world_size: int) -> dict:
         "gradient_clipping": t.grad_clip,
         "bf16": {"enabled": t.precision == "bf16"},
         # dynamic loss scaling (loss_scale 0); DeepSpeed skips the update of a step whose gradients overflow
-        "fp16": ({"enabled": True, "loss_scale": 0, "initial_scale_power": t.loss_scale_power}
-                 if t.precision == "fp16" else {"enabled": False}),
+        "fp16": (
+            {"enabled": True, "loss_scale": 0, "initial_scale_power": t.loss_scale_power}
+            if t.precision == "fp16"
+            else {"enabled": False}
+        ),
     }
 
 
@@ -35,12 +38,18 @@ def build_ds_config(cfg: Config, world_size: int) -> dict:
         raise ConfigError(f"train.ds_config {path}: needs zero_optimization.stage")
     for key, value in _owned(cfg, world_size).items():
         if key in ds and ds[key] != value:
-            where = {"train_micro_batch_size_per_gpu": "train.micro_batch_size",
-                     "gradient_accumulation_steps": "train.grad_accum", "gradient_clipping": "train.grad_clip",
-                     "train_batch_size": "train.micro_batch_size x train.grad_accum x world size",
-                     "bf16": "train.precision", "fp16": "train.precision"}[key]
-            raise ConfigError(f"{path} sets {key} = {ds[key]!r} but the recipe gives {value!r} ({where}); "
-                              f"remove it from the JSON: the recipe owns it")
+            where = {
+                "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+                "gradient_accumulation_steps": "train.grad_accum",
+                "gradient_clipping": "train.grad_clip",
+                "train_batch_size": "train.micro_batch_size x train.grad_accum x world size",
+                "bf16": "train.precision",
+                "fp16": "train.precision",
+            }[key]
+            raise ConfigError(
+                f"{path} sets {key} = {ds[key]!r} but the recipe gives {value!r} ({where}); "
+                f"remove it from the JSON: the recipe owns it"
+            )
         ds[key] = value
     if ds.get("optimizer") or ds.get("scheduler"):
         raise ConfigError(f"{path}: optimizer and scheduler come from the recipe (train.lr, ...), not the JSON")

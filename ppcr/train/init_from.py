@@ -26,8 +26,10 @@ def init_trained(model: nn.Module, state: dict[str, torch.Tensor], *, complete: 
     known = set(model.state_dict())  # parameters and buffers (a checkpoint keeps buffers, from the base anyway)
     unexpected = [] if complete else sorted(k for k in state if k not in known)
     if unexpected:
-        raise RuntimeError(f"model.init_from {where}: {len(unexpected)} trained parameter(s) are not in this run's "
-                           f"model, first {unexpected[:3]} (do model.trainable and model.lora match its settings?)")
+        raise RuntimeError(
+            f"model.init_from {where}: {len(unexpected)} trained parameter(s) are not in this run's "
+            f"model, first {unexpected[:3]} (do model.trainable and model.lora match its settings?)"
+        )
     trainable = [(n, p) for n, p in params.items() if p.requires_grad]
     missing = [n for n, _ in trainable if n not in state]
     for name, p in trainable:
@@ -36,8 +38,10 @@ def init_trained(model: nn.Module, state: dict[str, torch.Tensor], *, complete: 
         value = state[name]
         shape = tuple(p.ds_shape) if hasattr(p, "ds_id") else tuple(p.shape)
         if tuple(value.shape) != shape:
-            raise RuntimeError(f"model.init_from {where}: {name} has shape {tuple(value.shape)} there and {shape} "
-                               "in this run's model (do the model settings match?)")
+            raise RuntimeError(
+                f"model.init_from {where}: {name} has shape {tuple(value.shape)} there and {shape} "
+                "in this run's model (do the model settings match?)"
+            )
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
             with torch.no_grad():
                 p.data.copy_(value.to(p.dtype))

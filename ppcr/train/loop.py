@@ -5,22 +5,22 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
 
+from ppcr.common.distributed import DistInfo, all_reduce_sum, device
+from ppcr.common.logger import RunLogger
 from ppcr.config import Config
 from ppcr.model import flops
 from ppcr.model.losses import TERMS
 from ppcr.profiling import StepProfiler, mark
 from ppcr.train import checkpoint
-from ppcr.common.distributed import DistInfo, all_reduce_sum, device
-from ppcr.common.logger import RunLogger
 from ppcr.train.memory import host_memory_gb, model_state_bytes, peak_memory_gib
 from ppcr.train.nonfinite import NonfiniteGuard
 from ppcr.train.preempt import Preemption
@@ -42,15 +42,26 @@ class Window:
     def add(self, out: dict, samples: int, data_s: float, step_s: float) -> None:
         vals = torch.stack([out["loss"].detach()] + [out[t].detach() for t in TERMS]).double()
         self.terms = vals if self.terms is None else self.terms + vals
-        self.samples, self.data_s, self.step_s, self.micro = (self.samples + samples, self.data_s + data_s,
-                                                              self.step_s + step_s, self.micro + 1)
+        self.samples, self.data_s, self.step_s, self.micro = (
+            self.samples + samples,
+            self.data_s + data_s,
+            self.step_s + step_s,
+            self.micro + 1,
+        )
         for stage, counts in out["tokens"].items():
             mine = self.counts.setdefault(stage, dict.fromkeys(counts, 0))
             for k, v in counts.items():
                 mine[k] += v
 
-    def report(self, dist: DistInfo, counters: dict[str, float], *, sample_flops: float | None, peak_flops: float,
-               peak_mem_gib: float) -> dict[str, float]:
+    def report(
+        self,
+        dist: DistInfo,
+        counters: dict[str, float],
+        *,
+        sample_flops: float | None,
+        peak_flops: float,
+        peak_mem_gib: float,
+    ) -> dict[str, float]:
         """Means over ranks of the window's finite micro-batches (all ranks agree on which those were),
         throughput (samples/s, and tokens/s: the tokens both stages put through the language model), MFU
         (each rank's model FLOPs, ``sample_flops`` a sample, over its step time, summed, against the summed
@@ -60,12 +71,23 @@ class Window:
         terms = self.terms if self.terms is not None else torch.zeros(len(TERMS) + 1, dtype=torch.float64)
         memory = [peak_mem_gib if r == dist.rank else 0.0 for r in range(world)]
         tokens = sum(c["tokens"] for c in self.counts.values())
-        extra = torch.tensor([self.samples, tokens, self.data_s, self.step_s, (sample_flops or 0.0) * self.samples,
-                              peak_flops, *memory, *counters.values()], dtype=torch.float64)
+        extra = torch.tensor(
+            [
+                self.samples,
+                tokens,
+                self.data_s,
+                self.step_s,
+                (sample_flops or 0.0) * self.samples,
+                peak_flops,
+                *memory,
+                *counters.values(),
+            ],
+            dtype=torch.float64,
+        )
         sums = all_reduce_sum(torch.cat([terms.to(device()), extra.to(device())])).cpu().tolist()
         n = self.micro * world
         out = {name: sums[i] / n for i, name in enumerate(("loss",) + TERMS)} if n else {}
-        samples, tokens, data_s, step_s, model_flops, peak_flops, *rest = sums[len(TERMS) + 1:]
+        samples, tokens, data_s, step_s, model_flops, peak_flops, *rest = sums[len(TERMS) + 1 :]
         seconds = step_s / world  # a rank's time in the window, the mean over ranks
         out["samples_per_s"] = samples / seconds if step_s else 0.0
         out["tokens_per_s"] = tokens / seconds if step_s else 0.0
@@ -106,8 +128,11 @@ class Utilisation:
         else:
             parts = {"model": self.counter.get_total_flops() / (window.samples - self.seen)}
         self.sample_flops = parts["model"]
-        tokens = {f"tokens_{stage}_{k}": v for stage, counts in flops.per_sample(window.counts).items()
-                  for k, v in counts.items()}
+        tokens = {
+            f"tokens_{stage}_{k}": v
+            for stage, counts in flops.per_sample(window.counts).items()
+            for k, v in counts.items()
+        }
         return {"sample": parts.pop("model"), "peak_per_device": self.peak, **parts, **tokens}
 
 
@@ -129,8 +154,16 @@ class SampleRecord:
         self.file.close()
 
 
-def optimizer_step(engine, batches, guard: NonfiniteGuard, window: Window, grad_accum: int,
-                   sam_boxes: dict | None = None, *, record: Callable[[dict], None] | None = None) -> int:
+def optimizer_step(
+    engine,
+    batches,
+    guard: NonfiniteGuard,
+    window: Window,
+    grad_accum: int,
+    sam_boxes: dict | None = None,
+    *,
+    record: Callable[[dict], None] | None = None,
+) -> int:
     """One optimizer step over ``grad_accum`` micro-batches; returns how many had a finite loss.
 
     A micro-batch whose loss is not finite on some rank gets no backward on any rank. It still counts
@@ -167,8 +200,18 @@ def optimizer_step(engine, batches, guard: NonfiniteGuard, window: Window, grad_
     return finite
 
 
-def train(cfg: Config, dist: DistInfo, engine, loader, *, run_dir: Path, start_step: int, log: RunLogger,
-          identity: dict[str, str], validator=None) -> tuple[str, int, dict[str, int]]:
+def train(
+    cfg: Config,
+    dist: DistInfo,
+    engine,
+    loader,
+    *,
+    run_dir: Path,
+    start_step: int,
+    log: RunLogger,
+    identity: dict[str, str],
+    validator=None,
+) -> tuple[str, int, dict[str, int]]:
     """Run from ``start_step`` to train.max_steps; returns ("done" | "halted" | "preempted", last step,
     run totals for the summary: samples skipped over all ranks, steps without update). Raises
     :class:`NonfiniteLossError` when the loss stays NaN or Inf. ``identity`` goes into every checkpoint
@@ -184,8 +227,9 @@ def train(cfg: Config, dist: DistInfo, engine, loader, *, run_dir: Path, start_s
     preempt = Preemption()
     guard = NonfiniteGuard(t.max_nonfinite_steps)
     profiler = StepProfiler(t.profile_at_step, t.profile_steps, run_dir / "profile", dist.rank)
-    bar = tqdm(total=t.max_steps, initial=start_step, disable=not dist.is_main, desc="train", unit="step",
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=t.max_steps, initial=start_step, disable=not dist.is_main, desc="train", unit="step", dynamic_ncols=True
+    )
     batches = iter(loader)
     window = Window()
     mfu = Utilisation(cfg)
@@ -199,23 +243,36 @@ def train(cfg: Config, dist: DistInfo, engine, loader, *, run_dir: Path, start_s
             share = max(share, t.sam_gt_box_floor)
             sam_boxes = {"gt_box_share": share, "gt_box_jitter": t.sam_box_jitter, "step": step + 1}
             with mark("step"), mfu.around_step(window):
-                finite = optimizer_step(engine, batches, guard, window, t.grad_accum, sam_boxes,
-                                        record=None if samples is None else partial(samples.add, step + 1))
+                finite = optimizer_step(
+                    engine,
+                    batches,
+                    guard,
+                    window,
+                    t.grad_accum,
+                    sam_boxes,
+                    record=None if samples is None else partial(samples.add, step + 1),
+                )
             step += 1
             settled = mfu.settle(engine.module, window, all_finite=finite == t.grad_accum)
             if settled:
                 log.scalars(step, settled, prefix="flops")
-                log.message(f"MFU: {settled['sample'] / 1e9:.4g} GFLOP a training sample ("
-                            f"{'formula' if mfu.formula else 'counted'}); peak {mfu.peak / 1e12:.4g} TFLOP/s a rank "
-                            f"({mfu.peak_source})")
+                log.message(
+                    f"MFU: {settled['sample'] / 1e9:.4g} GFLOP a training sample ("
+                    f"{'formula' if mfu.formula else 'counted'}); peak {mfu.peak / 1e12:.4g} TFLOP/s a rank "
+                    f"({mfu.peak_source})"
+                )
             bar.update(1)
             guard.end_step(step, finite, t.grad_accum)
             if step == start_step + 1:  # Adam's states exist from the first step on
                 log.scalars(step, model_state_bytes(engine), prefix="memory")
             if step % t.log_every == 0 or step == t.max_steps:
-                values = window.report(dist, {"skipped_samples": loader.skipped_samples},
-                                       sample_flops=mfu.sample_flops, peak_flops=mfu.peak,
-                                       peak_mem_gib=peak_memory_gib())
+                values = window.report(
+                    dist,
+                    {"skipped_samples": loader.skipped_samples},
+                    sample_flops=mfu.sample_flops,
+                    peak_flops=mfu.peak,
+                    peak_mem_gib=peak_memory_gib(),
+                )
                 values.update(nonfinite_steps=guard.skipped_steps, nonfinite_micro_batches=guard.skipped_micro_batches)
                 window = Window()
                 for group in engine.optimizer.param_groups:
@@ -229,17 +286,23 @@ def train(cfg: Config, dist: DistInfo, engine, loader, *, run_dir: Path, start_s
                 values.update(host_memory_gb())
                 log.scalars(step, values)
                 if "loss" in values:
-                    bar.set_postfix({"loss": f"{values['loss']:.3f}", "tok/s": f"{values['tokens_per_s']:.0f}",
-                                     "MFU": f"{100 * values.get('mfu', 0.0):.2f}%",
-                                     "mem": f"{values['peak_mem_gib']:.2f}GiB"})
+                    bar.set_postfix(
+                        {
+                            "loss": f"{values['loss']:.3f}",
+                            "tok/s": f"{values['tokens_per_s']:.0f}",
+                            "MFU": f"{100 * values.get('mfu', 0.0):.2f}%",
+                            "mem": f"{values['peak_mem_gib']:.2f}GiB",
+                        }
+                    )
             profiler.end(step)
             stop = preempt.requested()
             if stop or step % t.save_every == 0 or step == t.max_steps or step == t.halt_at_step:
                 if guard.in_streak:
                     log.message(f"step {step}: no checkpoint while the loss is not finite")
                 else:
-                    checkpoint.save(engine, ckpt_dir, step, loader=loader, dist=dist, keep_last=t.keep_last,
-                                    identity=identity)
+                    checkpoint.save(
+                        engine, ckpt_dir, step, loader=loader, dist=dist, keep_last=t.keep_last, identity=identity
+                    )
             if stop:
                 status = "preempted"
                 break
@@ -247,8 +310,9 @@ def train(cfg: Config, dist: DistInfo, engine, loader, *, run_dir: Path, start_s
                 done = validator.run(engine.module, should_stop=preempt.agreed_now)
                 if done is None:  # preempted during validation: this step's checkpoint, then out
                     if step % t.save_every and step != t.max_steps and not guard.in_streak:
-                        checkpoint.save(engine, ckpt_dir, step, loader=loader, dist=dist, keep_last=t.keep_last,
-                                        identity=identity)
+                        checkpoint.save(
+                            engine, ckpt_dir, step, loader=loader, dist=dist, keep_last=t.keep_last, identity=identity
+                        )
                     status = "preempted"
                     break
                 result, image = done

@@ -76,8 +76,11 @@ def model_state_bytes(engine) -> dict[str, int]:
     elif stage in (1, 2):
         out = {"params": count.add([p.data for p in params])}
         fp32 = list(zero.single_partition_of_fp32_groups)
-        grads = [getattr(zero, "grads_in_partition", None), getattr(zero, "averaged_gradients", None),
-                 [f.grad for f in fp32 if f.grad is not None]]
+        grads = [
+            getattr(zero, "grads_in_partition", None),
+            getattr(zero, "averaged_gradients", None),
+            [f.grad for f in fp32 if f.grad is not None],
+        ]
     else:
         raise ValueError(f"model_state_bytes needs a ZeRO engine (stage 1, 2 or 3), got stage {stage}")
     out["gradients"] = count.add(grads)

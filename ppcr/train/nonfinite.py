@@ -11,8 +11,8 @@ import logging
 
 import torch
 
-from ppcr.model.losses import TERMS
 from ppcr.common.distributed import all_reduce_sum
+from ppcr.model.losses import TERMS
 
 log = logging.getLogger(__name__)
 NAMES = ("loss",) + TERMS
@@ -50,13 +50,18 @@ class NonfiniteGuard:
             self.skipped_steps += 1
         self.streak.append(step)
         what = f"{', '.join(sorted(self.terms))} not finite"
-        log.warning("step %d: %s; %s", step, what, "no update" if finite_micro == 0 else
-                    f"update from {finite_micro} of {micro} micro-batches")
+        log.warning(
+            "step %d: %s; %s",
+            step,
+            what,
+            "no update" if finite_micro == 0 else f"update from {finite_micro} of {micro} micro-batches",
+        )
         if len(self.streak) >= self.max_in_a_row:
             raise NonfiniteLossError(
                 f"loss term(s) {', '.join(sorted(self.terms))} not finite at step {step}, and in each of the "
                 f"{len(self.streak)} steps {self.streak[0]}-{step} (train.max_nonfinite_steps "
-                f"{self.max_in_a_row}); stopped without saving: the last checkpoint is from before")
+                f"{self.max_in_a_row}); stopped without saving: the last checkpoint is from before"
+            )
 
     @property
     def in_streak(self) -> bool:

@@ -44,7 +44,7 @@ def one_line(e: Exception, limit: int = 600) -> str:
     """An exception whose message may be a whole build log, on one line: its start and its end (where
     the compiler's error is)."""
     text = " | ".join(line.strip() for line in str(e).splitlines() if line.strip()).rstrip(".") or type(e).__name__
-    return text if len(text) <= limit else f"{text[:250]} ... {text[-(limit - 255):]}"
+    return text if len(text) <= limit else f"{text[:250]} ... {text[-(limit - 255) :]}"
 
 
 def load_cpu_adam(*, ds_config: str, announce: bool) -> float:
@@ -54,8 +54,11 @@ def load_cpu_adam(*, ds_config: str, announce: bool) -> float:
     from deepspeed.ops.op_builder import CPUAdamBuilder
 
     if announce:
-        print(f"ZeRO-Offload ({ds_config}): loading DeepSpeed's cpu_adam op; its first use on a machine "
-              f"compiles it (a minute or so) under {extensions_dir()}", flush=True)
+        print(
+            f"ZeRO-Offload ({ds_config}): loading DeepSpeed's cpu_adam op; its first use on a machine "
+            f"compiles it (a minute or so) under {extensions_dir()}",
+            flush=True,
+        )
     start = time.perf_counter()
     try:
         CPUAdamBuilder().load()
@@ -64,7 +67,8 @@ def load_cpu_adam(*, ds_config: str, announce: bool) -> float:
             f"train.ds_config {ds_config} offloads the optimizer to CPU, which needs DeepSpeed's cpu_adam op, "
             f"and it did not build or load here: {one_line(e)}. The build needs ninja (pip install ninja) and a C++ "
             f"compiler (g++, or $CXX) with the Python headers; its build folder is the cpu_adam directory "
-            f"under {extensions_dir()}. Or train without offload: train.ds_config=ds_configs/zero3.json") from e
+            f"under {extensions_dir()}. Or train without offload: train.ds_config=ds_configs/zero3.json"
+        ) from e
     took = time.perf_counter() - start
     if announce:
         print(f"cpu_adam op ready in {took:.1f} s", flush=True)

@@ -17,10 +17,18 @@ from ppcr.train.offload import offloads_optimizer
 # Which learning rate each trained component uses: new parts (LoRA, heads, new token rows) their own,
 # pretrained weights that train whole base_lr (train.lr where unset), SAM's parts sam_lr.
 _LR_OF = {
-    "lora_semantic": "lr", "lora_spatial": "lr",
-    "vision_tower": "base_lr", "llm_base": "base_lr", "embeddings": "base_lr", "lm_head": "base_lr",
-    "new_token_rows": "head_lr", "projectors": "head_lr", "box_head": "head_lr",
-    "sam_mask_decoder": "sam_lr", "sam_prompt_encoder": "sam_lr", "sam_image_encoder": "sam_lr",
+    "lora_semantic": "lr",
+    "lora_spatial": "lr",
+    "vision_tower": "base_lr",
+    "llm_base": "base_lr",
+    "embeddings": "base_lr",
+    "lm_head": "base_lr",
+    "new_token_rows": "head_lr",
+    "projectors": "head_lr",
+    "box_head": "head_lr",
+    "sam_mask_decoder": "sam_lr",
+    "sam_prompt_encoder": "sam_lr",
+    "sam_image_encoder": "sam_lr",
 }
 
 
@@ -40,8 +48,12 @@ def param_groups(model: nn.Module, t: TrainConfig) -> list[dict]:
         decay = p.ndim > 1 and t.weight_decay > 0
         key = (which, decay)
         if key not in groups:
-            groups[key] = {"params": [], "lr": group_lr(which, t), "weight_decay": t.weight_decay if decay else 0.0,
-                           "name": f"{which}{'' if decay else '_no_decay'}"}
+            groups[key] = {
+                "params": [],
+                "lr": group_lr(which, t),
+                "weight_decay": t.weight_decay if decay else 0.0,
+                "name": f"{which}{'' if decay else '_no_decay'}",
+            }
         groups[key]["params"].append(p)
     return list(groups.values())
 

@@ -8,15 +8,23 @@ import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ppcr.common.checkpoint_paths import latest_tag
 from ppcr.common.distributed import gather_objects
 from ppcr.config import Config, ConfigError, dump_config, load_config
 from ppcr.data.overlap import RECORD_FILE, check_eval_splits_present, exclusion_record
 from ppcr.data.shards import split_shards
-from ppcr.model.fingerprint import (CONFIG_FILE, FINGERPRINT_FILE, BaseMismatch, base_fingerprint, check_base,
-                                    check_model_settings, pin_revision, read_fingerprint)
+from ppcr.model.fingerprint import (
+    CONFIG_FILE,
+    FINGERPRINT_FILE,
+    BaseMismatch,
+    base_fingerprint,
+    check_base,
+    check_model_settings,
+    pin_revision,
+    read_fingerprint,
+)
 from ppcr.model.mllm import check_attn_implementation, check_mllm_path
 from ppcr.model.sam import check_sam_checkpoint
-from ppcr.common.checkpoint_paths import latest_tag
 from ppcr.train.checkpoint import rank_states
 from ppcr.train.ds_config import build_ds_config
 
@@ -28,12 +36,16 @@ def resolve_batch(cfg: Config, world_size: int) -> None:
         return
     per_step = t.micro_batch_size * world_size
     if t.global_batch_size % per_step:
-        raise ConfigError(f"config key 'train.global_batch_size': {t.global_batch_size} is not divisible by "
-                          f"train.micro_batch_size {t.micro_batch_size} x world size {world_size} = {per_step}")
+        raise ConfigError(
+            f"config key 'train.global_batch_size': {t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size {t.micro_batch_size} x world size {world_size} = {per_step}"
+        )
     accum = t.global_batch_size // per_step
     if t.grad_accum not in (1, accum):
-        raise ConfigError(f"config key 'train.grad_accum': {t.grad_accum}, but train.global_batch_size "
-                          f"{t.global_batch_size} on {world_size} ranks needs {accum}; set only one of them")
+        raise ConfigError(
+            f"config key 'train.grad_accum': {t.grad_accum}, but train.global_batch_size "
+            f"{t.global_batch_size} on {world_size} ranks needs {accum}; set only one of them"
+        )
     t.grad_accum = accum
 
 
@@ -63,8 +75,9 @@ def check_run_inputs(cfg: Config, world_size: int, run_dir: Path) -> dict:
         raise ConfigError(str(e)) from e
     if cfg.data.exclude_eval_images:
         try:
-            check_eval_splits_present(cfg.paths.shards_root, cfg.data.train_sets, cfg.eval.sets,
-                                      cfg.data.eval_splits_missing_ok)
+            check_eval_splits_present(
+                cfg.paths.shards_root, cfg.data.train_sets, cfg.eval.sets, cfg.data.eval_splits_missing_ok
+            )
         except ValueError as e:
             raise ConfigError(f"config key 'eval.sets': {e}") from e
     return ds
@@ -83,8 +96,11 @@ class RunIdentity:
         splits training left out (:func:`ppcr.data.overlap.exclusion_record`), which make eval reports."""
         c = self.config
         excluded = exclusion_record(c.paths.shards_root, c.data.train_sets, c.eval.sets, c.data.exclude_eval_images)
-        return {FINGERPRINT_FILE: json.dumps(self.fingerprint, indent=1) + "\n", CONFIG_FILE: dump_config(c),
-                RECORD_FILE: json.dumps(excluded, indent=1) + "\n"}
+        return {
+            FINGERPRINT_FILE: json.dumps(self.fingerprint, indent=1) + "\n",
+            CONFIG_FILE: dump_config(c),
+            RECORD_FILE: json.dumps(excluded, indent=1) + "\n",
+        }
 
 
 def _identity_on_this_rank(cfg: Config, run_dir: Path, *, allow_base: bool, allow_model: bool) -> RunIdentity:
@@ -98,8 +114,9 @@ def _identity_on_this_rank(cfg: Config, run_dir: Path, *, allow_base: bool, allo
         saved = read_fingerprint(ckpt)
         m = pin_revision(m, saved)
         if (ckpt / CONFIG_FILE).is_file():
-            check_model_settings(load_config(ckpt / CONFIG_FILE), replace(cfg, model=m), what=f"checkpoint {ckpt}",
-                                 allow=allow_model)
+            check_model_settings(
+                load_config(ckpt / CONFIG_FILE), replace(cfg, model=m), what=f"checkpoint {ckpt}", allow=allow_model
+            )
         fingerprint = check_base(saved, m, what=f"checkpoint {ckpt}", allow=allow_base) or base_fingerprint(m)
     if fingerprint["mllm"]["revision"]:  # a hub id: every later load of this run asks for this commit
         m = replace(m, mllm_revision=fingerprint["mllm"]["revision"])
@@ -124,7 +141,9 @@ def run_identity(cfg: Config, run_dir: Path, *, allow_base: bool = False, allow_
     assert isinstance(mine, RunIdentity)
     for rank, other in enumerate(everyone):
         if other.fingerprint != mine.fingerprint:
-            raise BaseMismatch(f"ranks see different base weights: rank {rank} {json.dumps(other.fingerprint)}, "
-                               f"this rank {json.dumps(mine.fingerprint)}; every node needs the same copy of "
-                               "model.mllm_path and model.sam_checkpoint")
+            raise BaseMismatch(
+                f"ranks see different base weights: rank {rank} {json.dumps(other.fingerprint)}, "
+                f"this rank {json.dumps(mine.fingerprint)}; every node needs the same copy of "
+                "model.mllm_path and model.sam_checkpoint"
+            )
     return mine

@@ -89,8 +89,12 @@ def sigterm_in_validation() -> None:
     atexit.register(lambda: Path(FAULT["out"]).write_text(str(calls[0] - FAULT["sigterm_in_validation"])))
 
 
-KINDS = {"stop_after_step": stop_after_step, "die_in_save": die_in_save, "nan": nan_loss,
-         "sigterm_in_validation": sigterm_in_validation}
+KINDS = {
+    "stop_after_step": stop_after_step,
+    "die_in_save": die_in_save,
+    "nan": nan_loss,
+    "sigterm_in_validation": sigterm_in_validation,
+}
 if MINE:
     KINDS[next(k for k in KINDS if k in FAULT)]()
 

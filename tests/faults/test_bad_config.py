@@ -23,7 +23,9 @@ def test_unknown_key_names_key_and_valid_choices(tmp_path):
     bad.write_text("model:\n  sam_image_sise: 4\n")
     with pytest.raises(ConfigError, match=r"model\.sam_image_sise.*sam_image_size"):
         load_config(bad)
-    with pytest.raises(ConfigError, match=r"unknown config key 'trian.seed'.*data, model, train, eval, pretrain, paths"):
+    with pytest.raises(
+        ConfigError, match=r"unknown config key 'trian.seed'.*data, model, train, eval, pretrain, paths"
+    ):
         load_config(RECIPE, ["trian.seed=1"])
 
 
@@ -103,18 +105,29 @@ def test_the_launcher_stops_with_one_line_before_any_heavy_work(tiny_shards, tin
     cases = {
         "unknown key": (["train.max_step=3"], "unknown config key 'train.max_step' (valid keys under 'train':"),
         "wrong type": (["train.max_steps=many"], "config key 'train.max_steps': expects an integer, got 'many'"),
-        "ds contradicts recipe": ([f"train.ds_config={contradicting}"],
-                                  f"{contradicting} sets gradient_clipping = 0.5 but the recipe gives 1.0"),
-        "missing model": ([f"model.mllm_path={tmp_path}/nope"],
-                          f"model.mllm_path: no MLLM checkpoint at {tmp_path}/nope (config.json missing). A real "
-                          f"model: 'hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir {tmp_path}/nope'"),
+        "ds contradicts recipe": (
+            [f"train.ds_config={contradicting}"],
+            f"{contradicting} sets gradient_clipping = 0.5 but the recipe gives 1.0",
+        ),
+        "missing model": (
+            [f"model.mllm_path={tmp_path}/nope"],
+            f"model.mllm_path: no MLLM checkpoint at {tmp_path}/nope (config.json missing). A real "
+            f"model: 'hf download Qwen/Qwen2.5-VL-7B-Instruct --local-dir {tmp_path}/nope'",
+        ),
         "missing sam": ([f"model.sam_checkpoint={tmp_path}/sam.pth"], f"no SAM checkpoint at {tmp_path}/sam.pth"),
-        "missing shards": (["data.train_sets=[{name: absent}]"], "data.train_sets 'absent/train' under paths.shards_root: no"),
+        "missing shards": (
+            ["data.train_sets=[{name: absent}]"],
+            "data.train_sets 'absent/train' under paths.shards_root: no",
+        ),
         "missing checkpoint": (["train.run_name=stale"], f"{stale}/latest names step_00000009, which is not in"),
-        "checkpoint of an older ppcr": (["train.run_name=old"], f"{old}/step_00000009/ppcr_rank0.json: "
-                                        "format_version None is not 1, a checkpoint from another ppcr"),
-        "batch vs world size": (["train.global_batch_size=5"],
-                                "'train.global_batch_size': 5 is not divisible by train.micro_batch_size 2 x world size 1"),
+        "checkpoint of an older ppcr": (
+            ["train.run_name=old"],
+            f"{old}/step_00000009/ppcr_rank0.json: format_version None is not 1, a checkpoint from another ppcr",
+        ),
+        "batch vs world size": (
+            ["train.global_batch_size=5"],
+            "'train.global_batch_size': 5 is not divisible by train.micro_batch_size 2 x world size 1",
+        ),
     }
     argvs = {name: ("train", base + extra) for name, (extra, _) in cases.items()}
     argvs["eval: missing checkpoint"] = ("eval", ["--checkpoint", f"{tmp_path}/nowhere"])
@@ -142,5 +155,6 @@ def test_global_batch_size_sets_grad_accum_or_names_the_world_size():
     with pytest.raises(ConfigError, match="16 is not divisible by train.micro_batch_size 2 x world size 3 = 6"):
         resolve_batch(load_config(RECIPE, ["train.micro_batch_size=2", "train.global_batch_size=16"]), 3)
     with pytest.raises(ConfigError, match="'train.grad_accum': 4, but train.global_batch_size 16 on 4 ranks needs 2"):
-        resolve_batch(load_config(RECIPE, ["train.micro_batch_size=2", "train.global_batch_size=16",
-                                           "train.grad_accum=4"]), 4)
+        resolve_batch(
+            load_config(RECIPE, ["train.micro_batch_size=2", "train.global_batch_size=16", "train.grad_accum=4"]), 4
+        )

@@ -7,6 +7,7 @@ import json
 import logging
 
 from conftest import make_config, train_set
+
 from ppcr.data.cli import main as shards_cli
 from ppcr.data.shards import verify_shards
 from ppcr.data.stream import EvalStream, ShardSet, build_train_loader
@@ -34,7 +35,10 @@ def test_corrupt_data_is_skipped_counted_and_logged(corrupted, caplog):
 
     # The eval stream skips them too, and evaluation goes on.
     spec = train_set(out, "train")
-    n = sum(len(b["keys"]) for b in EvalStream(ShardSet.open(out.parent, spec), Preprocessor.from_config(cfg.model), 4, 0, 1))
+    n = sum(
+        len(b["keys"])
+        for b in EvalStream(ShardSet.open(out.parent, spec), Preprocessor.from_config(cfg.model), 4, 0, 1)
+    )
     assert n > 0
 
 
@@ -54,14 +58,20 @@ def test_verify_finds_every_corruption(corrupted, capsys):
 
 
 def test_training_on_corrupt_shards_goes_on_and_reports_the_count(corrupted, tiny_models, tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     from launching import deepspeed_cmd, overrides, run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out, shards, keys = corrupted
     # 40 steps x 2 ranks x 2 samples: more than one epoch of the 72 train refs, so every fault is met.
-    args = overrides(out, tiny_models, tmp_path, "train.max_steps=40", "train.save_every=100", "train.log_every=5",
-                     "train.run_name=corrupt")
+    args = overrides(
+        out,
+        tiny_models,
+        tmp_path,
+        "train.max_steps=40",
+        "train.save_every=100",
+        "train.log_every=5",
+        "train.run_name=corrupt",
+    )
     done = run(deepspeed_cmd(args))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     logged = done.stdout + done.stderr

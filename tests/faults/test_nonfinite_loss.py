@@ -7,8 +7,8 @@ import os
 from pathlib import Path
 
 import torch
-
 from launching import deepspeed_cmd, overrides, run
+
 from ppcr.train.nonfinite import NAMES, NonfiniteGuard, NonfiniteLossError
 
 INJECT = Path(__file__).parent / "inject.py"
@@ -46,8 +46,16 @@ def test_nan_on_one_rank_skips_the_step_on_both_then_stops_the_run(tiny_shards, 
     # Rank 1 only: its giou is NaN in forward calls 6 (step 3, second micro-batch), 9-10 (all of step 5)
     # and from 15 on (steps 8, 9, 10); rank 0's losses stay finite throughout.
     fault = {"nan": "giou", "calls": [6, 9, 10, *range(15, 40)], "rank": 1}
-    args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=20", "train.grad_accum=2",
-                     "train.save_every=2", "train.max_nonfinite_steps=3", "train.run_name=nan")
+    args = overrides(
+        tiny_shards,
+        tiny_models,
+        tmp_path,
+        "train.max_steps=20",
+        "train.grad_accum=2",
+        "train.save_every=2",
+        "train.max_nonfinite_steps=3",
+        "train.run_name=nan",
+    )
     done = run(deepspeed_cmd(args, INJECT), env=dict(os.environ, PPCR_FAULT=json.dumps(fault)))
     assert done.returncode != 0
     assert "error: loss term(s) giou not finite at step 10" in done.stderr and "steps 8-10" in done.stderr

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from launching import ROOT, deepspeed_cmd, losses, overrides, rank_processes, run
+
 from ppcr.train.nonfinite import NAMES as TERMS  # the total and its six terms
 
 INJECT = Path(__file__).parent / "inject.py"
@@ -45,8 +45,9 @@ def test_kill_9_of_one_rank_stops_the_job_and_the_same_command_resumes(uninterru
     args, reference = uninterrupted
     args = args + [f"paths.runs_root={tmp_path}", "train.run_name=killed"]
     env = dict(os.environ, PPCR_FAULT=json.dumps({"stop_after_step": 5, "rank": 1}))
-    proc = subprocess.Popen(deepspeed_cmd(args, INJECT), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        deepspeed_cmd(args, INJECT), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     deadline, ranks = time.time() + 300, []
     while time.time() < deadline and proc.poll() is None:
         ranks = rank_processes(proc.pid)
@@ -88,8 +89,9 @@ def test_a_rank_killed_while_writing_a_checkpoint_leaves_the_previous_one_latest
 
 
 def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tiny_shards, tiny_models, tmp_path):
-    args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=500", "train.save_every=1000",
-                     "train.run_name=pre")
+    args = overrides(
+        tiny_shards, tiny_models, tmp_path, "train.max_steps=500", "train.save_every=1000", "train.run_name=pre"
+    )
     proc = subprocess.Popen(deepspeed_cmd(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "pre/metrics.jsonl"
     deadline = time.time() + 300
@@ -106,7 +108,9 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tiny_shards, tiny_mo
     assert 2 <= step < 500
     ckpt = tmp_path / "pre/checkpoints" / tag
     assert (ckpt / "ppcr_rank0.json").is_file() and (ckpt / "ppcr_rank1.json").is_file()
-    again = run(deepspeed_cmd(args[:-3] + [f"train.max_steps={step + 1}", "train.save_every=1000", "train.run_name=pre"]))
+    again = run(
+        deepspeed_cmd(args[:-3] + [f"train.max_steps={step + 1}", "train.save_every=1000", "train.run_name=pre"])
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resumed from step {step}" in again.stdout and f"done at step {step + 1}" in again.stdout
 
@@ -114,8 +118,17 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tiny_shards, tiny_mo
 def test_sigterm_during_validation_checkpoints_and_exits_before_validation_ends(tiny_shards, tiny_models, tmp_path):
     """Validation asks the preemption flag between its batches: a signal in its 2nd batch (of 18) stops it
     there, on every rank, and the step's checkpoint is written."""
-    args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=4", "train.save_every=1000",
-                     "train.val_every=2", "train.val_samples=36", "eval.batch_size=1", "train.run_name=preval")
+    args = overrides(
+        tiny_shards,
+        tiny_models,
+        tmp_path,
+        "train.max_steps=4",
+        "train.save_every=1000",
+        "train.val_every=2",
+        "train.val_samples=36",
+        "eval.batch_size=1",
+        "train.run_name=preval",
+    )
     after = tmp_path / "batches_after_signal"
     env = dict(os.environ, PPCR_FAULT=json.dumps({"sigterm_in_validation": 2, "rank": 1, "out": str(after)}))
     done = run(deepspeed_cmd(args, INJECT), env=env)
@@ -132,8 +145,9 @@ def test_a_signal_to_every_process_of_the_job_checkpoints_and_exits_zero(sig, ti
     """What SLURM does on preemption or scancel: the signal reaches every process of the job step, both
     ranks and all their loader workers. The workers leave it to their rank (a worker that died of it
     would crash the rank: "DataLoader worker ... is killed by signal"); the ranks checkpoint and exit 0."""
-    args = overrides(tiny_shards, tiny_models, tmp_path, "train.max_steps=500", "train.save_every=1000",
-                     "train.run_name=all")
+    args = overrides(
+        tiny_shards, tiny_models, tmp_path, "train.max_steps=500", "train.save_every=1000", "train.run_name=all"
+    )
     proc = subprocess.Popen(deepspeed_cmd(args), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     metrics = tmp_path / "all/metrics.jsonl"
     deadline, ranks, workers = time.time() + 300, [], []
@@ -154,8 +168,11 @@ def test_a_signal_to_every_process_of_the_job_checkpoints_and_exits_zero(sig, ti
     assert int(tag.split("_")[1]) >= 2
     ckpt = tmp_path / "all/checkpoints" / tag
     for rank in (0, 1):  # every rank's part of it
-        for name in (f"ppcr_rank{rank}.json", f"ppcr_rank{rank}_rng.pt",
-                     f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
-                     f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt"):
+        for name in (
+            f"ppcr_rank{rank}.json",
+            f"ppcr_rank{rank}_rng.pt",
+            f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt",
+            f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+        ):
             assert (ckpt / name).is_file(), name
         assert json.loads((ckpt / f"ppcr_rank{rank}.json").read_text())["step"] == int(tag.split("_")[1])

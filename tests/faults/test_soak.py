@@ -15,8 +15,14 @@ def run(leak_gb_per_1000=0.0, slowdown_per_1000=0.0, steps=4000, every=25, seed=
         warm = 0.3 if step < 200 else 0.0  # caches and allocator filling during the warm-up
         rss = 1.0 + warm + leak_gb_per_1000 * step / 1000 + rng.uniform(-0.01, 0.01)
         ms = 300 * (1 + slowdown_per_1000 * step / 1000) * rng.uniform(0.95, 1.05) * (1.5 if step < 100 else 1)
-        train.append({"step": step, "host_rss_gb": rss, "loader_rss_gb": 1.1 + rng.uniform(-0.01, 0.01),
-                      "samples_per_s": 8 / (ms / 1000)})
+        train.append(
+            {
+                "step": step,
+                "host_rss_gb": rss,
+                "loader_rss_gb": 1.1 + rng.uniform(-0.01, 0.01),
+                "samples_per_s": 8 / (ms / 1000),
+            }
+        )
     return {"train": train, "val": [{"step": s} for s in range(500, steps + 1, 500)], "checkpoints": []}
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import Payload
+
 from ppcr.config import load_config
 from ppcr.data.refer import read_refer
 from ppcr.data.shards import SAMPLE_FIELDS, iter_tar_samples, load_manifest
@@ -90,7 +90,8 @@ print("PROBE", constants.HF_HUB_OFFLINE, outcome, len(attempts))
 def test_nothing_reaches_the_network_by_default(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}
     env["HF_HOME"] = str(tmp_path / "hf")  # an empty cache: a hub name could only be fetched
-    out = subprocess.run([sys.executable, "-c", OFFLINE_PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", OFFLINE_PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     line = next(line for line in out.stdout.splitlines() if line.startswith("PROBE"))
     assert line == "PROBE True OSError 0", out.stderr[-2000:]  # refused offline, no connection tried
