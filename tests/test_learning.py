@@ -52,7 +52,8 @@ def test_a_short_default_run_finds_and_segments_held_out_objects(tmp_path):
     torch.manual_seed(cfg.train.seed)
     untrained = PPCRModel.from_config(cfg.model, cfg.train.loss).eval()
     one = DistInfo(rank=0, world_size=1, local_rank=0, node_rank=0)
-    before = evaluate_splits(untrained, cfg, one, synced=False, ablations=[PPCR], records=False).rows[0]
+    (untrained_split,) = evaluate_splits(untrained, cfg, one, synced=False, ablations=[PPCR], records=False)
+    before = untrained_split.rows[0]
     del untrained
 
     train = run(deepspeed_cmd(train_args))

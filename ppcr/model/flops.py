@@ -223,8 +223,10 @@ def gpu_peak(name: str | None) -> float | None:
 
 def matmul_rate(device: torch.device | str, dtype: torch.dtype, *, n: int = 1024, seconds: float = 0.2) -> float:
     """FLOP/s of n x n x n matmuls in ``dtype`` on ``device`` with this process's threads, back to back for
-    about ``seconds`` after a warm-up."""
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    about ``seconds`` after a warm-up. Its own random generator: drawing from the global one at the start of a
+    resumed run would change every later dropout mask, and the resume would no longer be exact."""
+    gen = torch.Generator(device).manual_seed(0)
+    a, b = (torch.randn(n, n, device=device, generator=gen).to(dtype) for _ in range(2))
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
     a @ b
     sync()
