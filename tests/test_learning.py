@@ -2,8 +2,11 @@
 CPU ranks, must find and segment what it is told on held-out images, by generation, by a margin over the
 same model evaluated untrained (its step 0, in this test), and its boxes too, not only its masks.
 
-Measured with this test's data and length (2 CPU ranks, seeded): see MIN_* below and the note of the
-change that set them.
+Measured with this test's data and length (2 CPU ranks, seed 0, 2-core CI machine): untrained cIoU 0.080,
+BoxAcc@0.5 0.069; after 300 steps cIoU 0.408, BoxAcc@0.5 0.526 (level 0 0.600, level 1 0.468, level 2 0.579).
+The thresholds leave room for another CPU's drift and the seed spread of short runs (val cIoU 0.34 and 0.45
+for seeds 0 and 1 of the 1,600-step default), and fail a model whose box does not come from the image (the
+MLP head reached BoxAcc 0.07 at 1,600 steps).
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from ppcr.model.model import PPCRModel
 from ppcr.model.predict import PPCR
 
 STEPS = 300
-MIN_CIOU_GAIN = 0.10  # trained minus untrained, held-out cIoU
-MIN_BOX_ACC = 0.30  # trained, held-out BoxAcc@0.5 (the untrained head's is near 0)
+MIN_CIOU_GAIN = 0.15  # trained minus untrained, held-out cIoU (measured 0.328)
+MIN_BOX_ACC = 0.30  # trained, held-out BoxAcc@0.5 (measured 0.526; untrained 0.069)
 
 
 def test_a_short_default_run_finds_and_segments_held_out_objects(tmp_path):
