@@ -462,13 +462,9 @@ def render(r: dict) -> str:
         f"Tokens a sample (mean, training's first step): semantic {tok['tokens_semantic_image']:.0f} image + "
         f"{tok['tokens_semantic_text']:.1f} text, spatial {tok['tokens_spatial_image']:.0f} + "
         f"{tok['tokens_spatial_text']:.1f}. "
-        + (
-            "FLOPs a sample by part (TFLOP, ppcr.model.flops.sample_flops): "
-            + ", ".join(f"{k} {tok[k] / 1e12:.3f}" for k in parts)
-            + ". "
-            if "recompute" in tok
-            else "FLOPs counted by torch's FLOP counter (no gradient checkpointing). "
-        )
+        + "FLOPs a sample by part (TFLOP, ppcr.model.flops.sample_flops): "
+        + ", ".join(f"{k} {tok[k] / 1e12:.3f}" for k in parts)
+        + ". "
         + "Step time = samples a step / samples/s, over the timed steps."
     )
     return "## GPU check\n\n" + table(["figure", "value"], rows) + "\n\n" + notes

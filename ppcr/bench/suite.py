@@ -140,7 +140,7 @@ def render(r: dict) -> str:
         ),
     ]
 
-    fps = z3["flops_per_sample"]  # counted by the trainer; the plain loop runs the same model and data
+    fps = z3["flops_per_sample"]  # training's formula (ppcr.model.flops); the plain loop runs the same model and data
     rows = []
     for name, x in (
         ("plain PyTorch loop, 1 process", plain),
@@ -154,7 +154,7 @@ def render(r: dict) -> str:
         )
     out += [
         f"\n## 2. Training step (tiny default; model FLOPs per sample {fps / 1e9:.3f} GFLOP, "
-        f"forward + backward, counted by training: ppcr.model.flops)\n",
+        f"forward + backward, as training settles them: ppcr.model.flops)\n",
         table(["run", "samples/s", "step ms", "time per sample / plain loop", "model FLOP/s per rank, MFU"], rows),
         "\nMFU of the launcher runs as training logs it (against each rank's matmul, measured with its share of "
         "the threads); the plain loop's against the machine's matmul above.",

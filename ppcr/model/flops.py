@@ -1,18 +1,17 @@
 """Model FLOPs of a PPCR training sample and the peak FLOP/s of a device: model FLOP utilisation (MFU).
 
-Training settles a sample's FLOPs once, on its first step (:class:`ppcr.train.loop.Utilisation`):
+Training settles a sample's FLOPs once, on its first step (:class:`ppcr.train.loop.Utilisation`), with
+**the formula** (:func:`flop_shapes`, :func:`sample_flops`) on that step's token counts; the 7B recipes'
+memory estimator uses it on models built on the meta device. Under ZeRO-3 it reads partitioned weights: their
+size is ``ds_numel`` (``numel()`` is 0). It leaves out what is small at 7B (under 0.1 % of a step: SAM's
+prompt encoder and mask decoder, the projectors and box head, norms, activations, the loss); under gradient
+checkpointing the recomputed forward is counted apart (hardware FLOPs, not model FLOPs).
 
-- **counted** by torch's ``FlopCounterMode`` (:func:`counter`, taught the CPU's fused attention) around
-  that step's forwards and backwards: every matmul, convolution and attention as it ran, in every module.
-  It counts under ZeRO-3 as well (the gathered weights' matmuls: one ZeRO-3 rank counts what the plain
-  tiny default does, to the FLOP), so it is the default;
-- **the formula** (:func:`flop_shapes`, :func:`sample_flops`) with gradient checkpointing, whose recomputed
-  forward the counter would count as well (hardware FLOPs, not model FLOPs), and for models that cannot run:
-  the 7B recipes built on the meta device by the memory estimator. The 7B recipes train with checkpointing
-  under ZeRO-3, so the formula reads partitioned weights: their size is ``ds_numel`` (``numel()`` is 0).
-  It leaves out what is small at 7B (under 0.1 % of a step: SAM's prompt encoder and mask decoder, the
-  projectors and box head, norms, activations, the loss); on the tiny models it is 6 % below the count
-  (tests/test_flops.py).
+**Counted** by torch's ``FlopCounterMode`` (:func:`counter`, taught the CPU's fused attention), every
+matmul, convolution and attention as it ran: exact, and it works under ZeRO-3 too, but its dispatch mode
+changes a step's floating-point results (gradients by up to 8e-6 on the tiny default), so training does not
+run under it: a run would no longer give the losses it gives without it, nor resume exactly. The tests check
+the formula against it (6 % below the count on the tiny models, tests/test_flops.py).
 
 MFU is model FLOPs over time, against the peak: :data:`PEAK_BF16`'s data-sheet figure for a known GPU in a
 16-bit dtype, otherwise (a CPU, another GPU, fp32) a timed matmul of the run's dtype on the rank's own

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -102,37 +101,27 @@ class Window:
 
 class Utilisation:
     """This rank's terms of MFU (:mod:`ppcr.model.flops`): its device's peak FLOP/s, looked up or measured at
-    start, and the model FLOPs of a training sample, settled on the first step whose micro-batches all had a
-    finite loss: counted by torch's FLOP counter around that step, or, under gradient checkpointing (the
-    counter would count the recomputed forward too), the formula on that step's token counts."""
+    start, and the model FLOPs of a training sample from the formula on the first step whose micro-batches all
+    had a finite loss (its token counts). Not torch's FLOP counter around a step, though it counts exactly: its
+    dispatch mode changes the step's floating-point results (gradients by up to 8e-6 on the tiny default), so
+    a run would no longer give the same losses as the same run without it, nor resume exactly; the formula is
+    checked against the counter in tests/test_flops.py (6 % below it on the tiny models, the small parts it
+    leaves out)."""
 
     def __init__(self, cfg: Config) -> None:
-        self.formula = cfg.model.gradient_checkpointing
+        self.checkpointing = cfg.model.gradient_checkpointing
         self.peak, self.peak_source = flops.device_peak(device(), getattr(torch, cfg.model.dtype))
         self.sample_flops: float | None = None
-        self.counter, self.seen = None, 0
-
-    def around_step(self, window: Window):
-        """The FLOP counter until a sample's FLOPs are settled (without the formula), else nothing."""
-        self.counter = flops.counter() if self.sample_flops is None and not self.formula else None
-        self.seen = window.samples
-        return self.counter or nullcontext()
 
     def settle(self, model, window: Window, *, all_finite: bool) -> dict[str, float] | None:
         """After a step: the FLOPs a sample on this rank (with the formula's parts) and its mean tokens by stage,
         the first time they can be settled, else None."""
         if self.sample_flops is not None or not all_finite:
             return None
-        if self.formula:
-            parts = flops.sample_flops(flops.flop_shapes(model), flops.per_sample(window.counts), True)
-        else:
-            parts = {"model": self.counter.get_total_flops() / (window.samples - self.seen)}
+        per_sample = flops.per_sample(window.counts)
+        parts = flops.sample_flops(flops.flop_shapes(model), per_sample, self.checkpointing)
         self.sample_flops = parts["model"]
-        tokens = {
-            f"tokens_{stage}_{k}": v
-            for stage, counts in flops.per_sample(window.counts).items()
-            for k, v in counts.items()
-        }
+        tokens = {f"tokens_{stage}_{k}": v for stage, counts in per_sample.items() for k, v in counts.items()}
         return {"sample": parts.pop("model"), "peak_per_device": self.peak, **parts, **tokens}
 
 
@@ -242,7 +231,7 @@ def train(
             share = max(0.0, 1.0 - step / t.sam_gt_box_steps) if t.sam_gt_box_steps else 0.0
             share = max(share, t.sam_gt_box_floor)
             sam_boxes = {"gt_box_share": share, "gt_box_jitter": t.sam_box_jitter, "step": step + 1}
-            with mark("step"), mfu.around_step(window):
+            with mark("step"):
                 finite = optimizer_step(
                     engine,
                     batches,
@@ -257,9 +246,8 @@ def train(
             if settled:
                 log.scalars(step, settled, prefix="flops")
                 log.message(
-                    f"MFU: {settled['sample'] / 1e9:.4g} GFLOP a training sample ("
-                    f"{'formula' if mfu.formula else 'counted'}); peak {mfu.peak / 1e12:.4g} TFLOP/s a rank "
-                    f"({mfu.peak_source})"
+                    f"MFU: {settled['sample'] / 1e9:.4g} GFLOP a training sample (formula); "
+                    f"peak {mfu.peak / 1e12:.4g} TFLOP/s a rank ({mfu.peak_source})"
                 )
             bar.update(1)
             guard.end_step(step, finite, t.grad_accum)
