@@ -3,7 +3,8 @@ CPU ranks, must find and segment what it is told on held-out images, by generati
 same model evaluated untrained (its step 0, in this test), and its boxes too, not only its masks.
 
 Measured with this test's data and length (2 CPU ranks, seed 0, 2-core CI machine): untrained cIoU 0.080,
-BoxAcc@0.5 0.069; after 300 steps cIoU 0.408, BoxAcc@0.5 0.526 (level 0 0.600, level 1 0.468, level 2 0.579).
+BoxAcc@0.5 0.069; after 250 steps cIoU 0.293, BoxAcc@0.5 0.466 (level 0 0.514, level 1 0.452, level 2 0.421;
+after 300 steps 0.408 and 0.526: 250 keep the suite inside its time).
 The thresholds leave room for another CPU's drift and the seed spread of short runs (val cIoU 0.34 and 0.45
 for seeds 0 and 1 of the 1,600-step default), and fail a model whose box does not come from the image (the
 MLP head reached BoxAcc 0.07 at 1,600 steps).
@@ -25,9 +26,9 @@ from ppcr.eval.splits import evaluate_splits
 from ppcr.model.model import PPCRModel
 from ppcr.model.predict import PPCR
 
-STEPS = 300
-MIN_CIOU_GAIN = 0.15  # trained minus untrained, held-out cIoU (measured 0.328)
-MIN_BOX_ACC = 0.30  # trained, held-out BoxAcc@0.5 (measured 0.526; untrained 0.069)
+STEPS = 250
+MIN_CIOU_GAIN = 0.12  # trained minus untrained, held-out cIoU (measured 0.213)
+MIN_BOX_ACC = 0.30  # trained, held-out BoxAcc@0.5 (measured 0.466; untrained 0.069)
 
 
 def test_a_short_default_run_finds_and_segments_held_out_objects(tmp_path):
