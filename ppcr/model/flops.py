@@ -7,7 +7,7 @@ size is ``ds_numel`` (``numel()`` is 0). It leaves out what is small at 7B (unde
 prompt encoder and mask decoder, the projectors and box head, norms, activations, the loss); under gradient
 checkpointing the recomputed forward is counted apart (hardware FLOPs, not model FLOPs).
 
-**Counted** by torch's ``FlopCounterMode`` (:func:`counter`, taught the CPU's fused attention), every
+**Counted** by torch's ``FlopCounterMode`` (taught the CPU's fused attention in tests/test_flops.py), every
 matmul, convolution and attention as it ran: exact, and it works under ZeRO-3 too, but its dispatch mode
 changes a step's floating-point results (gradients by up to 8e-6 on the tiny default), so training does not
 run under it: a run would no longer give the losses it gives without it, nor resume exactly. The tests check
@@ -26,7 +26,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from ppcr.model.mllm import QwenVLFamily
 
@@ -41,27 +40,6 @@ PEAK_BF16 = (
     ("A100", 312e12),
 )
 _MATMULS = (nn.Linear, nn.Conv2d, nn.Conv3d, nn.ConvTranspose2d)
-
-
-def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query, key, value)
-
-
-def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def counter() -> FlopCounterMode:
-    """torch's FLOP counter, taught the CPU's fused attention kernel, which it does not know (it would
-    count 0 for every attention a CPU run makes; its formula is the GPU kernels')."""
-    aten = torch.ops.aten
-    return FlopCounterMode(
-        display=False,
-        custom_mapping={
-            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward,
-        },
-    )
 
 
 def numel(p: torch.Tensor) -> int:
