@@ -53,7 +53,7 @@ def init_distributed() -> DistInfo:
     _slurm_env()
     if "RANK" not in os.environ:  # plain `python launch/train.py`
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29511")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))  # a world of one: any free port; never a clash
     import deepspeed  # only here: evaluation, export and inference run without DeepSpeed loaded
     from deepspeed.accelerator import get_accelerator
 
