@@ -130,24 +130,18 @@ def model_config(shards_dir: Path, models: dict, family: str, *overrides: str) -
     )
 
 
+TRAINED_RUN = ("train.max_steps=3", "model.max_new_tokens=6", "train.lr=1e-2", "train.head_lr=1e-2")
+
+
 @pytest.fixture(scope="session")
 def trained_run(tiny_shards, tiny_models, tmp_path_factory) -> Path:
     """A run of 3 steps on 2 ZeRO-3 CPU ranks with the real launcher: a sharded checkpoint to read."""
     from launching import deepspeed_cmd, overrides, run
 
     runs = tmp_path_factory.mktemp("runs")
-    args = overrides(
-        tiny_shards,
-        tiny_models,
-        runs,
-        "train.max_steps=3",
-        "train.run_name=trained",
-        "model.max_new_tokens=6",
-        "train.lr=1e-2",
-        "train.head_lr=1e-2",
-    )
-    done = run(deepspeed_cmd(args))
+    done = run(deepspeed_cmd(overrides(tiny_shards, tiny_models, runs, *TRAINED_RUN, "train.run_name=trained")))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (runs / "trained.stdout").write_text(done.stdout)  # beside the run: for tests that compare with another launch
     return runs / "trained"
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from launching import ROOT, deepspeed_cmd, run
 from PIL import Image
 from pycocotools import mask as mask_utils
-from test_train import ROOT, deepspeed_cmd, run
 
 from ppcr.data.shards import load_manifest
 from ppcr.eval.rescore import read_records, rescore

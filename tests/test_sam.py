@@ -69,7 +69,7 @@ def test_missing_or_mismatched_checkpoint_is_a_clear_error(tmp_path):
 def test_sam_gathers_the_weights_its_prompt_modules_read_under_zero3_outside_the_engine(tmp_path):
     """Validation and prediction call SAM outside the engine's forward; once ZeRO-3 has released the
     prompt embeddings (size-0 partitions), they must still be gathered for the modules that read them."""
-    from test_train import free_port, run
+    from launching import free_port, run
 
     script = f"""
 import os, torch, deepspeed

@@ -1,5 +1,5 @@
-"""Ranks that die or are told to stop: SIGTERM (preemption), kill -9 of one rank, a kill while a
-checkpoint is being written. The job stops; the same command resumes from the last complete
+"""Ranks that halt, die or are told to stop: train.halt_at_step, SIGTERM (preemption), kill -9 of one rank, a
+kill while a checkpoint is being written. The job stops; the same command resumes from the last complete
 checkpoint and continues as an uninterrupted run would."""
 
 import json
@@ -12,7 +12,9 @@ from pathlib import Path
 import psutil
 import pytest
 from launching import ROOT, deepspeed_cmd, losses, overrides, rank_processes, run
+from test_checkpoint_size import assert_trainable_only
 
+from ppcr.model.saving import load_checkpoint
 from ppcr.train.nonfinite import NAMES as TERMS  # the total and its six terms
 
 INJECT = Path(__file__).parent / "inject.py"
@@ -25,7 +27,7 @@ def uninterrupted(tiny_shards, tiny_models, tmp_path_factory):
     args = overrides(tiny_shards, tiny_models, runs, "train.max_steps=8", "train.save_every=2")
     done = run(deepspeed_cmd(args + ["train.run_name=reference"]))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    return args, losses(runs / "reference")
+    return args, losses(runs / "reference"), runs / "reference"
 
 
 def same_losses(run_dir, reference):
@@ -41,8 +43,31 @@ def gone(procs, timeout):
     return not alive
 
 
+def test_a_halted_run_resumes_from_trained_weights_alone_as_the_uninterrupted_run_goes_on(uninterrupted, tmp_path):
+    """train.halt_at_step stops at step 3 (between the checkpoints every 2) with a checkpoint of the trained
+    weights only; the same command resumes there, with the losses and data position of the uninterrupted run."""
+    args, reference, reference_dir = uninterrupted
+    args = args + [f"paths.runs_root={tmp_path}", "train.run_name=halted"]
+    first = run(deepspeed_cmd(args + ["train.halt_at_step=3"]))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "halted at step 3" in first.stdout
+    halted = tmp_path / "halted/checkpoints/step_00000003"
+    assert_trainable_only(halted, load_checkpoint(halted)[0])  # the frozen weights come from the base paths
+    again = run(deepspeed_cmd(args))
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "resumed from step 3" in again.stdout and "done at step 8" in again.stdout
+    same_losses(tmp_path / "halted", reference)
+    # The same data position at the end: the same batches were consumed, none twice, none skipped.
+    for rank in (0, 1):
+        name = f"step_00000008/ppcr_rank{rank}.json"
+        mine = json.loads((tmp_path / "halted/checkpoints" / name).read_text())["loader"]
+        assert mine == json.loads((reference_dir / "checkpoints" / name).read_text())["loader"]
+        assert mine["batches"] == 8
+    assert (tmp_path / "halted/checkpoints/latest").read_text() == "step_00000008"
+
+
 def test_kill_9_of_one_rank_stops_the_job_and_the_same_command_resumes(uninterrupted, tmp_path):
-    args, reference = uninterrupted
+    args, reference, _ = uninterrupted
     args = args + [f"paths.runs_root={tmp_path}", "train.run_name=killed"]
     env = dict(os.environ, PPCR_FAULT=json.dumps({"stop_after_step": 5, "rank": 1}))
     proc = subprocess.Popen(
@@ -71,7 +96,7 @@ def test_kill_9_of_one_rank_stops_the_job_and_the_same_command_resumes(uninterru
 
 
 def test_a_rank_killed_while_writing_a_checkpoint_leaves_the_previous_one_latest(uninterrupted, tmp_path):
-    args, reference = uninterrupted
+    args, reference, _ = uninterrupted
     args = args + [f"paths.runs_root={tmp_path}", "train.run_name=torn"]
     env = dict(os.environ, PPCR_FAULT=json.dumps({"die_in_save": "step_00000004", "rank": 1}))
     torn = run(deepspeed_cmd(args, INJECT), env=env)
@@ -88,7 +113,9 @@ def test_a_rank_killed_while_writing_a_checkpoint_leaves_the_previous_one_latest
     assert (ckpts / "latest").read_text() == "step_00000008"
 
 
-def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tiny_shards, tiny_models, tmp_path):
+def test_sigusr1_to_one_rank_saves_a_complete_checkpoint_and_exits_zero(tiny_shards, tiny_models, tmp_path):
+    """SIGUSR1 (what SLURM sends before the end with --signal=USR1@...) to one rank; SIGTERM, which the ranks
+    handle alike, to every process is the test below."""
     args = overrides(
         tiny_shards, tiny_models, tmp_path, "train.max_steps=500", "train.save_every=1000", "train.run_name=pre"
     )
@@ -99,7 +126,7 @@ def test_sigterm_saves_a_complete_checkpoint_and_exits_zero(tiny_shards, tiny_mo
         time.sleep(0.5)
     ranks = rank_processes(proc.pid)
     assert len(ranks) == 2
-    ranks[1].send_signal(signal.SIGTERM)  # one rank is enough: the others follow at the step boundary
+    ranks[1].send_signal(signal.SIGUSR1)  # one rank is enough: the others follow at the step boundary
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "preempted at step" in out
@@ -140,11 +167,12 @@ def test_sigterm_during_validation_checkpoints_and_exits_before_validation_ends(
     assert not [d for d in logged if d["kind"].startswith("val")]  # no half-done validation is logged
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_a_signal_to_every_process_of_the_job_checkpoints_and_exits_zero(sig, tiny_shards, tiny_models, tmp_path):
-    """What SLURM does on preemption or scancel: the signal reaches every process of the job step, both
-    ranks and all their loader workers. The workers leave it to their rank (a worker that died of it
-    would crash the rank: "DataLoader worker ... is killed by signal"); the ranks checkpoint and exit 0."""
+def test_sigterm_to_every_process_of_the_job_checkpoints_and_exits_zero(tiny_shards, tiny_models, tmp_path):
+    """What SLURM does on preemption or scancel: SIGTERM reaches every process of the job step, both ranks
+    and all their loader workers. The workers leave it to their rank (a worker that died of it would crash
+    the rank: "DataLoader worker ... is killed by signal"); the ranks checkpoint and exit 0. (Workers and
+    SIGUSR1 from others: tests/test_worker_signals.py.)"""
+    sig = signal.SIGTERM
     args = overrides(
         tiny_shards, tiny_models, tmp_path, "train.max_steps=500", "train.save_every=1000", "train.run_name=all"
     )
