@@ -42,7 +42,7 @@ from ppcr.eval.report import COLUMNS, table
 from ppcr.eval.rescore import PREDICTIONS_VERSION
 from ppcr.eval.splits import SplitOutcome, evaluate_splits, split_name
 from ppcr.eval.visualize import grid, precision_plot
-from ppcr.model.fingerprint import BASE_FLAG, BaseMismatch
+from ppcr.model.fingerprint import BASE_FLAG
 from ppcr.model.predict import ABLATIONS, PPCR
 from ppcr.model.saving import load_checkpoint
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             allow_base_mismatch=args.allow_base_mismatch,
         )
         record = read_exclusion_record(run_dir / "checkpoints" / tag if run_dir else args.checkpoint)
-    except (ConfigError, FileNotFoundError, BaseMismatch, ValueError) as e:
+    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:  # BaseMismatch is a RuntimeError
         print(f"error: {e}", file=sys.stderr)
         return 2
     dist = init_distributed()

@@ -22,7 +22,7 @@ from ppcr.eval.infer import main as infer_main
 from ppcr.model.export import main as export_main
 from ppcr.model.fingerprint import FINGERPRINT_FILE, UnverifiedBaseWarning
 from ppcr.model.predict import predict
-from ppcr.model.saving import load_checkpoint, load_pretrained
+from ppcr.model.saving import EXPORT_FILE, EXPORT_VERSION, load_checkpoint, load_pretrained
 
 
 def val_samples(tiny_shards, n):
@@ -144,10 +144,32 @@ def test_an_export_with_sams_state_as_a_pickle_still_loads(exported, tmp_path):
     cfg["model"]["sam_checkpoint"] = "sam.pth"
     (old / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     (old / FINGERPRINT_FILE).unlink()  # exports of that time recorded no base fingerprint: loaded with a warning
+    (old / EXPORT_FILE).unlink()  # nor a layout version: theirs is version 1
     with pytest.warns(UnverifiedBaseWarning, match="records no fingerprint"):
         a = load_pretrained(old)[0].sam.sam.state_dict()
     b = load_pretrained(exported / "model")[0].sam.sam.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_an_export_of_another_layout_version_is_refused_naming_the_file_and_field(exported, tmp_path, capsys):
+    """A newer ppcr's export (another ppcr_export.json format_version) would be misread: load_pretrained and
+    ppcr-infer refuse it with the file, the field and what to do, as they do an unreadable record."""
+    assert json.loads((exported / "model" / EXPORT_FILE).read_text()) == {"format_version": EXPORT_VERSION}
+    other = tmp_path / "other"
+    shutil.copytree(exported / "model", other)
+    (other / EXPORT_FILE).write_text(json.dumps({"format_version": EXPORT_VERSION + 1}))
+    message = f"{other / EXPORT_FILE}: format_version {EXPORT_VERSION + 1} is not {EXPORT_VERSION}, an export of"
+    with pytest.raises(ValueError, match="format_version 2 is not 1, an export of another ppcr"):
+        load_pretrained(other)
+    image = tmp_path / "x.png"
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(image)
+    argv = ["--checkpoint", str(other), "--image", str(image), "--expression", "the circle", "--out", str(tmp_path)]
+    assert infer_main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "ppcr-export --checkpoint RUN" in err
+    (other / EXPORT_FILE).write_text("[1]")
+    with pytest.raises(ValueError, match=f"{other / EXPORT_FILE}: not a readable export record"):
+        load_pretrained(other)
 
 
 def test_push_to_hub_is_refused_without_the_network_opt_in(exported, tmp_path, monkeypatch, capsys):

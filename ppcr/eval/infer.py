@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             allow_base_mismatch=args.allow_base_mismatch,
         )
-    except (ConfigError, FileNotFoundError, RuntimeError) as e:
+    except (ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)

@@ -309,7 +309,8 @@ Install ppcr with `pip install -e .` from its repository.
 Files: `config.yaml` (the run's resolved config), `mllm/` (the base MLLM with the trained rows of PPCR's tokens,
 tokenizer, processor; transformers' `save_pretrained` layout), `adapters/semantic` and `adapters/spatial` (the
 LoRA branches in peft's format: `PeftModel.from_pretrained(base, "adapters/semantic")`), `heads.safetensors`
-(SemSP projectors and box head), `sam.safetensors` (SAM's state dict). Every weight is in safetensors.
+(SemSP projectors and box head), `sam.safetensors` (SAM's state dict), `ppcr_export.json` (the version of this
+layout, which ppcr checks at load). Every weight is in safetensors.
 
 ## Limitations
 

@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.push_to_hub:
             check_push(args.push_to_hub)
         model, cfg, run_dir, tag = load_checkpoint(args.checkpoint, allow_base_mismatch=args.allow_base_mismatch)
-    except (UploadRefused, ConfigError, FileNotFoundError, RuntimeError) as e:
+    except (UploadRefused, ConfigError, FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = save_pretrained(model, cfg, args.out)

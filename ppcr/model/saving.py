@@ -9,6 +9,7 @@
     heads.safetensors        SemSP projectors and box head
     sam.safetensors          SAM's state_dict (Meta's key layout); exports written before this hold sam.pth,
                              which still loads (config.yaml names the file)
+    ppcr_export.json         {"format_version": EXPORT_VERSION}, the version of this layout, checked at every load
     README.md                the model card (ppcr.model.card, written by ppcr-export)
 
 Every weight is in safetensors: nothing in a saved model is unpickled.
@@ -16,6 +17,7 @@ Every weight is in safetensors: nothing in a saved model is unpickled.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -41,6 +43,26 @@ from ppcr.model.model import PPCRModel
 from ppcr.model.sam import SamSegmenter, load_sam, save_sam_state
 
 HEADS = ("sem_to_llm", "sem_to_sam", "box_head")
+EXPORT_FILE = "ppcr_export.json"
+# Of the layout above. An export without EXPORT_FILE was written before versions were recorded, in this layout.
+EXPORT_VERSION = 1
+
+
+def check_export_version(path: Path) -> None:
+    """ValueError naming ``path``'s EXPORT_FILE and its field for an export of another layout version (a newer
+    ppcr's, whose files this one would misread) or an unreadable record."""
+    f = path / EXPORT_FILE
+    if not f.is_file():
+        return  # written before versions were recorded: the layout of version 1
+    try:
+        version = json.loads(f.read_text()).get("format_version")
+    except (ValueError, AttributeError) as e:
+        raise ValueError(f"{f}: not a readable export record (a JSON object with 'format_version'): {e}") from e
+    if version != EXPORT_VERSION:
+        raise ValueError(
+            f"{f}: format_version {version!r} is not {EXPORT_VERSION}, an export of another ppcr: load it with the "
+            f"ppcr that wrote it, or export its run again with this one (ppcr-export --checkpoint RUN --out DIR)"
+        )
 
 
 def token_rows_into(state: dict[str, torch.Tensor], model: PPCRModel) -> dict[str, torch.Tensor]:
@@ -92,6 +114,7 @@ def save_pretrained(model: PPCRModel, cfg: Config, out: str | Path) -> Path:
     )
     fingerprint["mllm"]["path"], fingerprint["sam"]["path"] = "mllm", "sam.safetensors"  # inside the export
     write_fingerprint(out, fingerprint)
+    (out / EXPORT_FILE).write_text(json.dumps({"format_version": EXPORT_VERSION}) + "\n")
     return out
 
 
@@ -129,6 +152,7 @@ def load_pretrained(
     path = Path(path)
     if not (path / "config.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a saved PPCR model (config.yaml missing)")
+    check_export_version(path)
     cfg = load_config(path / "config.yaml")
     cfg = with_dtype(cfg, dtype or cfg.model.dtype)
     m = replace(
