@@ -9,7 +9,7 @@ from torch.profiler import ProfilerActivity, profile
 from ppcr.bench.refer_loader import ReferRandomAccess
 from ppcr.bench.report import Figure, paired_ratio
 from ppcr.data.shards import decode_sample, iter_tar_samples, load_manifest
-from ppcr.data.stream import prepare
+from ppcr.data.stream import collate, prepare
 from ppcr.data.transforms import Preprocessor
 from ppcr.profiling import STAGES, StepProfiler, mark, stage_split
 
@@ -70,7 +70,8 @@ def test_step_profiler_records_only_its_steps_after_a_warm_up_step(tmp_path):
 
 
 def test_the_random_access_baseline_delivers_what_the_shard_reader_does(tiny_refer, tiny_shards):
-    """Both loaders of the data benchmark do the same work: same refs, masks, boxes and images."""
+    """Both loaders of the data benchmark do the same work: same refs, masks, boxes, images and fields (collate
+    takes both)."""
     cfg = make_config(tiny_shards)
     baseline = ReferRandomAccess(tiny_refer["refer_root"], "synthetic", "unc", tiny_refer["images"], "train", cfg.model)
     by_ref = {ref["ref_id"]: i for i, ref in enumerate(baseline.refs)}
@@ -80,11 +81,16 @@ def test_the_random_access_baseline_delivers_what_the_shard_reader_does(tiny_ref
         torch.tensor(cfg.model.sam_pixel_std).view(3, 1, 1),
     )
     shard = load_manifest(tiny_shards)["splits"]["train"]["shards"][0]
-    checked = 0
+    checked, batches = 0, {"ours": [], "theirs": []}
     for raw in iter_tar_samples(tiny_shards / shard["name"]):
         sample = decode_sample(raw)
         ours = prepare(sample, 0, False, pre)
         theirs = baseline[by_ref[sample["meta"]["ref_id"]]]
+        assert set(ours) == set(theirs)
+        meta = sample["meta"]
+        assert theirs["group"] == meta["groups"][meta["sentences"].index(theirs["expression"])]
+        batches["ours"].append(ours)
+        batches["theirs"].append(theirs)
         assert torch.equal(ours["mask"], theirs["mask"]) and torch.equal(ours["box"], theirs["box"])
         assert ours["input_size"] == theirs["input_size"] and ours["original_size"] == theirs["original_size"]
         assert theirs["expression"] in sample["meta"]["sentences"] and ours["category"] == theirs["category"]
@@ -96,3 +102,5 @@ def test_the_random_access_baseline_delivers_what_the_shard_reader_does(tiny_ref
         assert agree > 0.99
         checked += 1
     assert checked == shard["samples"]
+    ours, theirs = collate(batches["ours"]), collate(batches["theirs"])
+    assert set(ours) == set(theirs) and ours["ref_ids"] == theirs["ref_ids"]

@@ -22,7 +22,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ppcr.config import ModelConfig
-from ppcr.data.refer import load_refs, refer_files, segmentation_to_mask
+from ppcr.data.refer import expression_group, load_refs, refer_files, segmentation_to_mask
 from ppcr.data.stream import collate
 from ppcr.data.transforms import xywh_to_norm_cxcywh
 
@@ -49,6 +49,7 @@ class ReferRandomAccess(Dataset):
         self.anns = {a["id"]: a for a in instances["annotations"]}
         self.images = {im["id"]: im for im in instances["images"]}
         self.cats = {c["id"]: c["name"] for c in instances["categories"]}
+        self.supercats = {c["id"]: c.get("supercategory", "") for c in instances["categories"]}
         self.images_dir, self.dataset, self.seed = Path(images_dir), dataset, seed
         self.resize = ResizeLongestSide(m.sam_image_size)
         self.sam_size, self.mllm_size = m.sam_image_size, m.mllm_image_size
@@ -65,7 +66,7 @@ class ReferRandomAccess(Dataset):
             image = np.array(im.convert("RGB"))
         h, w = image.shape[:2]
         mask = segmentation_to_mask(ann["segmentation"], h, w)  # pycocotools frPyObjects + decode
-        sentence = random.Random(f"{self.seed}-{ref['ref_id']}").choice(ref["sentences"])["sent"]
+        sentence = random.Random(f"{self.seed}-{ref['ref_id']}").choice(ref["sentences"])
         resized = self.resize.apply_image(image)  # SAM's transform, through PIL
         ih, iw = resized.shape[:2]
         x = torch.from_numpy(np.ascontiguousarray(resized)).permute(2, 0, 1).float()
@@ -80,7 +81,8 @@ class ReferRandomAccess(Dataset):
             "box": xywh_to_norm_cxcywh(ann["bbox"], w, h),
             "original_size": (h, w),
             "input_size": (ih, iw),
-            "expression": sentence,
+            "expression": sentence["sent"],
+            "group": expression_group(sentence, self.supercats[ann["category_id"]]),
             "category": self.cats[ann["category_id"]],
             "category_id": ann["category_id"],
             "key": f"{self.dataset}_{ref['ref_id']}",
