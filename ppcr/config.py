@@ -177,6 +177,26 @@ class SamArchConfig:
     decoder_mlp_dim: int | None = setting(None, "the mask decoder's MLP width; null: 2 x prompt_dim (2048 released)")
 
     def __post_init__(self) -> None:
+        sizes = ("encoder_dim", "encoder_depth", "encoder_heads", "patch_size", "window_size", "prompt_dim")
+        for name in (*sizes, "decoder_heads"):
+            need(getattr(self, name) >= 1, f"model.sam_arch.{name}", "must be >= 1")
+        need(
+            self.encoder_dim % self.encoder_heads == 0,
+            "model.sam_arch.encoder_heads",
+            f"encoder_dim {self.encoder_dim} must divide into {self.encoder_heads} heads",
+        )
+        # segment_anything's two-way transformer attends from tokens to the image at half the prompt width
+        need(
+            self.prompt_dim % (2 * self.decoder_heads) == 0,
+            "model.sam_arch.decoder_heads",
+            f"prompt_dim {self.prompt_dim} / 2 (the decoder's cross-attention width) must divide into "
+            f"{self.decoder_heads} heads",
+        )
+        need(
+            all(0 <= i < self.encoder_depth for i in self.global_attn_indexes),
+            "model.sam_arch.global_attn_indexes",
+            f"{self.global_attn_indexes}: each must be a block index below encoder_depth {self.encoder_depth}",
+        )
         need(
             self.decoder_mlp_dim is None or self.decoder_mlp_dim >= 1,
             "model.sam_arch.decoder_mlp_dim",

@@ -119,3 +119,20 @@ def test_every_key_is_listed_with_its_type_default_and_doc_and_the_listed_defaul
     assert "  eval.sets[i].split (one of: train, val, test, testA, testB; default train)" in text
     overrides = [f"{s.key}={_yaml(s.default)}" for s in listed if not s.section and "[i]" not in s.key]
     assert load_config(None, overrides) == Config()
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("model.sam_arch.encoder_heads=3", "'model.sam_arch.encoder_heads': encoder_dim 64 must divide into 3 heads"),
+        ("model.sam_arch.decoder_heads=3", "'model.sam_arch.decoder_heads': prompt_dim 32 / 2 (the decoder's"),
+        ("model.sam_arch.global_attn_indexes=[5]", "'model.sam_arch.global_attn_indexes': [5]: each must be a block"),
+        ("model.sam_arch.window_size=0", "'model.sam_arch.window_size': must be >= 1"),
+    ],
+)
+def test_a_tiny_sam_that_segment_anything_could_not_build_or_would_build_otherwise_is_refused(override, message):
+    """Before these checks heads that do not divide the width failed inside segment_anything's build, and a global
+    attention block past the depth was silently left out."""
+    with pytest.raises(ConfigError) as e:
+        load_config(RECIPE, [override])
+    assert message in str(e.value)
