@@ -22,7 +22,7 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 
 from ppcr.config import ModelConfig
-from ppcr.data.refer import expression_group, load_refs, refer_files, segmentation_to_mask
+from ppcr.data.refer import expression_group, load_refs, refer_files, segmentation_to_mask, supercategories
 from ppcr.data.stream import collate
 from ppcr.data.transforms import xywh_to_norm_cxcywh
 
@@ -49,7 +49,7 @@ class ReferRandomAccess(Dataset):
         self.anns = {a["id"]: a for a in instances["annotations"]}
         self.images = {im["id"]: im for im in instances["images"]}
         self.cats = {c["id"]: c["name"] for c in instances["categories"]}
-        self.supercats = {c["id"]: c.get("supercategory", "") for c in instances["categories"]}
+        self.supercats = supercategories(instances["categories"])
         self.images_dir, self.dataset, self.seed = Path(images_dir), dataset, seed
         self.resize = ResizeLongestSide(m.sam_image_size)
         self.sam_size, self.mllm_size = m.sam_image_size, m.mllm_image_size

@@ -95,6 +95,12 @@ def expression_group(sentence: dict, supercategory: str) -> str:
     return f"level {level}" if isinstance(level, int) and not isinstance(level, bool) else supercategory
 
 
+def supercategories(categories: list[dict]) -> dict[int, str]:
+    """Each COCO category id's supercategory (the group :func:`expression_group` falls back to), its name where
+    the category has none."""
+    return {c["id"]: str(c.get("supercategory") or c["name"]) for c in categories}
+
+
 def refer_files(refer_root: str | Path, dataset: str, split_by: str) -> tuple[Path, Path]:
     base = Path(refer_root) / dataset
     return base / f"refs({split_by}).p", base / "instances.json"
@@ -143,7 +149,7 @@ def read_refer(refer_root: str | Path, dataset: str, split_by: str, images_dir: 
     images = {im["id"]: im for im in instances["images"]}
     anns = {a["id"]: a for a in instances["annotations"]}
     cats = {c["id"]: c["name"] for c in instances["categories"]}
-    supercats = {c["id"]: str(c.get("supercategory") or c["name"]) for c in instances["categories"]}
+    supercats = supercategories(instances["categories"])
     images_dir = Path(images_dir)
     file = str(refs_path)
 
