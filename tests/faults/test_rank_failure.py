@@ -172,7 +172,6 @@ def test_sigterm_to_every_process_of_the_job_checkpoints_and_exits_zero(tiny_sha
     and all their loader workers. The workers leave it to their rank (a worker that died of it would crash
     the rank: "DataLoader worker ... is killed by signal"); the ranks checkpoint and exit 0. (Workers and
     SIGUSR1 from others: tests/test_worker_signals.py.)"""
-    sig = signal.SIGTERM
     args = overrides(
         tiny_shards, tiny_models, tmp_path, "train.max_steps=500", "train.save_every=1000", "train.run_name=all"
     )
@@ -188,7 +187,7 @@ def test_sigterm_to_every_process_of_the_job_checkpoints_and_exits_zero(tiny_sha
         time.sleep(0.5)
     assert len(ranks) == 2 and len(workers) >= 4, proc.communicate()[0][-3000:]
     for p in workers + ranks:  # the workers first: they must not die before their rank has decided
-        p.send_signal(sig)
+        p.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out[-3000:]
     assert "preempted at step" in out and "killed by signal" not in out
